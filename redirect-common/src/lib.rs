@@ -1,0 +1,200 @@
+//! Types shared by the eBPF programs (`redirect-ebpf`) and the daemon (`redirect-user`).
+//!
+//! Every type that crosses the kernel boundary is `#[repr(C)]`, spells out its padding as a
+//! named field (so no byte of a map key is ever uninitialised) and has its size asserted below.
+//!
+//! Byte order: addresses and ports are stored exactly as the kernel hands them to a
+//! `cgroup/connect*` program in `struct bpf_sock_addr`, i.e. in **network byte order**. The
+//! constructors in the `user` part convert from `std::net` types; the eBPF side copies the raw
+//! fields without any conversion.
+#![no_std]
+
+/// Names of the maps and programs in the eBPF object. The daemon looks them up by these names.
+pub mod names {
+    /// `HashMap<SockAddr4, SockAddr4>`: IPv4 destinations to rewrite, and where to.
+    pub const TARGETS4: &str = "TARGETS4";
+    /// `HashMap<SockAddr6, SockAddr6>`: IPv6 destinations to rewrite, and where to.
+    pub const TARGETS6: &str = "TARGETS6";
+    /// `HashMap<u64, u8>`: socket cookies whose connects are never rewritten (the proxy's own
+    /// upstream sockets).
+    pub const EXEMPT_SOCKETS: &str = "EXEMPT_SOCKETS";
+    /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// `SkStorage<OriginalDest>`: what a rewritten socket dialled, for getpeername.
+    pub const ORIGINAL_DEST: &str = "ORIGINAL_DEST";
+
+    pub const PROG_CONNECT4: &str = "redirect_connect4";
+    pub const PROG_CONNECT6: &str = "redirect_connect6";
+    pub const PROG_GETPEERNAME4: &str = "redirect_getpeername4";
+    pub const PROG_GETPEERNAME6: &str = "redirect_getpeername6";
+}
+
+/// Capacity of the target maps. A host redirects a handful of metadata endpoints; the cap only
+/// bounds kernel memory.
+pub const MAX_TARGETS: u32 = 16_384;
+/// Capacity of the exemption map: one entry per upstream connect in flight.
+pub const MAX_EXEMPT_SOCKETS: u32 = 4_096;
+
+/// An IPv4 socket address as `bpf_sock_addr` carries it: both fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr4 {
+    /// IPv4 address, network byte order (the in-memory bytes are the dotted quad in order).
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero so that keys compare byte for byte.
+    pub _pad: u16,
+}
+
+/// An IPv6 socket address as `bpf_sock_addr` carries it: both fields in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr6 {
+    /// IPv6 address as four 32-bit words, each in network byte order (the in-memory bytes are
+    /// the address's 16 bytes in order).
+    pub addr: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+}
+
+/// Kept in socket storage for every rewritten socket so that getpeername can report the
+/// address the application dialled instead of the proxy's.
+///
+/// IPv4 sockets use word 0 of the addresses and leave the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDest {
+    /// What the application passed to connect().
+    pub dialled: SockAddr6,
+    /// What the program rewrote it to. getpeername only restores `dialled` when the peer is
+    /// still this address, so a socket reused for another connect is reported truthfully.
+    pub rewritten: SockAddr6,
+}
+
+/// Indices into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() calls on IPv4 sockets seen by connect4.
+    Connect4Seen = 0,
+    /// IPv4 connects rewritten to the proxy.
+    Connect4Rewritten = 1,
+    /// connect() calls on IPv6 sockets seen by connect6.
+    Connect6Seen = 2,
+    /// IPv6 connects (native or IPv4-mapped) rewritten to the proxy.
+    Connect6Rewritten = 3,
+    /// Connects to a target left alone because the socket belongs to the proxy itself.
+    Exempted = 4,
+    /// getpeername() calls that reported the dialled address instead of the proxy.
+    PeernameRestored = 5,
+    /// Rewrites whose original destination could not be stored (getpeername will show the proxy).
+    StorageFailed = 6,
+}
+
+impl Counter {
+    /// Number of counters; the length of the `COUNTERS` array.
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Connect4Seen,
+        Counter::Connect4Rewritten,
+        Counter::Connect6Seen,
+        Counter::Connect6Rewritten,
+        Counter::Exempted,
+        Counter::PeernameRestored,
+        Counter::StorageFailed,
+    ];
+
+    /// Stable name, used in `redirect status` output and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Connect4Seen => "connect4_seen",
+            Counter::Connect4Rewritten => "connect4_rewritten",
+            Counter::Connect6Seen => "connect6_seen",
+            Counter::Connect6Rewritten => "connect6_rewritten",
+            Counter::Exempted => "exempted_own_connects",
+            Counter::PeernameRestored => "getpeername_restored",
+            Counter::StorageFailed => "storage_failed",
+        }
+    }
+}
+
+/// Words 0..=2 of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as `user_ip6` holds them
+/// (each word's bytes in network order); word 3 is the IPv4 address.
+pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+const _: () = assert!(size_of::<SockAddr4>() == 8);
+const _: () = assert!(size_of::<SockAddr6>() == 20);
+const _: () = assert!(size_of::<OriginalDest>() == 40);
+const _: () = assert!(align_of::<OriginalDest>() == 4);
+
+#[cfg(feature = "user")]
+mod user {
+    use core::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+    use super::{SockAddr4, SockAddr6, V4_MAPPED_PREFIX};
+
+    // SAFETY: plain old data, `#[repr(C)]`, every byte is a named field (no implicit padding).
+    unsafe impl aya::Pod for SockAddr4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockAddr6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OriginalDest {}
+
+    impl From<SocketAddrV4> for SockAddr4 {
+        fn from(sa: SocketAddrV4) -> Self {
+            SockAddr4 {
+                // The octets in memory order are network byte order.
+                addr: u32::from_ne_bytes(sa.ip().octets()),
+                port: sa.port().to_be(),
+                _pad: 0,
+            }
+        }
+    }
+
+    impl From<SockAddr4> for SocketAddrV4 {
+        fn from(sa: SockAddr4) -> Self {
+            SocketAddrV4::new(Ipv4Addr::from(sa.addr.to_ne_bytes()), u16::from_be(sa.port))
+        }
+    }
+
+    impl From<SocketAddrV6> for SockAddr6 {
+        fn from(sa: SocketAddrV6) -> Self {
+            let o = sa.ip().octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            SockAddr6 {
+                addr: [word(0), word(4), word(8), word(12)],
+                port: sa.port().to_be(),
+                _pad: 0,
+            }
+        }
+    }
+
+    impl From<SockAddr6> for SocketAddrV6 {
+        fn from(sa: SockAddr6) -> Self {
+            let mut o = [0u8; 16];
+            for (chunk, word) in o.chunks_exact_mut(4).zip(sa.addr) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            SocketAddrV6::new(Ipv6Addr::from(o), u16::from_be(sa.port), 0, 0)
+        }
+    }
+
+    impl SockAddr6 {
+        /// The IPv4-mapped form (`::ffff:a.b.c.d`) of an IPv4 socket address.
+        pub fn v4_mapped(sa: SockAddr4) -> Self {
+            SockAddr6 {
+                addr: [
+                    V4_MAPPED_PREFIX[0],
+                    V4_MAPPED_PREFIX[1],
+                    V4_MAPPED_PREFIX[2],
+                    sa.addr,
+                ],
+                port: sa.port,
+                _pad: 0,
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Kernel side of redirect: cgroup socket-address hooks that send connects aimed at a
+//! metadata address to the daemon's proxy, and make getpeername report the address the
+//! application dialled.
+//!
+//! Every program returns 1 ("proceed"): a program here may rewrite a destination, never refuse a
+//! connect. The daemon fills `TARGETS4`/`TARGETS6`; nothing outside those (address, port) pairs is
+//! touched. When several cgroups on a path carry these programs, each runs in turn; a rewritten
+//! address is not itself a target, so the later runs leave it alone.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    btf_maps::SkStorage,
+    helpers::bpf_get_socket_cookie,
+    macros::{btf_map, cgroup_sock_addr, map},
+    maps::{HashMap, PerCpuArray},
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use redirect_common::{
+    Counter, MAX_EXEMPT_SOCKETS, MAX_TARGETS, OriginalDest, SockAddr4, SockAddr6, V4_MAPPED_PREFIX,
+};
+
+/// Return value that lets the (possibly rewritten) syscall proceed. 0 would fail it with EPERM.
+const PROCEED: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[map]
+static TARGETS4: HashMap<SockAddr4, SockAddr4> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static TARGETS6: HashMap<SockAddr6, SockAddr6> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Socket cookies of the proxy's own upstream sockets. The daemon inserts a cookie just before
+/// connect() and removes it right after, so its upstream connection to the real metadata service
+/// is never sent back to itself, wherever the daemon runs.
+#[map]
+static EXEMPT_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_EXEMPT_SOCKETS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[btf_map]
+static ORIGINAL_DEST: SkStorage<OriginalDest> = SkStorage::new();
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect4(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect6(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
+    let _ = try_getpeername4(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    let _ = try_getpeername6(&ctx);
+    PROCEED
+}
+
+/// `None` means "left alone", which is the common case, not an error.
+fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
+    count(Counter::Connect4Seen);
+    let sa = ctx.sock_addr;
+    if read(sa, |s| &raw const s.protocol) != IPPROTO_TCP {
+        return None;
+    }
+    let dialled = SockAddr4 {
+        addr: read(sa, |s| &raw const s.user_ip4),
+        port: user_port(sa),
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out before any other map operation.
+    let proxy = *unsafe { TARGETS4.get(dialled) }?;
+    if is_exempt(ctx) {
+        count(Counter::Exempted);
+        return None;
+    }
+    remember(ctx, widen(dialled), widen(proxy));
+    write(sa, |s| &raw mut s.user_ip4, proxy.addr);
+    write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
+    count(Counter::Connect4Rewritten);
+    debug!(
+        ctx,
+        "connect4 {:i}:{} -> {:i}:{}",
+        u32::from_be(dialled.addr),
+        u16::from_be(dialled.port),
+        u32::from_be(proxy.addr),
+        u16::from_be(proxy.port)
+    );
+    Some(())
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
+    count(Counter::Connect6Seen);
+    let sa = ctx.sock_addr;
+    if read(sa, |s| &raw const s.protocol) != IPPROTO_TCP {
+        return None;
+    }
+    let dialled = SockAddr6 {
+        addr: user_ip6(sa),
+        port: user_port(sa),
+        _pad: 0,
+    };
+    let proxy = if dialled.addr[..3] == V4_MAPPED_PREFIX {
+        // A dual-stack socket dialling ::ffff:a.b.c.d: an IPv4 connect in disguise, so the IPv4
+        // targets apply and the proxy's IPv4 address is dialled in its mapped form.
+        let key = SockAddr4 {
+            addr: dialled.addr[3],
+            port: dialled.port,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        let proxy4 = *unsafe { TARGETS4.get(key) }?;
+        SockAddr6 {
+            addr: [
+                V4_MAPPED_PREFIX[0],
+                V4_MAPPED_PREFIX[1],
+                V4_MAPPED_PREFIX[2],
+                proxy4.addr,
+            ],
+            port: proxy4.port,
+            _pad: 0,
+        }
+    } else {
+        // SAFETY: copied out at once.
+        *unsafe { TARGETS6.get(dialled) }?
+    };
+    if is_exempt(ctx) {
+        count(Counter::Exempted);
+        return None;
+    }
+    remember(ctx, dialled, proxy);
+    set_user_ip6(sa, proxy.addr);
+    write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
+    count(Counter::Connect6Rewritten);
+    debug!(
+        ctx,
+        "connect6 rewritten to port {}",
+        u16::from_be(proxy.port)
+    );
+    Some(())
+}
+
+fn try_getpeername4(ctx: &SockAddrContext) -> Option<()> {
+    let original = original_dest(ctx)?;
+    let peer = widen(SockAddr4 {
+        addr: read(ctx.sock_addr, |s| &raw const s.user_ip4),
+        port: user_port(ctx.sock_addr),
+        _pad: 0,
+    });
+    if peer != original.rewritten {
+        return None;
+    }
+    write(
+        ctx.sock_addr,
+        |s| &raw mut s.user_ip4,
+        original.dialled.addr[0],
+    );
+    write(
+        ctx.sock_addr,
+        |s| &raw mut s.user_port,
+        u32::from(original.dialled.port),
+    );
+    count(Counter::PeernameRestored);
+    Some(())
+}
+
+fn try_getpeername6(ctx: &SockAddrContext) -> Option<()> {
+    let original = original_dest(ctx)?;
+    let peer = SockAddr6 {
+        addr: user_ip6(ctx.sock_addr),
+        port: user_port(ctx.sock_addr),
+        _pad: 0,
+    };
+    if peer != original.rewritten {
+        return None;
+    }
+    set_user_ip6(ctx.sock_addr, original.dialled.addr);
+    write(
+        ctx.sock_addr,
+        |s| &raw mut s.user_port,
+        u32::from(original.dialled.port),
+    );
+    count(Counter::PeernameRestored);
+    Some(())
+}
+
+/// Stores what the socket dialled and what it now dials, for getpeername. Best effort: if the
+/// kernel cannot allocate the storage, the connect is still redirected and only getpeername
+/// shows the proxy.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, dialled: SockAddr6, rewritten: SockAddr6) {
+    // SAFETY: the helper takes the socket from the context; a null return is handled.
+    let slot = unsafe { ORIGINAL_DEST.get_or_insert_ptr_mut(ctx, None) };
+    if slot.is_null() {
+        count(Counter::StorageFailed);
+        return;
+    }
+    // SAFETY: non-null pointer into this socket's storage, valid for the program's run.
+    unsafe { *slot = OriginalDest { dialled, rewritten } };
+}
+
+#[inline(always)]
+fn original_dest(ctx: &SockAddrContext) -> Option<OriginalDest> {
+    // SAFETY: lookup only (no create); a null return means the socket was never rewritten.
+    let slot = unsafe { ORIGINAL_DEST.get_ptr_mut(ctx) };
+    if slot.is_null() {
+        None
+    } else {
+        // SAFETY: non-null pointer into this socket's storage.
+        Some(unsafe { *slot })
+    }
+}
+
+#[inline(always)]
+fn is_exempt(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper only reads the socket behind the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: only the presence of the key is used.
+    unsafe { EXEMPT_SOCKETS.get(cookie) }.is_some()
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot: no other writer runs on this CPU during this program.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn widen(sa: SockAddr4) -> SockAddr6 {
+    SockAddr6 {
+        addr: [sa.addr, 0, 0, 0],
+        port: sa.port,
+        _pad: 0,
+    }
+}
+
+// Context accesses go through volatile 4-byte loads and stores: the verifier only accepts
+// context accesses of the field's own width at constant offsets, and volatile stops LLVM from
+// merging neighbouring fields into one wider load.
+
+#[inline(always)]
+fn read(sa: *mut bpf_sock_addr, field: impl FnOnce(&bpf_sock_addr) -> *const u32) -> u32 {
+    // SAFETY: `sa` is the context pointer the kernel passed in; `field` selects one of its u32s.
+    unsafe { core::ptr::read_volatile(field(&*sa)) }
+}
+
+#[inline(always)]
+fn write(sa: *mut bpf_sock_addr, field: impl FnOnce(&mut bpf_sock_addr) -> *mut u32, value: u32) {
+    // SAFETY: as in `read`; these fields are writable in connect and getpeername programs.
+    unsafe { core::ptr::write_volatile(field(&mut *sa), value) }
+}
+
+/// The port in network byte order. `user_port` is a u32 whose low 16 bits (in memory order:
+/// its first two bytes on this little-endian target) hold the port in network byte order.
+#[inline(always)]
+fn user_port(sa: *mut bpf_sock_addr) -> u16 {
+    read(sa, |s| &raw const s.user_port) as u16
+}
+
+#[inline(always)]
+fn user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    [
+        read(sa, |s| &raw const s.user_ip6[0]),
+        read(sa, |s| &raw const s.user_ip6[1]),
+        read(sa, |s| &raw const s.user_ip6[2]),
+        read(sa, |s| &raw const s.user_ip6[3]),
+    ]
+}
+
+#[inline(always)]
+fn set_user_ip6(sa: *mut bpf_sock_addr, addr: [u32; 4]) {
+    write(sa, |s| &raw mut s.user_ip6[0], addr[0]);
+    write(sa, |s| &raw mut s.user_ip6[1], addr[1]);
+    write(sa, |s| &raw mut s.user_ip6[2], addr[2]);
+    write(sa, |s| &raw mut s.user_ip6[3], addr[3]);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // eBPF programs cannot unwind or abort; the verifier rejects any path that reaches here.
+    loop {}
+}
+
+// "Dual MIT/GPL" is GPL-compatible for the kernel, which unlocks the GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,639 @@
+//! Settings for `redirect run`: built-in defaults, then the TOML file (`--config`), then flags.
+//!
+//! Values are validated while they are deserialized, so a bad value in the file is reported
+//! with its file, line and key (see [`ConfigError`]); flags parse through the same `FromStr`
+//! implementations and so give the same messages.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, de};
+
+use crate::{mock::ec2::Ec2Values, paths};
+
+/// Default proxy address: loopback (never exposed to the network) on a port that is not 80.
+pub const DEFAULT_LISTEN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8169);
+
+/// Metadata endpoints redirected by default: AWS IMDS (also Azure, GCP, OpenStack) over IPv4
+/// and EC2's IPv6 endpoint on Nitro instances.
+pub fn default_targets() -> Vec<Target> {
+    vec![
+        Target(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(169, 254, 169, 254),
+            80,
+        ))),
+        Target(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
+            80,
+            0,
+            0,
+        ))),
+    ]
+}
+
+/// The config file as written. Every key is optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Serve a built-in mock (`"ec2"`).
+    pub mock: Option<MockKind>,
+    /// Forward to this metadata service instead.
+    pub upstream: Option<UpstreamUrl>,
+    pub listen: Option<ListenAddrs>,
+    pub cgroups: Option<Vec<PathBuf>>,
+    pub targets: Option<Vec<Target>>,
+    pub control_socket: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub upstream_connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub upstream_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub shutdown_grace: Option<Duration>,
+    pub ebpf_log: Option<bool>,
+    /// Values served by the EC2 mock.
+    pub ec2: Ec2Values,
+}
+
+/// A config file that could not be used, with where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} line {line}{key}: {message}", key = key_suffix(.key))]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        /// Dotted path of the offending key, when the problem belongs to one.
+        key: Option<String>,
+        message: String,
+    },
+}
+
+fn key_suffix(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|k| format!(", key `{k}`"))
+        .unwrap_or_default()
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text`; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |err: &toml::de::Error, key: Option<String>| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: err.span().map_or(1, |s| line_of(text, s.start)),
+            key,
+            message: err.message().trim().to_owned(),
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| invalid(&e, None))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = (key != ".").then_some(key);
+            invalid(e.inner(), key)
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Which built-in mock to serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MockKind {
+    /// AWS EC2 instance metadata (IMDSv1 and v2).
+    Ec2,
+}
+
+/// The upstream metadata service: `http://HOST[:PORT]`, nothing after the authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub authority: hyper::http::uri::Authority,
+}
+
+impl FromStr for UpstreamUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let uri: hyper::Uri = s
+            .parse()
+            .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => {
+                return Err(format!(
+                    "upstream URL {s:?}: scheme {other:?} is not supported, metadata services speak plain http"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "upstream URL {s:?} needs a scheme, e.g. http://169.254.169.254"
+                ));
+            }
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("upstream URL {s:?} has no host"))?;
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "upstream URL {s:?}: give only scheme and host (requests keep their own path)"
+            ));
+        }
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "upstream URL {s:?}: credentials in the URL are not supported"
+            ));
+        }
+        Ok(UpstreamUrl { authority })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.authority)
+    }
+}
+
+/// A metadata endpoint whose connects are redirected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Target(pub SocketAddr);
+
+impl FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let addr: SocketAddr = s.parse().map_err(|_| {
+            format!("invalid target {s:?}: expected ADDRESS:PORT, e.g. 169.254.169.254:80 or [fd00:ec2::254]:80")
+        })?;
+        if addr.port() == 0 {
+            return Err(format!("invalid target {s:?}: port 0 is never dialled"));
+        }
+        if addr.ip().is_unspecified() {
+            return Err(format!(
+                "invalid target {s:?}: the unspecified address is never dialled"
+            ));
+        }
+        if let SocketAddr::V6(v6) = addr
+            && v6.ip().to_ipv4_mapped().is_some()
+        {
+            return Err(format!(
+                "invalid target {s:?}: give IPv4 targets in IPv4 form; ::ffff:a.b.c.d is redirected with them"
+            ));
+        }
+        Ok(Target(addr))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where the proxy listens: at most one IPv4 and one IPv6 address. Redirected IPv4 connects go
+/// to the IPv4 one; IPv6 connects go to the IPv6 one, or to the IPv4-mapped form of the IPv4 one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenAddrs {
+    pub v4: Option<SocketAddrV4>,
+    pub v6: Option<SocketAddrV6>,
+}
+
+/// One `--listen` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let addr: SocketAddr = s.parse().map_err(|_| {
+            format!("invalid listen address {s:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:8169")
+        })?;
+        if addr.ip().is_unspecified() {
+            return Err(format!(
+                "invalid listen address {s:?}: redirected connects are sent to this address, so it must be \
+                 one that callers can reach, e.g. 127.0.0.1:8169 or a bridge address"
+            ));
+        }
+        if addr.ip().is_multicast() {
+            return Err(format!("invalid listen address {s:?}: multicast"));
+        }
+        if let SocketAddr::V6(v6) = addr
+            && v6.ip().to_ipv4_mapped().is_some()
+        {
+            return Err(format!(
+                "invalid listen address {s:?}: give IPv4 addresses in IPv4 form"
+            ));
+        }
+        Ok(ListenAddr(addr))
+    }
+}
+
+impl ListenAddrs {
+    pub fn from_list(list: &[ListenAddr]) -> Result<Self, String> {
+        let mut out = ListenAddrs::default();
+        for ListenAddr(addr) in list {
+            match addr {
+                SocketAddr::V4(a) if out.v4.is_some() => {
+                    return Err(format!(
+                        "more than one IPv4 listen address ({} and {a})",
+                        out.v4.unwrap()
+                    ));
+                }
+                SocketAddr::V6(a) if out.v6.is_some() => {
+                    return Err(format!(
+                        "more than one IPv6 listen address ({} and {a})",
+                        out.v6.unwrap()
+                    ));
+                }
+                SocketAddr::V4(a) => out.v4 = Some(*a),
+                SocketAddr::V6(a) => out.v6 = Some(*a),
+            }
+        }
+        if out.v4.is_none() && out.v6.is_none() {
+            return Err("no listen address".to_owned());
+        }
+        Ok(out)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = SocketAddr> {
+        self.v4
+            .map(SocketAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(SocketAddr::V6))
+    }
+}
+
+fn de_from_str<'de, D: Deserializer<'de>, T: FromStr<Err = String>>(d: D) -> Result<T, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(de::Error::custom)
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_from_str(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_from_str(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_from_str(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let list = Vec::<ListenAddr>::deserialize(d)?;
+        ListenAddrs::from_list(&list).map_err(de::Error::custom)
+    }
+}
+
+/// Parses durations such as `1s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}): expected e.g. 500ms, 5s, 1m"))
+}
+
+fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map(Some).map_err(de::Error::custom)
+}
+
+/// Settings for `redirect run` after defaults, file and flags are combined.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub backend: Backend,
+    pub listen: ListenAddrs,
+    /// As given; resolved against the cgroup v2 mount at start. Empty means the mount's root.
+    pub cgroups: Vec<PathBuf>,
+    pub targets: Vec<Target>,
+    pub control_socket: PathBuf,
+    pub shutdown_grace: Duration,
+    pub ebpf_log: bool,
+    /// Load this object instead of the embedded one (development).
+    pub ebpf_object: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The built-in EC2 mock, with these values.
+    MockEc2(Box<Ec2Values>),
+    Upstream(UpstreamSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub url: UpstreamUrl,
+    /// Budget for the TCP connect to the upstream. SDKs give the whole request about 1 s.
+    pub connect_timeout: Duration,
+    /// Budget from sending the request to the upstream's response headers.
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the flags of `redirect run` say; `None`/empty means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub mock: Option<MockKind>,
+    pub upstream: Option<UpstreamUrl>,
+    pub listen: Vec<ListenAddr>,
+    pub cgroups: Vec<PathBuf>,
+    pub targets: Vec<Target>,
+    pub control_socket: Option<PathBuf>,
+    pub upstream_connect_timeout: Option<Duration>,
+    pub upstream_timeout: Option<Duration>,
+    pub shutdown_grace: Option<Duration>,
+    pub ebpf_log: bool,
+    pub ebpf_object: Option<PathBuf>,
+    pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
+}
+
+impl Settings {
+    /// Flags win over the file, the file over the defaults. A backend given by a flag replaces
+    /// the file's backend (so `--mock` overrides a file's `upstream`).
+    pub fn resolve(file: FileConfig, flags: Overrides) -> Result<Settings, String> {
+        let (mock, upstream) = if flags.mock.is_some() || flags.upstream.is_some() {
+            (flags.mock, flags.upstream)
+        } else {
+            (file.mock, file.upstream)
+        };
+        let mut ec2 = file.ec2;
+        if let Some(t) = flags.http_tokens {
+            ec2.http_tokens = t;
+        }
+        let backend = match (mock, upstream) {
+            (Some(_), Some(_)) => {
+                return Err("the config sets both `mock` and `upstream`; choose one".to_owned());
+            }
+            (Some(MockKind::Ec2), None) => Backend::MockEc2(Box::new(ec2)),
+            (None, Some(url)) => Backend::Upstream(UpstreamSettings {
+                url,
+                connect_timeout: flags
+                    .upstream_connect_timeout
+                    .or(file.upstream_connect_timeout)
+                    .unwrap_or(DEFAULT_UPSTREAM_CONNECT_TIMEOUT),
+                timeout: flags
+                    .upstream_timeout
+                    .or(file.upstream_timeout)
+                    .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+            }),
+            (None, None) => {
+                return Err(
+                    "nothing to serve: pass --mock (built-in EC2 mock) or --upstream URL, or set `mock` or \
+                     `upstream` in the config file"
+                        .to_owned(),
+                );
+            }
+        };
+        let listen = if flags.listen.is_empty() {
+            file.listen.unwrap_or(ListenAddrs {
+                v4: Some(DEFAULT_LISTEN),
+                v6: None,
+            })
+        } else {
+            ListenAddrs::from_list(&flags.listen)?
+        };
+        let targets = non_empty(flags.targets)
+            .or(file.targets)
+            .unwrap_or_else(default_targets);
+        if listen.v4.is_none() && targets.iter().any(|t| t.0.is_ipv4()) {
+            return Err(
+                "IPv4 targets need an IPv4 listen address: an IPv4 connect can only be sent to an IPv4 address"
+                    .to_owned(),
+            );
+        }
+        Ok(Settings {
+            backend,
+            listen,
+            cgroups: non_empty(flags.cgroups)
+                .or(file.cgroups)
+                .unwrap_or_default(),
+            targets,
+            control_socket: flags
+                .control_socket
+                .or(file.control_socket)
+                .unwrap_or_else(paths::default_control_socket),
+            shutdown_grace: flags
+                .shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
+            ebpf_object: flags.ebpf_object,
+        })
+    }
+}
+
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::ec2::HttpTokens;
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(text, Path::new("/etc/redirect.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let file = parse("").unwrap();
+        let s = Settings::resolve(
+            file,
+            Overrides {
+                mock: Some(MockKind::Ec2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.listen.v4, Some(DEFAULT_LISTEN));
+        assert_eq!(s.listen.v6, None);
+        assert_eq!(s.targets, default_targets());
+        assert!(s.cgroups.is_empty());
+        assert_eq!(s.control_socket, paths::default_control_socket());
+        assert!(!s.ebpf_log);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let file = parse(
+            r#"
+            upstream = "http://169.254.169.254"
+            listen = ["10.1.0.1:9000", "[fd00::1]:9000"]
+            cgroups = ["/sys/fs/cgroup/app"]
+            targets = ["169.254.169.254:80", "169.254.170.2:80"]
+            control_socket = "/tmp/r.sock"
+            upstream_connect_timeout = "250ms"
+            upstream_timeout = "2s"
+            shutdown_grace = "1s"
+            ebpf_log = true
+
+            [ec2]
+            instance_id = "i-0abc"
+            http_tokens = "required"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(file.ec2.instance_id, "i-0abc");
+        assert_eq!(file.ec2.http_tokens, HttpTokens::Required);
+        let s = Settings::resolve(file, Overrides::default()).unwrap();
+        let Backend::Upstream(up) = &s.backend else {
+            panic!("expected upstream")
+        };
+        assert_eq!(up.url.to_string(), "http://169.254.169.254");
+        assert_eq!(up.connect_timeout, Duration::from_millis(250));
+        assert_eq!(up.timeout, Duration::from_secs(2));
+        assert_eq!(s.listen.v4, Some("10.1.0.1:9000".parse().unwrap()));
+        assert_eq!(s.listen.v6, Some("[fd00::1]:9000".parse().unwrap()));
+        assert_eq!(s.targets.len(), 2);
+        assert_eq!(s.control_socket, PathBuf::from("/tmp/r.sock"));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(1));
+        assert!(s.ebpf_log);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = parse(
+            "upstream = \"http://10.0.0.1\"\nlisten = [\"127.0.0.1:1\"]\ncgroups = [\"/a\"]\n[ec2]\nhttp_tokens = \"optional\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(
+            file,
+            Overrides {
+                mock: Some(MockKind::Ec2),
+                listen: vec!["127.0.0.2:2".parse().unwrap()],
+                cgroups: vec!["/b".into(), "/c".into()],
+                http_tokens: Some(HttpTokens::Required),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let Backend::MockEc2(ec2) = &s.backend else {
+            panic!("--mock must win over the file's upstream")
+        };
+        assert_eq!(ec2.http_tokens, HttpTokens::Required);
+        assert_eq!(s.listen.v4, Some("127.0.0.2:2".parse().unwrap()));
+        assert_eq!(s.cgroups, vec![PathBuf::from("/b"), PathBuf::from("/c")]);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = err("mock = \"ec2\"\n\nlisten = [\"127.0.0.1:80\", \"nonsense\"]\n");
+        assert!(
+            e.starts_with("config /etc/redirect.toml line 3, key `listen"),
+            "{e}"
+        );
+        assert!(e.contains("invalid listen address \"nonsense\""), "{e}");
+
+        let e = err("mock = \"ec2\"\n[ec2]\nhttp_tokens = \"sometimes\"\n");
+        assert!(e.contains("line 3, key `ec2.http_tokens`"), "{e}");
+        assert!(e.contains("unknown variant `sometimes`"), "{e}");
+
+        let e = err("mock = \"ec2\"\nlisten_addr = \"x\"\n");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("unknown field `listen_addr`"), "{e}");
+
+        let e = err("upstream = \"https://169.254.169.254\"\n");
+        assert!(e.contains("line 1, key `upstream`"), "{e}");
+        assert!(e.contains("not supported"), "{e}");
+
+        let e = err("upstream_timeout = \"soon\"\n");
+        assert!(
+            e.contains("key `upstream_timeout`: invalid duration"),
+            "{e}"
+        );
+
+        let e = err("listen = [\"127.0.0.1:1\", \"127.0.0.2:2\"]\n");
+        assert!(
+            e.contains("line 1, key `listen`: more than one IPv4 listen address"),
+            "{e}"
+        );
+
+        let e = err("targets = [\"[::ffff:169.254.169.254]:80\"]\n");
+        assert!(e.contains("key `targets[0]`"), "{e}");
+
+        // Syntax errors have a line but no key.
+        let e = err("mock = \"ec2\"\nlisten = [\n");
+        assert!(e.starts_with("config /etc/redirect.toml line "), "{e}");
+    }
+
+    #[test]
+    fn missing_backend_and_conflicts_are_errors() {
+        let e = Settings::resolve(FileConfig::default(), Overrides::default()).unwrap_err();
+        assert!(e.contains("--mock"), "{e}");
+        let file = parse("mock = \"ec2\"\nupstream = \"http://a\"\n").unwrap();
+        let e = Settings::resolve(file, Overrides::default()).unwrap_err();
+        assert!(e.contains("both"), "{e}");
+        let e = Settings::resolve(
+            FileConfig::default(),
+            Overrides {
+                mock: Some(MockKind::Ec2),
+                listen: vec!["[::1]:8169".parse().unwrap()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("IPv4 targets need an IPv4 listen address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn address_validation() {
+        assert!("0.0.0.0:8169".parse::<ListenAddr>().is_err());
+        assert!("[::]:8169".parse::<ListenAddr>().is_err());
+        assert!(
+            "127.0.0.1:0".parse::<ListenAddr>().is_ok(),
+            "port 0 picks a free port"
+        );
+        assert!("169.254.169.254:0".parse::<Target>().is_err());
+        assert!("169.254.169.254".parse::<Target>().is_err());
+        assert!("[fd00:ec2::254]:80".parse::<Target>().is_ok());
+        assert!(
+            "http://169.254.169.254/latest"
+                .parse::<UpstreamUrl>()
+                .is_err()
+        );
+        assert!("169.254.169.254".parse::<UpstreamUrl>().is_err());
+        assert_eq!(
+            "http://169.254.169.254:8080/"
+                .parse::<UpstreamUrl>()
+                .unwrap()
+                .to_string(),
+            "http://169.254.169.254:8080"
+        );
+    }
+}

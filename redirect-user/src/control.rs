@@ -1,0 +1,207 @@
+//! The daemon's control API: HTTP over a unix socket (root only, 0600).
+//!
+//! A unix socket in the filesystem works from any network namespace that sees the file, and is
+//! not reachable over the network. `curl --unix-socket /run/redirect/control.sock
+//! http://localhost/status` works as well as `redirect status`.
+
+use std::{
+    io,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Method, Request, Response, StatusCode, header, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::status::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "another redirect daemon is running (its control socket {} answers); stop it, or give this one another --control-socket",
+        .0.display()
+    )]
+    AlreadyRunning(PathBuf),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot create control socket {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "no redirect daemon is answering at {} (is `redirect run` running? give --control-socket if it uses another path)",
+        path.display()
+    )]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the daemon at {}: {message}", path.display())]
+    Protocol { path: PathBuf, message: String },
+}
+
+/// The bound control socket; removes its file when dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl ControlSocket {
+    /// Binds `path`, replacing a stale socket file but refusing one a live daemon answers on.
+    pub fn bind(path: &Path) -> Result<Self, ControlError> {
+        let bind_err = |source| ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(ControlError::NotASocket(path.to_owned()));
+            }
+            Ok(_) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::AlreadyRunning(path.to_owned()));
+                }
+                std::fs::remove_file(path).map_err(bind_err)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = UnixListener::from_std(listener).map_err(bind_err)?;
+        Ok(ControlSocket {
+            path: path.to_owned(),
+            listener: Some(listener),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers `GET /status` with `status()` until `shutdown` is cancelled.
+    pub async fn serve(
+        &mut self,
+        status: Arc<dyn Fn() -> Status + Send + Sync>,
+        shutdown: CancellationToken,
+    ) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        loop {
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("control socket accept: {e}");
+                        continue;
+                    }
+                },
+            };
+            let status = Arc::clone(&status);
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let status = Arc::clone(&status);
+                async move { Ok::<_, std::convert::Infallible>(route(&req, &*status)) }
+            });
+            tokio::spawn(async move {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn route(
+    req: &Request<hyper::body::Incoming>,
+    status: &(dyn Fn() -> Status + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let (code, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/status") => match serde_json::to_vec_pretty(&status()) {
+            Ok(json) => (StatusCode::OK, "application/json", json),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                e.to_string().into_bytes(),
+            ),
+        },
+        (_, "/status") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            b"use GET\n".to_vec(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            b"not found; try GET /status\n".to_vec(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// Asks the daemon listening on `path` for its status.
+pub async fn fetch_status(path: &Path) -> Result<Status, ControlError> {
+    let protocol = |message: String| ControlError::Protocol {
+        path: path.to_owned(),
+        message,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::NotRunning {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = Request::get("/status")
+        .header(header::HOST, "redirect")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| protocol(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    let code = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| protocol(e.to_string()))?
+        .to_bytes();
+    if !code.is_success() {
+        return Err(protocol(format!(
+            "{code}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    serde_json::from_slice(&body).map_err(|e| protocol(format!("unreadable status: {e}")))
+}

@@ -1,0 +1,342 @@
+//! Loading the kernel programs, filling their maps, attaching them to cgroups and reading
+//! their counters.
+//!
+//! What happens on each kernel:
+//! - Attaching uses a BPF link (`BPF_LINK_CREATE`, kernels >= 5.7). A link lives as long as its
+//!   file descriptor, which this process holds: when the daemon exits, however it exits (even
+//!   SIGKILL), the kernel detaches the programs. Nothing is pinned, so nothing is left behind.
+//! - On older kernels aya falls back to `BPF_PROG_ATTACH`; those attachments are detached
+//!   explicitly by [`Redirector::detach_all`] and when the [`Redirector`] is dropped.
+//! - Links coexist with other programs on the same cgroup. Programs of a child cgroup run before
+//!   those of its ancestors; each run only rewrites a destination that is still a target, so
+//!   attaching to both a cgroup and its ancestor is harmless.
+//! - Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK, so the limit is raised first.
+
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
+    },
+};
+use redirect_common::{Counter, SockAddr4, SockAddr6, names};
+
+use crate::cgroup::Cgroup;
+
+/// The object built by `cargo xtask build-ebpf`, embedded at compile time (see build.rs).
+static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("REDIRECT_EBPF_OBJECT"));
+
+/// The programs, in the order they are attached.
+pub const PROGRAMS: [&str; 4] = [
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_GETPEERNAME4,
+    names::PROG_GETPEERNAME6,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("cannot load the eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program `{0}`")]
+    MissingProgram(&'static str),
+    #[error("`{0}` in the eBPF object is not a cgroup socket-address program")]
+    WrongProgramType(&'static str, #[source] ProgramError),
+    #[error("the kernel rejected eBPF program `{program}` ({io_error}); verifier log:\n{log}")]
+    Rejected {
+        program: &'static str,
+        io_error: io::Error,
+        log: String,
+    },
+    #[error("cannot load eBPF program `{program}`")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach `{program}` to cgroup {}", cgroup.display())]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the eBPF object has no map `{0}`")]
+    MissingMap(&'static str),
+}
+
+/// One program attached to one cgroup.
+#[derive(Debug)]
+pub struct Attachment {
+    pub cgroup: PathBuf,
+    pub program: &'static str,
+    link: CgroupSockAddrLinkId,
+}
+
+/// Where redirected connects to one target go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub dialled: SocketAddr,
+    pub proxy: SocketAddr,
+}
+
+/// Kernel-side run statistics of one program (`kernel.bpf_stats_enabled=1` fills them).
+#[derive(Debug, Clone)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub id: u32,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// The loaded programs and their maps. Dropping it detaches everything.
+pub struct Redirector {
+    ebpf: Ebpf,
+    attached: Vec<Attachment>,
+}
+
+impl Redirector {
+    /// Loads the embedded object, or `object` when given (development builds), and every
+    /// program in it. `ebpf_log` turns on the programs' debug logs (aya-log); otherwise the log
+    /// statements are compiled out by the verifier.
+    pub fn load(object: Option<&Path>, ebpf_log: bool) -> Result<Self, EbpfError> {
+        raise_memlock_limit();
+        let level = if ebpf_log {
+            aya_log::Level::Trace as u8
+        } else {
+            0u8
+        };
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, false);
+        let mut ebpf = match object {
+            Some(path) => loader.load_file(path),
+            None => loader.load(EMBEDDED_OBJECT),
+        }
+        .map_err(EbpfError::Object)?;
+        for name in PROGRAMS {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| match source {
+                    ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    } => EbpfError::Rejected {
+                        program: name,
+                        io_error,
+                        log: verifier_log.to_string(),
+                    },
+                    source => EbpfError::Load {
+                        program: name,
+                        source,
+                    },
+                })?;
+        }
+        Ok(Redirector {
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Starts forwarding the programs' aya-log records to the `log` crate. Only meaningful
+    /// when loaded with `ebpf_log`.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// Fills the target maps: connects to `route.dialled` are sent to `route.proxy`.
+    ///
+    /// An IPv6 target may route to an IPv6 proxy address or to an IPv4-mapped one; IPv4
+    /// targets route to IPv4 addresses (connect4 cannot change the address family).
+    pub fn set_routes(&mut self, routes: &[Route]) -> Result<(), EbpfError> {
+        for route in routes {
+            match (route.dialled, route.proxy) {
+                (SocketAddr::V4(dialled), SocketAddr::V4(proxy)) => {
+                    let mut map: HashMap<_, SockAddr4, SockAddr4> =
+                        map_mut(&mut self.ebpf, names::TARGETS4)?;
+                    map.insert(SockAddr4::from(dialled), SockAddr4::from(proxy), 0)
+                        .map_err(map_err(names::TARGETS4))?;
+                }
+                (SocketAddr::V6(dialled), proxy) => {
+                    let proxy = match proxy {
+                        SocketAddr::V6(p) => SockAddr6::from(p),
+                        SocketAddr::V4(p) => SockAddr6::v4_mapped(SockAddr4::from(p)),
+                    };
+                    let mut map: HashMap<_, SockAddr6, SockAddr6> =
+                        map_mut(&mut self.ebpf, names::TARGETS6)?;
+                    map.insert(SockAddr6::from(dialled), proxy, 0)
+                        .map_err(map_err(names::TARGETS6))?;
+                }
+                (SocketAddr::V4(_), SocketAddr::V6(_)) => {
+                    unreachable!("config validation pairs IPv4 targets with an IPv4 listener")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The routes as the kernel sees them, read back from the maps.
+    pub fn routes(&self) -> Result<Vec<Route>, EbpfError> {
+        let mut routes = Vec::new();
+        let v4: HashMap<_, SockAddr4, SockAddr4> = map_ref(&self.ebpf, names::TARGETS4)?;
+        for entry in v4.iter() {
+            let (dialled, proxy) = entry.map_err(map_err(names::TARGETS4))?;
+            routes.push(Route {
+                dialled: SocketAddrV4::from(dialled).into(),
+                proxy: SocketAddrV4::from(proxy).into(),
+            });
+        }
+        let v6: HashMap<_, SockAddr6, SockAddr6> = map_ref(&self.ebpf, names::TARGETS6)?;
+        for entry in v6.iter() {
+            let (dialled, proxy) = entry.map_err(map_err(names::TARGETS6))?;
+            routes.push(Route {
+                dialled: SocketAddrV6::from(dialled).into(),
+                proxy: SocketAddrV6::from(proxy).into(),
+            });
+        }
+        routes.sort_by_key(|r| (r.dialled.is_ipv6(), r.dialled));
+        Ok(routes)
+    }
+
+    /// Attaches every program to `cgroup`. On error, what was attached stays attached until
+    /// the `Redirector` is dropped.
+    pub fn attach(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError> {
+        for name in PROGRAMS {
+            let link = program_mut(&mut self.ebpf, name)?
+                .attach(&cgroup.dir, CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::Attach {
+                    program: name,
+                    cgroup: cgroup.path.clone(),
+                    source,
+                })?;
+            self.attached.push(Attachment {
+                cgroup: cgroup.path.clone(),
+                program: name,
+                link,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attached
+    }
+
+    /// Detaches every program from every cgroup. Returns how many links were detached.
+    pub fn detach_all(&mut self) -> usize {
+        let mut detached = 0;
+        for Attachment {
+            cgroup,
+            program,
+            link,
+        } in std::mem::take(&mut self.attached)
+        {
+            let result = program_mut(&mut self.ebpf, program).and_then(|p| {
+                p.detach(link).map_err(|source| EbpfError::Attach {
+                    program,
+                    cgroup: cgroup.clone(),
+                    source,
+                })
+            });
+            match result {
+                Ok(()) => detached += 1,
+                // The link's fd is still closed when the Redirector drops.
+                Err(e) => tracing::warn!("detaching {program} from {}: {e}", cgroup.display()),
+            }
+        }
+        detached
+    }
+
+    /// Takes the map of exempt socket cookies out, for the upstream connector.
+    pub fn take_exempt_map(&mut self) -> Result<HashMap<MapData, u64, u8>, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(names::EXEMPT_SOCKETS)
+            .ok_or(EbpfError::MissingMap(names::EXEMPT_SOCKETS))?;
+        HashMap::try_from(map).map_err(map_err(names::EXEMPT_SOCKETS))
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
+        let array: PerCpuArray<_, u64> = map_ref(&self.ebpf, names::COUNTERS)?;
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let values = array
+                    .get(&(c as u32), 0)
+                    .map_err(map_err(names::COUNTERS))?;
+                Ok((c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        PROGRAMS
+            .iter()
+            .filter_map(|&name| {
+                let program: &CgroupSockAddr = self.ebpf.program(name)?.try_into().ok()?;
+                let info = program.info().ok()?;
+                Some(ProgramStats {
+                    name,
+                    id: info.id(),
+                    run_count: info.run_count(),
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, EbpfError> {
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| EbpfError::WrongProgramType(name, e))
+}
+
+fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = MapError>>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    T::try_from(ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))?).map_err(map_err(name))
+}
+
+fn map_ref<'a, T: TryFrom<&'a aya::maps::Map, Error = MapError>>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    T::try_from(ebpf.map(name).ok_or(EbpfError::MissingMap(name))?).map_err(map_err(name))
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct. Failure only matters on kernels < 5.11, where
+    // the load error that follows says so.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! `redirect`: makes the cloud instance-metadata service work for every process and container
+//! on a Linux host, without iptables. See README.md.
+
+mod cgroup;
+mod config;
+mod control;
+mod daemon;
+mod ebpf;
+mod mock;
+mod paths;
+mod privileges;
+mod proxy;
+mod status;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{
+        FileConfig, ListenAddr, MockKind, Overrides, Settings, Target, UpstreamUrl, parse_duration,
+    },
+    mock::ec2::HttpTokens,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "redirect",
+    version,
+    about = "Redirects connects to the cloud metadata service (169.254.169.254) to a local proxy, in the kernel, with eBPF"
+)]
+struct Cli {
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list
+    /// (e.g. `info,redirect=debug`). RUST_LOG, when set, takes precedence.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIRECT_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the redirect and serve the proxy until SIGINT or SIGTERM, then detach.
+    Run(Box<RunArgs>),
+    /// Show the running daemon's attachments, redirects and counters.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Serve a built-in mock of the metadata service. KIND: ec2 (the default).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ec2", value_name = "KIND", conflicts_with = "upstream")]
+    mock: Option<MockKind>,
+    /// Forward to this metadata service, e.g. http://169.254.169.254. The daemon's own connects
+    /// to it are never redirected.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<UpstreamUrl>,
+    /// Redirect connects from this cgroup v2 directory and its descendants. Repeatable. A
+    /// filesystem path or a path inside the hierarchy (as in /proc/PID/cgroup).
+    /// [default: the root of the cgroup v2 hierarchy, i.e. every process]
+    #[arg(long = "cgroup", value_name = "PATH")]
+    cgroups: Vec<PathBuf>,
+    /// Where the proxy listens and where redirected connects are sent. Use an address the
+    /// callers can reach (a bridge address for containers in their own network namespace).
+    /// At most one IPv4 and one IPv6 address; port 0 picks a free port. [default: 127.0.0.1:8169]
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<ListenAddr>,
+    /// A metadata endpoint to redirect. Repeatable; replaces the defaults.
+    /// [default: 169.254.169.254:80 and [fd00:ec2::254]:80]
+    #[arg(long = "target", value_name = "ADDR:PORT")]
+    targets: Vec<Target>,
+    /// TOML config file; flags override its settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Unix socket for `redirect status`. [default: /run/redirect/control.sock]
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Budget for connecting to the upstream. [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    upstream_connect_timeout: Option<Duration>,
+    /// Budget for the upstream's response headers (not applied to GCE wait_for_change long
+    /// polls). [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    upstream_timeout: Option<Duration>,
+    /// On SIGINT/SIGTERM, how long open requests may take to finish. [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    shutdown_grace: Option<Duration>,
+    /// IMDSv2 mode of the EC2 mock: `optional` serves tokenless requests, `required` answers
+    /// them 401. [default: optional]
+    #[arg(long, value_enum, value_name = "MODE")]
+    http_tokens: Option<HttpTokens>,
+    /// Turn on the eBPF programs' debug logs (one line per rewritten connect).
+    #[arg(long)]
+    ebpf_log: bool,
+    /// Load this eBPF object instead of the one built into the binary (development).
+    #[arg(long, value_name = "FILE")]
+    ebpf_object: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The daemon's control socket. [default: /run/redirect/control.sock]
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ebpf_log = matches!(&cli.command, Command::Run(args) if args.ebpf_log);
+    init_logging(&cli.log_level, ebpf_log);
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::Status(args) => status(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redirect: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str, ebpf_log: bool) {
+    use tracing_subscriber::EnvFilter;
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
+    if ebpf_log {
+        // aya-log records carry the eBPF crate's module path as their target.
+        filter.push_str(",redirect_ebpf=trace");
+    }
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("redirect: ignoring log filter {filter:?}: {e}");
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let settings = Settings::resolve(
+        file,
+        Overrides {
+            mock: args.mock,
+            upstream: args.upstream,
+            listen: args.listen,
+            cgroups: args.cgroups,
+            targets: args.targets,
+            control_socket: args.control_socket,
+            upstream_connect_timeout: args.upstream_connect_timeout,
+            upstream_timeout: args.upstream_timeout,
+            shutdown_grace: args.shutdown_grace,
+            ebpf_log: args.ebpf_log,
+            ebpf_object: args.ebpf_object,
+            http_tokens: args.http_tokens,
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(daemon::run(settings))
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    let path = args
+        .control_socket
+        .unwrap_or_else(paths::default_control_socket);
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(control::fetch_status(&path))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(())
+}

@@ -1,0 +1,726 @@
+//! The built-in EC2 instance metadata service (IMDSv1 and IMDSv2).
+//!
+//! Wire behaviour follows the real service (`../shared/reference/metadata-protocols.md`):
+//! `Server: EC2ws`, plain-text listings one entry per line with directories ending in `/`,
+//! XHTML error pages, `PUT /latest/api/token` with TTL 1..=21600 s, 401 for a bad or (in
+//! `required` mode) missing token, 403 for token traffic carrying `X-Forwarded-For`.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode,
+    header::{self, HeaderValue},
+};
+use serde::{Deserialize, Deserializer, de};
+
+use super::token::{TokenIssuer, parse_ttl};
+
+pub const TOKEN_PATH: &str = "/latest/api/token";
+pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+
+/// API versions listed at `/`; each serves the same tree as `latest`.
+const VERSIONS: &[&str] = &[
+    "1.0",
+    "2007-01-19",
+    "2007-03-01",
+    "2007-08-29",
+    "2007-10-10",
+    "2007-12-15",
+    "2008-02-01",
+    "2008-09-01",
+    "2009-04-04",
+    "2011-01-01",
+    "2011-05-01",
+    "2012-01-12",
+    "2014-02-25",
+    "2014-11-05",
+    "2015-10-20",
+    "2016-04-19",
+    "2016-06-30",
+    "2016-09-02",
+    "2018-03-28",
+    "2018-08-17",
+    "2018-09-24",
+    "2019-10-01",
+    "2020-10-27",
+    "2021-01-03",
+    "2021-03-23",
+    "2021-07-15",
+    "2022-09-24",
+    "2024-04-11",
+    "latest",
+];
+
+/// `HttpTokens` of the instance: whether requests without a session token are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpTokens {
+    /// IMDSv1 and v2: tokenless requests are served; a token, if sent, must be valid.
+    #[default]
+    Optional,
+    /// IMDSv2 only: every request needs a valid token.
+    Required,
+}
+
+/// The values the mock serves. Every field has a default; `[ec2]` in the config overrides them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ec2Values {
+    pub instance_id: String,
+    pub ami_id: String,
+    pub instance_type: String,
+    /// `hostname` and `local-hostname`.
+    pub hostname: String,
+    pub local_ipv4: Ipv4Addr,
+    pub mac: String,
+    pub region: String,
+    pub availability_zone: String,
+    pub account_id: String,
+    /// The instance profile's role; `iam/security-credentials/` lists it.
+    #[serde(deserialize_with = "de_role_name")]
+    pub role_name: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// How long served credentials stay valid; they are re-dated every half lifetime.
+    #[serde(deserialize_with = "de_duration")]
+    pub credentials_lifetime: Duration,
+    /// Served at `/latest/user-data`; 404 when unset, as on an instance without user data.
+    pub user_data: Option<String>,
+    pub http_tokens: HttpTokens,
+}
+
+impl Default for Ec2Values {
+    fn default() -> Self {
+        Ec2Values {
+            instance_id: "i-0123456789abcdef0".into(),
+            ami_id: "ami-0abcdef1234567890".into(),
+            instance_type: "t3.micro".into(),
+            hostname: "ip-172-31-16-10.ec2.internal".into(),
+            local_ipv4: Ipv4Addr::new(172, 31, 16, 10),
+            mac: "0e:49:61:0f:c3:11".into(),
+            region: "us-east-1".into(),
+            availability_zone: "us-east-1a".into(),
+            account_id: "123456789012".into(),
+            role_name: "redirect-mock-role".into(),
+            // AWS's documentation example keys: obviously not real, accepted by every SDK.
+            access_key_id: "ASIAIOSFODNN7EXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+            session_token: "IQoJb3JpZ2luX2VjEXAMPLETOKENredirectmockAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            credentials_lifetime: Duration::from_secs(6 * 3600),
+            user_data: None,
+            http_tokens: HttpTokens::Optional,
+        }
+    }
+}
+
+fn de_role_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() || s.contains('/') || s.chars().any(char::is_whitespace) {
+        return Err(de::Error::custom(format!(
+            "invalid role name {s:?}: must be non-empty, without '/' or spaces"
+        )));
+    }
+    Ok(s)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    let d = crate::config::parse_duration(&s).map_err(de::Error::custom)?;
+    if d < Duration::from_secs(2) {
+        return Err(de::Error::custom(
+            "credentials_lifetime must be at least 2s",
+        ));
+    }
+    Ok(d)
+}
+
+/// A node of the metadata tree. Dynamic leaves are rendered per request (timestamps).
+enum Node {
+    Dir(BTreeMap<String, Node>),
+    Text(Bytes),
+    IamInfo,
+    Credentials,
+    IdentityDocument,
+    UserData(Bytes),
+}
+
+pub struct Ec2Mock {
+    values: Ec2Values,
+    tokens: TokenIssuer,
+    started: SystemTime,
+    /// The tree under `/latest/`.
+    root: Node,
+}
+
+/// Bodies are complete at construction; the proxy wraps them for hyper.
+pub type Resp = Response<Bytes>;
+
+impl Ec2Mock {
+    pub fn new(values: Ec2Values) -> Self {
+        let root = build_tree(&values);
+        Ec2Mock {
+            values,
+            tokens: TokenIssuer::new(),
+            started: SystemTime::now(),
+            root,
+        }
+    }
+
+    pub fn http_tokens(&self) -> HttpTokens {
+        self.values.http_tokens
+    }
+
+    /// Answers one request. Only method, path and headers matter; the body is never read.
+    pub fn handle<B>(&self, req: &Request<B>) -> Resp {
+        self.handle_at(req, SystemTime::now())
+    }
+
+    fn handle_at<B>(&self, req: &Request<B>, now: SystemTime) -> Resp {
+        let path = req.uri().path();
+        let headers = req.headers();
+        let forwarded = headers.contains_key("x-forwarded-for");
+        if path == TOKEN_PATH {
+            return match *req.method() {
+                Method::PUT if forwarded => error(StatusCode::FORBIDDEN),
+                Method::PUT => match headers
+                    .get(TOKEN_TTL_HEADER)
+                    .and_then(|v| parse_ttl(v.as_bytes()))
+                {
+                    Some(ttl) => {
+                        let mut resp = text(self.tokens.issue(ttl, now).into());
+                        resp.headers_mut()
+                            .insert(TOKEN_TTL_HEADER, HeaderValue::from(ttl.as_secs()));
+                        resp
+                    }
+                    None => error(StatusCode::BAD_REQUEST),
+                },
+                Method::OPTIONS => allow(StatusCode::OK, "OPTIONS, PUT"),
+                _ => allow(StatusCode::METHOD_NOT_ALLOWED, "OPTIONS, PUT"),
+            };
+        }
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return allow(StatusCode::METHOD_NOT_ALLOWED, "GET, HEAD");
+        }
+        if let Some(status) = self.check_token(headers, forwarded, now) {
+            return error(status);
+        }
+        self.lookup(path, now)
+            .unwrap_or_else(|| error(StatusCode::NOT_FOUND))
+    }
+
+    /// `Some(status)` when the request must be refused for its token.
+    fn check_token(
+        &self,
+        headers: &HeaderMap,
+        forwarded: bool,
+        now: SystemTime,
+    ) -> Option<StatusCode> {
+        match headers.get(TOKEN_HEADER) {
+            Some(_) if forwarded => Some(StatusCode::FORBIDDEN),
+            Some(token) => {
+                let valid = token.to_str().is_ok_and(|t| self.tokens.is_valid(t, now));
+                (!valid).then_some(StatusCode::UNAUTHORIZED)
+            }
+            None if self.values.http_tokens == HttpTokens::Required => {
+                Some(StatusCode::UNAUTHORIZED)
+            }
+            None => None,
+        }
+    }
+
+    fn lookup(&self, path: &str, now: SystemTime) -> Option<Resp> {
+        let rest = path.strip_prefix('/')?;
+        if rest.is_empty() {
+            return Some(text(VERSIONS.join("\n").into()));
+        }
+        let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        if !VERSIONS.contains(&version) {
+            return None;
+        }
+        let mut node = &self.root;
+        let mut segments = rest.split('/').peekable();
+        while let Some(segment) = segments.next() {
+            // A trailing slash (empty last segment) names the node itself: the real service
+            // answers `placement/availability-zone/` (which botocore asks for) like the leaf.
+            if segment.is_empty() && segments.peek().is_none() {
+                break;
+            }
+            match node {
+                Node::Dir(children) => node = children.get(segment)?,
+                _ => return None,
+            }
+        }
+        Some(match node {
+            Node::Dir(children) => text(listing(children).into()),
+            Node::Text(value) => text(value.clone()),
+            Node::UserData(data) => {
+                let mut resp = text(data.clone());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                resp
+            }
+            Node::IamInfo => text(self.iam_info(now).into()),
+            Node::Credentials => text(self.credentials(now).into()),
+            Node::IdentityDocument => text(self.identity_document().into()),
+        })
+    }
+
+    /// Credentials are re-dated every half lifetime, so the served expiration is always at
+    /// least half a lifetime away, as with the real service's hourly rotation.
+    fn credentials_window(&self, now: SystemTime) -> (SystemTime, SystemTime) {
+        let period = (self.values.credentials_lifetime / 2).as_secs().max(1);
+        let elapsed = now
+            .duration_since(self.started)
+            .unwrap_or_default()
+            .as_secs();
+        let issued = self.started + Duration::from_secs(elapsed - elapsed % period);
+        (issued, issued + self.values.credentials_lifetime)
+    }
+
+    fn iam_info(&self, now: SystemTime) -> String {
+        let v = &self.values;
+        let (issued, _) = self.credentials_window(now);
+        format!(
+            "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"InstanceProfileArn\" : \"arn:aws:iam::{}:instance-profile/{}\",\n  \"InstanceProfileId\" : \"AIPAREDIRECTMOCK00001\"\n}}",
+            rfc3339(issued),
+            json_str(&v.account_id),
+            json_str(&v.role_name),
+        )
+    }
+
+    fn credentials(&self, now: SystemTime) -> String {
+        let v = &self.values;
+        let (issued, expires) = self.credentials_window(now);
+        format!(
+            "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"Type\" : \"AWS-HMAC\",\n  \"AccessKeyId\" : \"{}\",\n  \"SecretAccessKey\" : \"{}\",\n  \"Token\" : \"{}\",\n  \"Expiration\" : \"{}\"\n}}",
+            rfc3339(issued),
+            json_str(&v.access_key_id),
+            json_str(&v.secret_access_key),
+            json_str(&v.session_token),
+            rfc3339(expires),
+        )
+    }
+
+    fn identity_document(&self) -> String {
+        let v = &self.values;
+        format!(
+            "{{\n  \"accountId\" : \"{}\",\n  \"architecture\" : \"{}\",\n  \"availabilityZone\" : \"{}\",\n  \"billingProducts\" : null,\n  \"devpayProductCodes\" : null,\n  \"marketplaceProductCodes\" : null,\n  \"imageId\" : \"{}\",\n  \"instanceId\" : \"{}\",\n  \"instanceType\" : \"{}\",\n  \"kernelId\" : null,\n  \"pendingTime\" : \"{}\",\n  \"privateIp\" : \"{}\",\n  \"ramdiskId\" : null,\n  \"region\" : \"{}\",\n  \"version\" : \"2017-09-30\"\n}}",
+            json_str(&v.account_id),
+            std::env::consts::ARCH.replace("aarch64", "arm64"),
+            json_str(&v.availability_zone),
+            json_str(&v.ami_id),
+            json_str(&v.instance_id),
+            json_str(&v.instance_type),
+            rfc3339(self.started),
+            v.local_ipv4,
+            json_str(&v.region),
+        )
+    }
+}
+
+fn build_tree(v: &Ec2Values) -> Node {
+    fn dir<const N: usize>(entries: [(&str, Node); N]) -> Node {
+        Node::Dir(
+            entries
+                .into_iter()
+                .map(|(k, n)| (k.to_owned(), n))
+                .collect(),
+        )
+    }
+    let t = |s: &str| Node::Text(Bytes::from(s.to_owned()));
+    let meta_data = dir([
+        ("ami-id", t(&v.ami_id)),
+        ("ami-launch-index", t("0")),
+        ("ami-manifest-path", t("(unknown)")),
+        (
+            "block-device-mapping",
+            dir([("ami", t("/dev/xvda")), ("root", t("/dev/xvda"))]),
+        ),
+        ("hostname", t(&v.hostname)),
+        (
+            "iam",
+            dir([
+                ("info", Node::IamInfo),
+                (
+                    "security-credentials",
+                    Node::Dir(BTreeMap::from([(v.role_name.clone(), Node::Credentials)])),
+                ),
+            ]),
+        ),
+        ("instance-action", t("none")),
+        ("instance-id", t(&v.instance_id)),
+        ("instance-life-cycle", t("on-demand")),
+        ("instance-type", t(&v.instance_type)),
+        ("local-hostname", t(&v.hostname)),
+        ("local-ipv4", t(&v.local_ipv4.to_string())),
+        ("mac", t(&v.mac)),
+        (
+            "placement",
+            dir([
+                ("availability-zone", t(&v.availability_zone)),
+                ("region", t(&v.region)),
+            ]),
+        ),
+        ("profile", t("default-hvm")),
+        ("reservation-id", t("r-0123456789abcdef0")),
+        ("security-groups", t("default")),
+        (
+            "services",
+            dir([("domain", t("amazonaws.com")), ("partition", t("aws"))]),
+        ),
+    ]);
+    let dynamic = dir([(
+        "instance-identity",
+        dir([("document", Node::IdentityDocument)]),
+    )]);
+    let mut latest = BTreeMap::from([
+        ("dynamic".to_owned(), dynamic),
+        ("meta-data".to_owned(), meta_data),
+    ]);
+    if let Some(data) = &v.user_data {
+        latest.insert(
+            "user-data".to_owned(),
+            Node::UserData(Bytes::from(data.clone())),
+        );
+    }
+    Node::Dir(latest)
+}
+
+fn listing(children: &BTreeMap<String, Node>) -> String {
+    let names: Vec<String> = children
+        .iter()
+        .map(|(name, node)| match node {
+            Node::Dir(_) => format!("{name}/"),
+            _ => name.clone(),
+        })
+        .collect();
+    names.join("\n")
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Escapes a configured value for a JSON string literal.
+fn json_str(s: &str) -> String {
+    let quoted = serde_json::to_string(s).expect("strings always serialize");
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+fn base(status: StatusCode, content_type: &'static str, body: Bytes) -> Resp {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::SERVER, HeaderValue::from_static("EC2ws"));
+    resp
+}
+
+fn text(body: Bytes) -> Resp {
+    base(StatusCode::OK, "text/plain", body)
+}
+
+/// The XHTML error page the real service sends.
+fn error(status: StatusCode) -> Resp {
+    let title = format!(
+        "{} - {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n<!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Transitional//EN\"\n\t\"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd\">\n<html xmlns=\"http://www.w3.org/1999/xhtml\" xml:lang=\"en\" lang=\"en\">\n <head>\n  <title>{title}</title>\n </head>\n <body>\n  <h1>{title}</h1>\n </body>\n</html>\n"
+    );
+    base(status, "text/html", body.into())
+}
+
+fn allow(status: StatusCode, methods: &'static str) -> Resp {
+    let mut resp = if status.is_success() {
+        base(status, "text/plain", Bytes::new())
+    } else {
+        error(status)
+    };
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(methods));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mock() -> Ec2Mock {
+        Ec2Mock::new(Ec2Values::default())
+    }
+
+    fn req(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn body(resp: Resp) -> String {
+        String::from_utf8(resp.into_body().to_vec()).unwrap()
+    }
+
+    fn get(m: &Ec2Mock, path: &str) -> (StatusCode, String) {
+        let resp = m.handle(&req(Method::GET, path, &[]));
+        (resp.status(), body(resp))
+    }
+
+    #[test]
+    fn values_and_listings() {
+        let m = mock();
+        assert_eq!(
+            get(&m, "/latest/meta-data/instance-id"),
+            (StatusCode::OK, "i-0123456789abcdef0".into())
+        );
+        assert_eq!(get(&m, "/latest/meta-data/placement/region").1, "us-east-1");
+        assert_eq!(
+            get(&m, "/latest/meta-data/placement/availability-zone/").1,
+            "us-east-1a"
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/placement/availability-zone").1,
+            "us-east-1a"
+        );
+        assert_eq!(get(&m, "/latest/meta-data/local-ipv4").1, "172.31.16.10");
+        assert_eq!(
+            get(&m, "/latest/meta-data/iam/security-credentials/").1,
+            "redirect-mock-role"
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/iam/security-credentials").1,
+            "redirect-mock-role"
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/iam/").1,
+            "info\nsecurity-credentials/"
+        );
+        let listing = get(&m, "/latest/meta-data/").1;
+        for entry in [
+            "ami-id",
+            "hostname",
+            "iam/",
+            "instance-id",
+            "local-ipv4",
+            "placement/",
+        ] {
+            assert!(
+                listing.lines().any(|l| l == entry),
+                "{entry} missing from {listing:?}"
+            );
+        }
+        assert!(!listing.ends_with('\n'));
+        assert_eq!(get(&m, "/latest/").1, "dynamic/\nmeta-data/");
+        assert!(get(&m, "/").1.ends_with("\n2024-04-11\nlatest"));
+        assert_eq!(
+            get(&m, "/2021-07-15/meta-data/instance-id").1,
+            "i-0123456789abcdef0"
+        );
+        let resp = m.handle(&req(Method::GET, "/latest/meta-data/instance-id", &[]));
+        assert_eq!(resp.headers()["server"], "EC2ws");
+        assert_eq!(resp.headers()["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn json_documents() {
+        let m = mock();
+        let (status, creds) = get(
+            &m,
+            "/latest/meta-data/iam/security-credentials/redirect-mock-role",
+        );
+        assert_eq!(status, StatusCode::OK);
+        let creds: serde_json::Value = serde_json::from_str(&creds).unwrap();
+        assert_eq!(creds["Code"], "Success");
+        assert_eq!(creds["Type"], "AWS-HMAC");
+        assert_eq!(creds["AccessKeyId"], "ASIAIOSFODNN7EXAMPLE");
+        let expiration = humantime::parse_rfc3339(creds["Expiration"].as_str().unwrap()).unwrap();
+        assert!(expiration > SystemTime::now() + Duration::from_secs(3 * 3600 - 5));
+        let info: serde_json::Value =
+            serde_json::from_str(&get(&m, "/latest/meta-data/iam/info").1).unwrap();
+        assert_eq!(
+            info["InstanceProfileArn"],
+            "arn:aws:iam::123456789012:instance-profile/redirect-mock-role"
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(&get(&m, "/latest/dynamic/instance-identity/document").1).unwrap();
+        assert_eq!(doc["instanceId"], "i-0123456789abcdef0");
+        assert_eq!(doc["region"], "us-east-1");
+        assert_eq!(doc["accountId"], "123456789012");
+        assert_eq!(doc["privateIp"], "172.31.16.10");
+    }
+
+    #[test]
+    fn credentials_stay_valid_over_time() {
+        let m = Ec2Mock::new(Ec2Values {
+            credentials_lifetime: Duration::from_secs(600),
+            ..Default::default()
+        });
+        for elapsed in [0, 299, 300, 301, 599, 600, 7_777] {
+            let now = m.started + Duration::from_secs(elapsed);
+            let (issued, expires) = m.credentials_window(now);
+            assert!(
+                issued <= now && expires >= now + Duration::from_secs(300),
+                "at +{elapsed}s"
+            );
+        }
+    }
+
+    #[test]
+    fn values_with_quotes_stay_valid_json() {
+        let m = Ec2Mock::new(Ec2Values {
+            session_token: "a\"b\\c".into(),
+            ..Default::default()
+        });
+        let creds = get(
+            &m,
+            "/latest/meta-data/iam/security-credentials/redirect-mock-role",
+        )
+        .1;
+        let creds: serde_json::Value = serde_json::from_str(&creds).unwrap();
+        assert_eq!(creds["Token"], "a\"b\\c");
+    }
+
+    #[test]
+    fn not_found_cases() {
+        let m = mock();
+        for path in [
+            "/latest/meta-data/nope",
+            "/latest/meta-data/instance-id/x",
+            "/latest/meta-data/iam/security-credentials/other-role",
+            "/latest/user-data",
+            "/1999-01-01/meta-data/",
+            "/latest/meta-data//instance-id",
+            "/latest/meta-data/../meta-data/instance-id",
+        ] {
+            let (status, body) = get(&m, path);
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert!(
+                body.contains("<title>404 - Not Found</title>"),
+                "{path}: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_data_when_set() {
+        let m = Ec2Mock::new(Ec2Values {
+            user_data: Some("#!/bin/sh\necho hi\n".into()),
+            ..Default::default()
+        });
+        let resp = m.handle(&req(Method::GET, "/latest/user-data", &[]));
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+        assert_eq!(body(resp), "#!/bin/sh\necho hi\n");
+        assert_eq!(get(&m, "/latest/").1, "dynamic/\nmeta-data/\nuser-data");
+    }
+
+    #[test]
+    fn token_flow() {
+        let m = Ec2Mock::new(Ec2Values {
+            http_tokens: HttpTokens::Required,
+            ..Default::default()
+        });
+        assert_eq!(
+            get(&m, "/latest/meta-data/instance-id").0,
+            StatusCode::UNAUTHORIZED
+        );
+        let resp = m.handle(&req(
+            Method::PUT,
+            TOKEN_PATH,
+            &[(TOKEN_TTL_HEADER, "21600")],
+        ));
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[TOKEN_TTL_HEADER], "21600");
+        let token = body(resp);
+        assert_eq!(token.len(), 56);
+        let ok = m.handle(&req(
+            Method::GET,
+            "/latest/meta-data/instance-id",
+            &[(TOKEN_HEADER, &token)],
+        ));
+        assert_eq!(ok.status(), StatusCode::OK);
+        let bad = m.handle(&req(
+            Method::GET,
+            "/latest/meta-data/instance-id",
+            &[(TOKEN_HEADER, "bogus")],
+        ));
+        assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+        assert!(body(bad).contains("401 - Unauthorized"));
+        let xff = m.handle(&req(
+            Method::GET,
+            "/latest/meta-data/instance-id",
+            &[(TOKEN_HEADER, &token), ("x-forwarded-for", "10.0.0.1")],
+        ));
+        assert_eq!(xff.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn token_expiry() {
+        let m = mock();
+        let now = SystemTime::now();
+        let resp = m.handle_at(
+            &req(Method::PUT, TOKEN_PATH, &[(TOKEN_TTL_HEADER, "1")]),
+            now,
+        );
+        let token = body(resp);
+        let r = req(
+            Method::GET,
+            "/latest/meta-data/instance-id",
+            &[(TOKEN_HEADER, &token)],
+        );
+        assert_eq!(m.handle_at(&r, now).status(), StatusCode::OK);
+        assert_eq!(
+            m.handle_at(&r, now + Duration::from_secs(1)).status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    #[test]
+    fn optional_mode_serves_tokenless_but_checks_tokens() {
+        let m = mock();
+        assert_eq!(get(&m, "/latest/meta-data/instance-id").0, StatusCode::OK);
+        let r = req(
+            Method::GET,
+            "/latest/meta-data/instance-id",
+            &[(TOKEN_HEADER, "expired-or-bogus")],
+        );
+        assert_eq!(m.handle(&r).status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn token_request_errors() {
+        let m = mock();
+        for ttl in [None, Some("0"), Some("21601"), Some("x")] {
+            let headers: Vec<(&str, &str)> =
+                ttl.map(|t| (TOKEN_TTL_HEADER, t)).into_iter().collect();
+            let resp = m.handle(&req(Method::PUT, TOKEN_PATH, &headers));
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "ttl {ttl:?}");
+        }
+        let resp = m.handle(&req(
+            Method::PUT,
+            TOKEN_PATH,
+            &[(TOKEN_TTL_HEADER, "60"), ("x-forwarded-for", "1.2.3.4")],
+        ));
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        let resp = m.handle(&req(Method::GET, TOKEN_PATH, &[]));
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()["allow"], "OPTIONS, PUT");
+        let resp = m.handle(&req(Method::OPTIONS, TOKEN_PATH, &[]));
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["allow"], "OPTIONS, PUT");
+        let resp = m.handle(&req(Method::POST, "/latest/meta-data/instance-id", &[]));
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

@@ -1,0 +1,17 @@
+//! Every filesystem path the daemon uses at run time, in one place.
+
+use std::path::PathBuf;
+
+/// Runtime state directory (tmpfs on systemd hosts; gone after a reboot, as the links are).
+pub const RUN_DIR: &str = "/run/redirect";
+
+/// Where `redirect run` serves its control API and `redirect status` looks for it.
+pub fn default_control_socket() -> PathBuf {
+    PathBuf::from(RUN_DIR).join("control.sock")
+}
+
+/// Where the kernel lists mounts, to find the cgroup v2 hierarchy.
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// Effective capabilities of this process (`CapEff:` line).
+pub const PROC_STATUS: &str = "/proc/self/status";

@@ -1,0 +1,124 @@
+//! What `redirect status` reports: the daemon's view of itself, read live from its maps and
+//! the kernel's program info. Serialized as JSON on the control socket.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// What answers: "built-in EC2 mock (...)" or "upstream http://...".
+    pub backend: String,
+    pub listen: Vec<String>,
+    pub cgroups: Vec<AttachedCgroup>,
+    /// Read back from the kernel's target maps.
+    pub redirects: Vec<Redirect>,
+    /// Counter name -> value summed over CPUs.
+    pub counters: BTreeMap<String, u64>,
+    pub programs: Vec<ProgramStatus>,
+    pub proxy: ProxyStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachedCgroup {
+    pub path: String,
+    pub programs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Redirect {
+    pub dialled: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgramStatus {
+    pub name: String,
+    pub id: u32,
+    /// Zero unless `kernel.bpf_stats_enabled` is 1.
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    pub requests: u64,
+    pub connections_open: u64,
+    pub connections_total: u64,
+}
+
+impl Status {
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let up = humantime::format_duration(std::time::Duration::from_secs(self.uptime_secs));
+        let _ = writeln!(s, "redirect {} (pid {}), up {up}", self.version, self.pid);
+        let _ = writeln!(
+            s,
+            "serving:   {} on {}",
+            self.backend,
+            self.listen.join(", ")
+        );
+        let _ = writeln!(s, "redirects:");
+        let width = self
+            .redirects
+            .iter()
+            .map(|r| r.dialled.len())
+            .max()
+            .unwrap_or(0);
+        for r in &self.redirects {
+            let _ = writeln!(s, "  {:width$}  ->  {}", r.dialled, r.to);
+        }
+        let _ = writeln!(s, "attached to:");
+        for cg in &self.cgroups {
+            let _ = writeln!(s, "  {}  ({})", cg.path, cg.programs.join(", "));
+        }
+        let c = |n| self.counter(n);
+        let _ = writeln!(s, "connects:");
+        let _ = writeln!(
+            s,
+            "  ipv4  seen {:>10}  rewritten {:>10}",
+            c("connect4_seen"),
+            c("connect4_rewritten")
+        );
+        let _ = writeln!(
+            s,
+            "  ipv6  seen {:>10}  rewritten {:>10}",
+            c("connect6_seen"),
+            c("connect6_rewritten")
+        );
+        let _ = writeln!(
+            s,
+            "  own upstream connects left alone {}, getpeername restored {}, storage failures {}",
+            c("exempted_own_connects"),
+            c("getpeername_restored"),
+            c("storage_failed")
+        );
+        let _ = writeln!(s, "programs:");
+        for p in &self.programs {
+            let stats = if p.run_count > 0 {
+                format!(
+                    "runs {}, avg {} ns",
+                    p.run_count,
+                    p.run_time_ns / p.run_count
+                )
+            } else {
+                "run stats off (sysctl kernel.bpf_stats_enabled=1)".to_owned()
+            };
+            let _ = writeln!(s, "  {:<22} id {:<6} {stats}", p.name, p.id);
+        }
+        let _ = writeln!(
+            s,
+            "proxy:     {} requests, {} connections open, {} total",
+            self.proxy.requests, self.proxy.connections_open, self.proxy.connections_total
+        );
+        s
+    }
+}

@@ -1,0 +1,1060 @@
+//! Real-kernel tests: the real eBPF object attached to throwaway cgroups, real connects from
+//! processes inside test-made network namespaces (no route out), real HTTP clients (curl,
+//! reqwest, boto3).
+//!
+//! Needs root. Without root the tests are reported as ignored, except under `CI=true`, where
+//! they fail: CI must run them. `cargo xtask test` installs the tools they drive.
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::Command,
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use libtest_mimic::{Arguments, Trial};
+use support::{
+    DAEMON, Daemon, IMDS, NetNs, TestCgroup, attached_programs, child, child_role, command_in,
+    curl, run_daemon_expecting_failure, sh, veth,
+};
+
+const INSTANCE_ID: &str = "i-0123456789abcdef0";
+const ENETUNREACH: i64 = libc::ENETUNREACH as i64;
+const TOKEN_TTL: &str = "X-aws-ec2-metadata-token-ttl-seconds";
+
+type TestFn = fn() -> Result<()>;
+
+const TESTS: &[(&str, TestFn)] = &[
+    (
+        "mock_end_to_end_with_curl_and_status",
+        mock_end_to_end_with_curl_and_status,
+    ),
+    (
+        "mock_end_to_end_with_rust_client",
+        mock_end_to_end_with_rust_client,
+    ),
+    ("imdsv2_token_flow", imdsv2_token_flow),
+    (
+        "sdk_boto3_gets_credentials_and_region",
+        sdk_boto3_gets_credentials_and_region,
+    ),
+    (
+        "other_cgroups_and_destinations_are_untouched",
+        other_cgroups_and_destinations_are_untouched,
+    ),
+    (
+        "container_in_its_own_netns_behind_a_veth",
+        container_in_its_own_netns_behind_a_veth,
+    ),
+    ("docker_container_unchanged", docker_container_unchanged),
+    (
+        "upstream_mode_forwards_without_loop",
+        upstream_mode_forwards_without_loop,
+    ),
+    (
+        "upstream_failures_become_gateway_errors",
+        upstream_failures_become_gateway_errors,
+    ),
+    (
+        "connect6_mapped_and_getpeername",
+        connect6_mapped_and_getpeername,
+    ),
+    ("ipv6_listener", ipv6_listener),
+    (
+        "config_file_and_flag_overrides",
+        config_file_and_flag_overrides,
+    ),
+    ("ebpf_log_reports_rewrites", ebpf_log_reports_rewrites),
+    ("sigterm_detaches_and_exits_0", || {
+        stop_leaves_nothing_attached(libc::SIGTERM)
+    }),
+    ("sigint_detaches_and_exits_0", || {
+        stop_leaves_nothing_attached(libc::SIGINT)
+    }),
+    ("sigkill_leaves_nothing_attached", || {
+        stop_leaves_nothing_attached(libc::SIGKILL)
+    }),
+    ("error_not_root", error_not_root),
+    ("error_no_cgroup_v2", error_no_cgroup_v2),
+    ("error_cgroup_does_not_exist", error_cgroup_does_not_exist),
+    ("error_port_in_use", error_port_in_use),
+    (
+        "error_object_rejected_by_verifier",
+        error_object_rejected_by_verifier,
+    ),
+    (
+        "error_bad_config_names_file_line_key",
+        error_bad_config_names_file_line_key,
+    ),
+    (
+        "error_second_daemon_on_same_control_socket",
+        error_second_daemon_on_same_control_socket,
+    ),
+];
+
+fn main() {
+    if let Ok(role) = std::env::var(child::ROLE_ENV) {
+        std::process::exit(child::run(&role));
+    }
+    let args = Arguments::from_args();
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !root {
+        eprintln!(
+            "kernel tests need root: {}",
+            if ci {
+                "CI=true, so they fail"
+            } else {
+                "reporting them as ignored"
+            }
+        );
+    }
+    let trials = TESTS
+        .iter()
+        .map(|&(name, test)| {
+            let trial = Trial::test(name, move || {
+                if !root {
+                    return Err("needs root (CI=true forbids skipping)".into());
+                }
+                test().map_err(|e| format!("{e:#}").into())
+            });
+            trial.with_ignored_flag(!root && !ci)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
+fn url(path: &str) -> String {
+    format!("http://{IMDS}{path}")
+}
+
+/// Field order is drop order: the daemon stops before its cgroup and namespace go away.
+struct MockSetup {
+    daemon: Daemon,
+    client: std::path::PathBuf,
+    cg: TestCgroup,
+    ns: NetNs,
+}
+
+/// A namespace, a test cgroup with a `client` child, and a mock daemon redirecting `client`.
+fn mock_setup(extra: &[&str]) -> Result<MockSetup> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let mut args = vec!["--mock", "--cgroup", client.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&args, &ns, None)?;
+    Ok(MockSetup {
+        daemon,
+        client,
+        cg,
+        ns,
+    })
+}
+
+fn mock_end_to_end_with_curl_and_status() -> Result<()> {
+    let s = mock_setup(&[])?;
+    let (code, body) = curl(&s.client, &s.ns, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!((code, body.as_str()), (200, INSTANCE_ID));
+    let (code, headers) = curl(
+        &s.client,
+        &s.ns,
+        &["-D", "-", "-o", "/dev/null"],
+        &url("/latest/meta-data/"),
+    )?;
+    assert_eq!(code, 200);
+    assert!(
+        headers.to_ascii_lowercase().contains("server: ec2ws"),
+        "{headers}"
+    );
+
+    let status = s.daemon.status(&s.ns)?;
+    assert_eq!(status["pid"], s.daemon.pid());
+    assert!(
+        status["counters"]["connect4_rewritten"].as_u64() >= Some(2),
+        "{status:#}"
+    );
+    assert!(
+        status["counters"]["connect4_seen"].as_u64() >= Some(2),
+        "{status:#}"
+    );
+    assert_eq!(status["proxy"]["requests"], 2);
+    assert_eq!(status["cgroups"][0]["path"], s.client.to_str().unwrap());
+    assert_eq!(
+        status["cgroups"][0]["programs"].as_array().map(Vec::len),
+        Some(4)
+    );
+    let redirects = status["redirects"].as_array().context("redirects")?;
+    assert!(
+        redirects.contains(
+            &serde_json::json!({"dialled": "169.254.169.254:80", "to": "127.0.0.1:8169"})
+        ),
+        "{redirects:?}"
+    );
+    assert!(
+        redirects.contains(
+            &serde_json::json!({"dialled": "[fd00:ec2::254]:80", "to": "[::ffff:127.0.0.1]:8169"})
+        ),
+        "{redirects:?}"
+    );
+    let text = sh(command_in(DAEMON, None, Some(&s.ns))?
+        .args(["status", "--control-socket"])
+        .arg(&s.daemon.control_socket))?;
+    assert!(
+        text.contains("169.254.169.254:80  ->  127.0.0.1:8169"),
+        "{text}"
+    );
+    assert!(text.contains(s.client.to_str().unwrap()), "{text}");
+    Ok(())
+}
+
+fn mock_end_to_end_with_rust_client() -> Result<()> {
+    let s = mock_setup(&[])?;
+    let get = |path: &str| child_role(&s.client, &s.ns, "http", &["GET", &url(path)]);
+    let r = get("/latest/meta-data/instance-id")?;
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["body"], INSTANCE_ID);
+    assert_eq!(r["headers"]["server"], "EC2ws");
+    assert_eq!(
+        get("/latest/meta-data/placement/region")?["body"],
+        "us-east-1"
+    );
+    assert_eq!(
+        get("/latest/meta-data/placement/availability-zone")?["body"],
+        "us-east-1a"
+    );
+    assert_eq!(
+        get("/latest/meta-data/ami-id")?["body"],
+        "ami-0abcdef1234567890"
+    );
+    assert_eq!(get("/latest/meta-data/local-ipv4")?["body"], "172.31.16.10");
+    assert_eq!(
+        get("/latest/meta-data/hostname")?["body"],
+        "ip-172-31-16-10.ec2.internal"
+    );
+    let role = get("/latest/meta-data/iam/security-credentials/")?["body"]
+        .as_str()
+        .context("role")?
+        .to_owned();
+    assert_eq!(role, "redirect-mock-role");
+    let creds = get(&format!(
+        "/latest/meta-data/iam/security-credentials/{role}"
+    ))?;
+    let creds: serde_json::Value = serde_json::from_str(creds["body"].as_str().context("body")?)?;
+    assert_eq!(creds["Code"], "Success");
+    assert_eq!(creds["AccessKeyId"], "ASIAIOSFODNN7EXAMPLE");
+    let info: serde_json::Value = serde_json::from_str(
+        get("/latest/meta-data/iam/info")?["body"]
+            .as_str()
+            .context("body")?,
+    )?;
+    assert_eq!(info["Code"], "Success");
+    let doc: serde_json::Value = serde_json::from_str(
+        get("/latest/dynamic/instance-identity/document")?["body"]
+            .as_str()
+            .context("body")?,
+    )?;
+    assert_eq!(doc["instanceId"], INSTANCE_ID);
+    assert_eq!(doc["region"], "us-east-1");
+    assert_eq!(get("/latest/user-data")?["status"], 404);
+    let listing = get("/latest/meta-data/")?;
+    assert!(
+        listing["body"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .any(|l| l == "iam/"),
+        "{listing}"
+    );
+    Ok(())
+}
+
+fn imdsv2_token_flow() -> Result<()> {
+    let s = mock_setup(&["--http-tokens", "required"])?;
+    let id = url("/latest/meta-data/instance-id");
+    let token_url = url("/latest/api/token");
+    assert_eq!(
+        curl(&s.client, &s.ns, &[], &id)?.0,
+        401,
+        "tokenless request in required mode"
+    );
+
+    let put = child_role(
+        &s.client,
+        &s.ns,
+        "http",
+        &["PUT", &token_url, &format!("{TOKEN_TTL}:60")],
+    )?;
+    assert_eq!(put["status"], 200);
+    assert_eq!(put["headers"]["x-aws-ec2-metadata-token-ttl-seconds"], "60");
+    let token = put["body"].as_str().context("token")?.to_owned();
+    assert_eq!(token.len(), 56);
+
+    let with = |t: &str| format!("X-aws-ec2-metadata-token: {t}");
+    assert_eq!(
+        curl(&s.client, &s.ns, &["-H", &with(&token)], &id)?,
+        (200, INSTANCE_ID.to_owned())
+    );
+    assert_eq!(
+        curl(&s.client, &s.ns, &["-H", &with("AQAEAbogus")], &id)?.0,
+        401
+    );
+    let ttl = |v: &str| format!("{TOKEN_TTL}: {v}");
+    for bad_ttl in ["0", "21601", "soon"] {
+        let code = curl(
+            &s.client,
+            &s.ns,
+            &["-X", "PUT", "-H", &ttl(bad_ttl)],
+            &token_url,
+        )?
+        .0;
+        assert_eq!(code, 400, "ttl {bad_ttl}");
+    }
+    assert_eq!(
+        curl(&s.client, &s.ns, &["-X", "PUT"], &token_url)?.0,
+        400,
+        "missing ttl"
+    );
+    let xff = [
+        "-X",
+        "PUT",
+        "-H",
+        &ttl("60"),
+        "-H",
+        "X-Forwarded-For: 10.0.0.1",
+    ];
+    assert_eq!(curl(&s.client, &s.ns, &xff, &token_url)?.0, 403);
+    assert_eq!(
+        curl(&s.client, &s.ns, &[], &token_url)?.0,
+        405,
+        "GET on the token path"
+    );
+    Ok(())
+}
+
+fn sdk_boto3_gets_credentials_and_region() -> Result<()> {
+    let python = std::env::var("REDIRECT_TEST_PYTHON").context(
+        "REDIRECT_TEST_PYTHON is not set: run the tests with `cargo xtask test`, which installs boto3",
+    )?;
+    // IMDSv2 only, so the SDK must do the token dance through the redirect.
+    let s = mock_setup(&["--http-tokens", "required"])?;
+    let home = tempfile::tempdir()?;
+    let script = r#"
+import json, boto3, botocore.utils
+session = boto3.Session(region_name="eu-west-3")
+creds = session.get_credentials()
+frozen = creds.get_frozen_credentials()
+region = botocore.utils.InstanceMetadataRegionFetcher().retrieve_region()
+print(json.dumps({"method": creds.method, "access_key": frozen.access_key,
+                  "secret_key": frozen.secret_key, "region": region}))
+"#;
+    let mut cmd = command_in(&python, Some(&s.client), Some(&s.ns))?;
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AWS_") {
+            cmd.env_remove(key);
+        }
+    }
+    let out = sh(cmd
+        .env("HOME", home.path())
+        .env("AWS_CONFIG_FILE", home.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.path().join("none"))
+        .args(["-c", script]))?;
+    let got: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    assert_eq!(got["method"], "iam-role", "{got}");
+    assert_eq!(got["access_key"], "ASIAIOSFODNN7EXAMPLE");
+    assert_eq!(
+        got["secret_key"],
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    );
+    assert_eq!(got["region"], "us-east-1");
+    Ok(())
+}
+
+fn other_cgroups_and_destinations_are_untouched() -> Result<()> {
+    let s = mock_setup(&[])?;
+    let other = s.cg.child("other")?;
+    // Same network namespace, sibling cgroup: not redirected, so no route.
+    let r = child_role(&other, &s.ns, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ENETUNREACH, "{r}");
+    let r = child_role(&other, &s.ns, "connect", &["[fd00:ec2::254]:80"])?;
+    assert_eq!(r["errno"], ENETUNREACH, "{r}");
+    // Attached cgroup, but not a target (other port, other address).
+    for addr in [
+        "169.254.169.254:81",
+        "169.254.169.253:80",
+        "[fd00:ec2::254]:81",
+    ] {
+        let r = child_role(&s.client, &s.ns, "connect", &[addr])?;
+        assert_eq!(r["errno"], ENETUNREACH, "{addr}: {r}");
+    }
+    let status = s.daemon.status(&s.ns)?;
+    assert_eq!(status["counters"]["connect4_rewritten"], 0, "{status:#}");
+    assert_eq!(status["counters"]["connect6_rewritten"], 0, "{status:#}");
+    assert!(
+        status["counters"]["connect4_seen"].as_u64() >= Some(2),
+        "{status:#}"
+    );
+    // A descendant of the attached cgroup is redirected.
+    let grandchild = s.client.join("nested");
+    std::fs::create_dir(&grandchild)?;
+    let result = curl(
+        &grandchild,
+        &s.ns,
+        &[],
+        &url("/latest/meta-data/instance-id"),
+    );
+    std::fs::remove_dir(&grandchild)?;
+    assert_eq!(result?, (200, INSTANCE_ID.to_owned()));
+    Ok(())
+}
+
+fn container_in_its_own_netns_behind_a_veth() -> Result<()> {
+    let host = NetNs::new()?;
+    let container = NetNs::new()?;
+    veth(&host, "10.200.0.1/24", &container, "10.200.0.2/24")?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let other = cg.child("other")?;
+    let daemon = Daemon::start(
+        &[
+            "--mock",
+            "--cgroup",
+            client.to_str().unwrap(),
+            "--listen",
+            "10.200.0.1:8169",
+        ],
+        &host,
+        None,
+    )?;
+    assert_eq!(
+        curl(
+            &client,
+            &container,
+            &[],
+            &url("/latest/meta-data/instance-id")
+        )?,
+        (200, INSTANCE_ID.to_owned())
+    );
+    let r = child_role(&client, &container, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["peer"], "169.254.169.254:80", "{r}");
+    let r = child_role(&other, &container, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ENETUNREACH, "{r}");
+    let status = daemon.status(&host)?;
+    assert_eq!(status["listen"][0], "10.200.0.1:8169");
+    Ok(())
+}
+
+/// The developer's case: an unmodified Docker container, no NET_ADMIN, no iptables. The
+/// daemon attaches to the container's own cgroup, given as /proc/PID/cgroup prints it.
+fn docker_container_unchanged() -> Result<()> {
+    use support::docker::{Container, Image};
+    let image = Image::import_with(&["curl", "sleep"])?;
+    let container = Container::run(&image, &["sleep", "600"])?;
+    let host = NetNs::new()?;
+    support::veth_to(
+        &host,
+        "10.201.0.1/24",
+        &container.netns_path(),
+        "10.201.0.2/24",
+    )?;
+    let cgroup = container.cgroup()?;
+    let curl_id = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "http://169.254.169.254/latest/meta-data/instance-id",
+    ];
+    let mut daemon = Daemon::start(
+        &["--mock", "--cgroup", &cgroup, "--listen", "10.201.0.1:8169"],
+        &host,
+        None,
+    )?;
+    assert_eq!(container.exec(&curl_id)?, (true, INSTANCE_ID.to_owned()));
+    assert_eq!(daemon.stop(libc::SIGTERM)?.code(), Some(0));
+    let (ok, out) = container.exec(&curl_id)?;
+    assert!(!ok && out.contains("Couldn't connect"), "after stop: {out}");
+    Ok(())
+}
+
+/// A stand-in for the real metadata service: records each raw request head (exactly as it
+/// arrived, header case and order included) and answers `upstream:<request target>`, or never
+/// answers when `silent`.
+struct StandIn {
+    heads: Arc<Mutex<Vec<String>>>,
+    listener: TcpListener,
+}
+
+impl StandIn {
+    fn start(ns: &NetNs, addr: SocketAddr, silent: bool) -> Result<Self> {
+        let listener = ns.run(move || TcpListener::bind(addr))??;
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (accepting, log) = (listener.try_clone()?, Arc::clone(&heads));
+        thread::spawn(move || {
+            for stream in accepting.incoming() {
+                let Ok(stream) = stream else { return };
+                let log = Arc::clone(&log);
+                thread::spawn(move || serve_raw(stream, &log, silent));
+            }
+        });
+        Ok(StandIn { heads, listener })
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        // Wakes the accept loop, which then ends.
+        // SAFETY: shutdown(2) on our own listening socket.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+fn serve_raw(mut stream: TcpStream, log: &Mutex<Vec<String>>, silent: bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let body_len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            })
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        buf.drain(..end + 4 + body_len.min(buf.len() - end - 4));
+        log.lock().unwrap().push(head.clone());
+        if silent {
+            continue;
+        }
+        let target = head.split_whitespace().nth(1).unwrap_or_default();
+        let body = format!("upstream:{target}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nServer: EC2ws\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn upstream_mode_forwards_without_loop() -> Result<()> {
+    let ns = NetNs::new()?;
+    // The real service's address, inside this namespace only.
+    ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+    let upstream = StandIn::start(&ns, "169.254.169.254:80".parse()?, false)?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon_cg = cg.child("daemon")?;
+    // Attached to the parent of both: the daemon's own connects pass through its programs.
+    let daemon = Daemon::start(
+        &[
+            "--upstream",
+            "http://169.254.169.254",
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+        ],
+        &ns,
+        Some(&daemon_cg),
+    )?;
+    let (code, body) = curl(
+        &client,
+        &ns,
+        &["-H", "X-Custom-Case: Kept", "-H", "Metadata: true"],
+        &url("/latest/meta-data/instance-id?x=1&y=%2F"),
+    )?;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "upstream:/latest/meta-data/instance-id?x=1&y=%2F"),
+        "daemon log:\n{}",
+        daemon.log()
+    );
+    let (code, body) = curl(
+        &client,
+        &ns,
+        &["-X", "PUT", "-H", &format!("{TOKEN_TTL}: 21600")],
+        &url("/latest/api/token"),
+    )?;
+    assert_eq!((code, body.as_str()), (200, "upstream:/latest/api/token"));
+
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    let get = &heads[0];
+    assert!(
+        get.starts_with("GET /latest/meta-data/instance-id?x=1&y=%2F HTTP/1.1\r\n"),
+        "{get}"
+    );
+    assert!(
+        get.contains("\r\nX-Custom-Case: Kept"),
+        "header case kept: {get}"
+    );
+    assert!(get.contains("\r\nMetadata: true"), "{get}");
+    assert!(
+        get.to_ascii_lowercase()
+            .contains("\r\nhost: 169.254.169.254"),
+        "{get}"
+    );
+    for added in ["x-forwarded-for", "forwarded", "via", "x-real-ip"] {
+        assert!(
+            !heads
+                .iter()
+                .any(|h| h.to_ascii_lowercase().contains(&format!("\r\n{added}:"))),
+            "{added} added: {heads:?}"
+        );
+    }
+    assert!(
+        heads[1].starts_with("PUT /latest/api/token HTTP/1.1\r\n"),
+        "{}",
+        heads[1]
+    );
+    assert!(
+        heads[1].contains(&format!("\r\n{TOKEN_TTL}: 21600")),
+        "{}",
+        heads[1]
+    );
+
+    let status = daemon.status(&ns)?;
+    assert!(
+        status["counters"]["exempted_own_connects"].as_u64() >= Some(1),
+        "{status:#}"
+    );
+    assert!(
+        status["counters"]["connect4_rewritten"].as_u64() >= Some(2),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["proxy"]["requests"], 2,
+        "no request looped back: {status:#}"
+    );
+    Ok(())
+}
+
+fn upstream_failures_become_gateway_errors() -> Result<()> {
+    let ns = NetNs::new()?;
+    ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+    let _silent = StandIn::start(&ns, "169.254.169.254:80".parse()?, true)?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let id = url("/latest/meta-data/instance-id");
+    {
+        let _daemon = Daemon::start(
+            &[
+                "--upstream",
+                "http://169.254.169.254",
+                "--upstream-timeout",
+                "300ms",
+                "--cgroup",
+                client.to_str().unwrap(),
+            ],
+            &ns,
+            None,
+        )?;
+        let (code, body) = curl(&client, &ns, &[], &id)?;
+        assert_eq!(code, 504, "{body}");
+    }
+    // Nothing listens on port 82: connection refused, answered at once.
+    let _daemon = Daemon::start(
+        &[
+            "--upstream",
+            "http://169.254.169.254:82",
+            "--cgroup",
+            client.to_str().unwrap(),
+        ],
+        &ns,
+        None,
+    )?;
+    let (code, body) = curl(&client, &ns, &[], &id)?;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("refused"), "{body}");
+    Ok(())
+}
+
+fn connect6_mapped_and_getpeername() -> Result<()> {
+    let s = mock_setup(&[])?;
+    for addr in [
+        "169.254.169.254:80",
+        "[fd00:ec2::254]:80",
+        "[::ffff:169.254.169.254]:80",
+    ] {
+        let r = child_role(&s.client, &s.ns, "connect", &[addr])?;
+        assert_eq!(r["ok"], true, "{addr}: {r}");
+        assert_eq!(r["peer"], addr, "getpeername shows what was dialled");
+        assert_eq!(r["body"], INSTANCE_ID, "{addr}");
+    }
+    let status = s.daemon.status(&s.ns)?;
+    assert_eq!(status["counters"]["connect6_rewritten"], 2, "{status:#}");
+    assert_eq!(status["counters"]["connect4_rewritten"], 1, "{status:#}");
+    assert_eq!(status["counters"]["getpeername_restored"], 3, "{status:#}");
+    Ok(())
+}
+
+fn ipv6_listener() -> Result<()> {
+    let s = mock_setup(&["--listen", "127.0.0.1:8169", "--listen", "[::1]:8170"])?;
+    let status = s.daemon.status(&s.ns)?;
+    let redirects = status["redirects"].as_array().context("redirects")?;
+    assert!(
+        redirects
+            .contains(&serde_json::json!({"dialled": "[fd00:ec2::254]:80", "to": "[::1]:8170"})),
+        "{redirects:?}"
+    );
+    let r = child_role(&s.client, &s.ns, "connect", &["[fd00:ec2::254]:80"])?;
+    assert_eq!(
+        (&r["peer"], &r["body"]),
+        (&"[fd00:ec2::254]:80".into(), &INSTANCE_ID.into()),
+        "{r}"
+    );
+    assert_eq!(
+        curl(
+            &s.client,
+            &s.ns,
+            &["-g"],
+            "http://[fd00:ec2::254]/latest/meta-data/instance-id"
+        )?,
+        (200, INSTANCE_ID.to_owned())
+    );
+    Ok(())
+}
+
+fn config_file_and_flag_overrides() -> Result<()> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("redirect.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mock = \"ec2\"\nlisten = [\"127.0.0.1:9000\"]\ncgroups = [{:?}]\n\n[ec2]\ninstance_id = \"i-fromconfig\"\nhttp_tokens = \"required\"\nuser_data = \"#!/bin/sh\\n\"\n",
+            client.to_str().unwrap()
+        ),
+    )?;
+    let id = url("/latest/meta-data/instance-id");
+    {
+        let daemon = Daemon::start(&["--config", config.to_str().unwrap()], &ns, None)?;
+        assert_eq!(
+            curl(&client, &ns, &[], &id)?.0,
+            401,
+            "required mode from the file"
+        );
+        let (_, token) = curl(
+            &client,
+            &ns,
+            &["-X", "PUT", "-H", &format!("{TOKEN_TTL}: 30")],
+            &url("/latest/api/token"),
+        )?;
+        let auth = format!("X-aws-ec2-metadata-token: {token}");
+        assert_eq!(
+            curl(&client, &ns, &["-H", &auth], &id)?,
+            (200, "i-fromconfig".to_owned())
+        );
+        assert_eq!(
+            curl(&client, &ns, &["-H", &auth], &url("/latest/user-data"))?,
+            (200, "#!/bin/sh\n".to_owned())
+        );
+        assert_eq!(daemon.status(&ns)?["listen"][0], "127.0.0.1:9000");
+    }
+    // Flags win over the file.
+    let daemon = Daemon::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http-tokens",
+            "optional",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &ns,
+        None,
+    )?;
+    assert_eq!(
+        curl(&client, &ns, &[], &id)?,
+        (200, "i-fromconfig".to_owned())
+    );
+    let listen = daemon.status(&ns)?["listen"][0]
+        .as_str()
+        .context("listen")?
+        .to_owned();
+    assert!(
+        listen.starts_with("127.0.0.1:") && listen != "127.0.0.1:0" && listen != "127.0.0.1:9000",
+        "{listen}"
+    );
+    Ok(())
+}
+
+fn ebpf_log_reports_rewrites() -> Result<()> {
+    let s = mock_setup(&["--ebpf-log"])?;
+    assert_eq!(
+        curl(&s.client, &s.ns, &[], &url("/latest/meta-data/instance-id"))?.0,
+        200
+    );
+    // The log line is written by the kernel program and read from its ring buffer by the
+    // daemon; ask for status (a round trip through the daemon) until it has arrived.
+    for _ in 0..100 {
+        if s.daemon
+            .log()
+            .contains("connect4 169.254.169.254:80 -> 127.0.0.1:8169")
+        {
+            return Ok(());
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    anyhow::bail!("no eBPF log line; daemon log:\n{}", s.daemon.log())
+}
+
+fn stop_leaves_nothing_attached(signal: libc::c_int) -> Result<()> {
+    let mut s = mock_setup(&[])?;
+    let ours = |cg: &Path| -> Result<Vec<String>> {
+        Ok(attached_programs(cg)?
+            .into_iter()
+            .filter(|(_, name)| name.starts_with("redirect_"))
+            .map(|(kind, name)| format!("{kind} {name}"))
+            .collect())
+    };
+    let before = ours(&s.client)?;
+    assert_eq!(before.len(), 4, "{before:?}");
+    assert!(before.iter().any(|p| p.contains("connect4")), "{before:?}");
+    let status = s.daemon.stop(signal)?;
+    if signal == libc::SIGKILL {
+        assert!(!status.success());
+    } else {
+        assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
+        assert!(
+            s.daemon.log().contains("detached 4 program links"),
+            "{}",
+            s.daemon.log()
+        );
+        assert!(!s.daemon.control_socket.exists(), "control socket removed");
+    }
+    assert_eq!(
+        ours(&s.client)?,
+        Vec::<String>::new(),
+        "bpftool still shows our programs"
+    );
+    let r = child_role(&s.client, &s.ns, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ENETUNREACH, "not redirected any more: {r}");
+    Ok(())
+}
+
+/// stderr must be exactly one `redirect: error: ...` line.
+fn one_line_error(stderr: &str, expected: &str) -> Result<()> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    ensure!(lines.len() == 1, "want one line, got:\n{stderr}");
+    ensure!(lines[0].starts_with("redirect: error: "), "{stderr}");
+    ensure!(stderr.contains(expected), "want {expected:?} in: {stderr}");
+    Ok(())
+}
+
+fn error_not_root() -> Result<()> {
+    let cg = TestCgroup::new()?;
+    let mut cmd = Command::new(DAEMON);
+    cmd.args([
+        "run",
+        "--mock",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--control-socket",
+        "/nonexistent/x.sock",
+    ])
+    .uid(65534)
+    .gid(65534);
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(
+        &stderr,
+        "needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN",
+    )?;
+    assert!(attached_programs(&cg.path)?.is_empty());
+    Ok(())
+}
+
+fn error_no_cgroup_v2() -> Result<()> {
+    let mount = support::cgroup2_mount()?;
+    let mount_c = std::ffi::CString::new(mount.to_str().unwrap())?;
+    let mut cmd = Command::new(DAEMON);
+    cmd.args(["run", "--mock", "--control-socket", "/nonexistent/x.sock"]);
+    // SAFETY: only syscalls on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A private mount namespace without the cgroup2 mount: the host is unaffected.
+            let private = libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::umount2(mount_c.as_ptr(), libc::MNT_DETACH) == 0;
+            if private {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(&stderr, "no cgroup v2 filesystem is mounted")
+}
+
+fn error_cgroup_does_not_exist() -> Result<()> {
+    let ns = NetNs::new()?;
+    let missing = support::cgroup2_mount()?.join("redirect-test-no-such-cgroup");
+    let mut cmd = command_in(DAEMON, None, Some(&ns))?;
+    cmd.args([
+        "run",
+        "--mock",
+        "--control-socket",
+        "/nonexistent/x.sock",
+        "--cgroup",
+    ])
+    .arg(&missing);
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(
+        &stderr,
+        &format!("cgroup {} does not exist", missing.display()),
+    )
+}
+
+fn error_port_in_use() -> Result<()> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let _taken = ns.run(|| TcpListener::bind("127.0.0.1:8169"))??;
+    let dir = tempfile::tempdir()?;
+    let mut cmd = command_in(DAEMON, None, Some(&ns))?;
+    cmd.args([
+        "run",
+        "--mock",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--control-socket",
+    ])
+    .arg(dir.path().join("c.sock"));
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(
+        &stderr,
+        "cannot listen on 127.0.0.1:8169: Address already in use",
+    )?;
+    assert!(
+        attached_programs(&cg.path)?.is_empty(),
+        "nothing attached after the failure"
+    );
+    Ok(())
+}
+
+fn error_object_rejected_by_verifier() -> Result<()> {
+    use object::{Object as _, ObjectSection as _};
+    let original = std::fs::read(env!("REDIRECT_EBPF_OBJECT"))?;
+    let elf = object::File::parse(&*original)?;
+    let (offset, size) = elf
+        .section_by_name("cgroup/connect4")
+        .context("no cgroup/connect4 section")?
+        .file_range()
+        .context("section has no file data")?;
+    let section = usize::try_from(offset)?..usize::try_from(offset + size)?;
+    // The first `exit` instruction (opcode 0x95) becomes `r10 = 0`: writing the read-only
+    // frame pointer on a reachable path, which the verifier must refuse.
+    let exit = section
+        .step_by(8)
+        .find(|&at| original[at] == 0x95)
+        .context("cgroup/connect4 has no exit instruction")?;
+    let mut patched = original.clone();
+    patched[exit..exit + 8].copy_from_slice(&[0xb7, 0x0a, 0, 0, 0, 0, 0, 0]);
+    let dir = tempfile::tempdir()?;
+    let object_path = dir.path().join("rejected.o");
+    std::fs::write(&object_path, patched)?;
+
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let mut cmd = command_in(DAEMON, None, Some(&ns))?;
+    cmd.args([
+        "run",
+        "--mock",
+        "--cgroup",
+        cg.path.to_str().unwrap(),
+        "--control-socket",
+    ])
+    .arg(dir.path().join("c.sock"))
+    .arg("--ebpf-object")
+    .arg(&object_path);
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("redirect: error: the kernel rejected eBPF program `redirect_connect4`"),
+        "{stderr}"
+    );
+    assert!(first.ends_with("verifier log:"), "{stderr}");
+    assert!(
+        stderr.lines().count() > 1,
+        "the verifier's log follows: {stderr}"
+    );
+    assert!(attached_programs(&cg.path)?.is_empty());
+    Ok(())
+}
+
+fn error_bad_config_names_file_line_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "mock = \"ec2\"\n\nlisten = [\"127.0.0.1:8169\", \"not-an-address\"]\n",
+    )?;
+    let stderr = run_daemon_expecting_failure({
+        let mut cmd = Command::new(DAEMON);
+        cmd.args(["run", "--config", config.to_str().unwrap()]);
+        cmd
+    })?;
+    one_line_error(
+        &stderr,
+        &format!(
+            "config {} line 3, key `listen[1]`: invalid listen address \"not-an-address\"",
+            config.display()
+        ),
+    )?;
+    std::fs::write(&config, "mock = \"ec2\"\n[ec2]\nhttp_tokens = \"maybe\"\n")?;
+    let stderr = run_daemon_expecting_failure({
+        let mut cmd = Command::new(DAEMON);
+        cmd.args(["run", "--config", config.to_str().unwrap()]);
+        cmd
+    })?;
+    one_line_error(
+        &stderr,
+        "line 3, key `ec2.http_tokens`: unknown variant `maybe`",
+    )
+}
+
+fn error_second_daemon_on_same_control_socket() -> Result<()> {
+    let s = mock_setup(&[])?;
+    let ns2 = NetNs::new()?;
+    let mut cmd = command_in(DAEMON, None, Some(&ns2))?;
+    cmd.args([
+        "run",
+        "--mock",
+        "--cgroup",
+        s.client.to_str().unwrap(),
+        "--control-socket",
+    ])
+    .arg(&s.daemon.control_socket);
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(&stderr, "another redirect daemon is running")?;
+    // The first daemon is unharmed.
+    assert_eq!(s.daemon.status(&s.ns)?["pid"], s.daemon.pid());
+    Ok(())
+}

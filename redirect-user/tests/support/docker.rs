@@ -1,0 +1,128 @@
+//! A throwaway Docker image and container for the "change nothing in the container" test.
+//!
+//! No registry is reachable, so the image is imported from files already on this machine:
+//! curl, a shell and the libraries they load. The container runs with `--network none`; the
+//! test gives it a veth into a test namespace and nothing else, so it has no route out.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use super::sh;
+
+/// An image imported for one test; removed on drop.
+pub struct Image {
+    pub name: String,
+}
+
+impl Image {
+    pub fn import_with(programs: &[&str]) -> Result<Self> {
+        let root = tempfile::tempdir()?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for program in programs {
+            let path = super::host_program(program)?;
+            let ldd = sh(Command::new("ldd").arg(&path))?;
+            files.push(path);
+            // Lines look like `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)` or
+            // `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+            files.extend(
+                ldd.split_whitespace()
+                    .filter(|w| w.starts_with('/'))
+                    .map(PathBuf::from),
+            );
+        }
+        for file in &files {
+            let target = root.path().join(file.strip_prefix("/")?);
+            std::fs::create_dir_all(target.parent().context("no parent")?)?;
+            std::fs::copy(file, &target).with_context(|| format!("copying {}", file.display()))?;
+        }
+        let name = format!(
+            "redirect-test-{}:{}",
+            std::process::id(),
+            super::unique("img")
+        );
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(root.path())
+            .args(["-c", "."])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        sh(Command::new("docker")
+            .args(["import", "-", &name])
+            .stdin(tar.stdout.context("tar stdout")?))?;
+        Ok(Image { name })
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.name])
+            .output();
+    }
+}
+
+/// A running container; removed (`docker rm -f`) on drop.
+pub struct Container {
+    pub name: String,
+    pub pid: u32,
+}
+
+impl Container {
+    /// `docker run -d --network none IMAGE ARGS...`
+    pub fn run(image: &Image, args: &[&str]) -> Result<Self> {
+        let name = super::unique("redirect-test-ctr");
+        sh(Command::new("docker")
+            .args([
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                "none",
+                &image.name,
+            ])
+            .args(args))?;
+        // Constructed first so that a failure below still removes the container.
+        let mut container = Container { name, pid: 0 };
+        let inspect = ["inspect", "-f", "{{.State.Pid}}", &container.name];
+        container.pid = sh(Command::new("docker").args(inspect))?.trim().parse()?;
+        Ok(container)
+    }
+
+    /// The container's cgroup inside the cgroup v2 hierarchy, as /proc/PID/cgroup shows it.
+    pub fn cgroup(&self) -> Result<String> {
+        let text = std::fs::read_to_string(format!("/proc/{}/cgroup", self.pid))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(str::to_owned)
+            .context("container has no cgroup v2 membership")
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid))
+    }
+
+    /// `docker exec NAME ARGS...`, returning stdout and stderr, whatever the exit status.
+    pub fn exec(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new("docker")
+            .arg("exec")
+            .arg(&self.name)
+            .args(args)
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.success(), text))
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}

@@ -1,0 +1,407 @@
+//! Real-kernel test fixtures: throwaway network namespaces and cgroups, the daemon as a child
+//! process, and commands placed into a cgroup and a network namespace before they start.
+//!
+//! Network safety: every namespace made here has only the links a test adds (loopback, veth
+//! pairs between test namespaces) and no default route, so a connect that is not redirected
+//! fails with ENETUNREACH and no packet leaves the machine. Every resource is released by a
+//! `Drop` guard, also when a test fails.
+
+pub mod child;
+pub mod docker;
+
+use std::{
+    ffi::OsStr,
+    fs::File,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_redirect");
+pub const IMDS: &str = "169.254.169.254";
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The full path of a program on this machine (tests copy some into container images).
+pub fn host_program(name: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} is not installed"))
+}
+
+/// Runs `cmd`, failing with its output unless it exits 0.
+pub fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn ip(args: &[&str]) -> Result<String> {
+    sh(Command::new("ip").args(args))
+}
+
+/// The cgroup v2 mount point, read the same way the daemon reads it.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            let mount_point = mount.split_whitespace().nth(4)?;
+            (fs.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup2 mount")
+}
+
+/// A network namespace with loopback up and nothing else. Deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Result<Self> {
+        let name = unique("rdt");
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, so sockets it creates live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let ns = File::open(self.path())?;
+        thread::spawn(move || {
+            enter_netns(&ns).expect("setns");
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// setns(2) for the calling thread only.
+fn enter_netns(ns: &File) -> std::io::Result<()> {
+    // SAFETY: valid fd of a network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Connects two namespaces with a veth pair: `a` gets `a_addr` (CIDR), `b` gets `b_addr`.
+/// Only the connected subnet is routable; there is still no default route.
+pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) -> Result<()> {
+    veth_to(a, a_addr, &b.path(), b_addr)
+}
+
+/// Like [`veth`], with the far end in the namespace at `b_ns` (e.g. `/proc/PID/ns/net`).
+/// The pair goes away with `a` (deleting a namespace deletes its veth ends and their peers).
+pub fn veth_to(a: &NetNs, a_addr: &str, b_ns: &Path, b_addr: &str) -> Result<()> {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let (va, vb) = (format!("rdva{id}"), format!("rdvb{id}"));
+    let b_ns = b_ns.to_str().context("netns path")?;
+    a.ip(&[
+        "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", b_ns,
+    ])?;
+    a.ip(&["addr", "add", a_addr, "dev", &va])?;
+    a.ip(&["link", "set", &va, "up"])?;
+    let in_b = |args: &[&str]| {
+        sh(Command::new("nsenter")
+            .arg(format!("--net={b_ns}"))
+            .arg("ip")
+            .args(args))
+    };
+    in_b(&["addr", "add", b_addr, "dev", &vb])?;
+    in_b(&["link", "set", &vb, "up"])?;
+    Ok(())
+}
+
+/// A cgroup made for one test under the cgroup v2 mount, with child cgroups on demand.
+/// Removed on drop; the processes put inside are waited for by their own guards first.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    children: Mutex<Vec<PathBuf>>,
+}
+
+impl TestCgroup {
+    pub fn new() -> Result<Self> {
+        let path = cgroup2_mount()?.join(unique("redirect-test"));
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(TestCgroup {
+            path,
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn child(&self, name: &str) -> Result<PathBuf> {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        self.children.lock().unwrap().push(path.clone());
+        Ok(path)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let children = std::mem::take(&mut *self.children.lock().unwrap());
+        for dir in children.iter().rev().chain(std::iter::once(&self.path)) {
+            // A process that exited a moment ago may still be leaving the cgroup.
+            for _ in 0..100 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            if dir.exists() {
+                eprintln!("warning: could not remove test cgroup {}", dir.display());
+            }
+        }
+    }
+}
+
+/// A command that starts inside `cgroup` (if given) and network namespace `netns` (if given):
+/// the child moves itself into both between fork and exec, so nothing runs outside them.
+pub fn command_in(
+    program: impl AsRef<OsStr>,
+    cgroup: Option<&Path>,
+    netns: Option<&NetNs>,
+) -> Result<Command> {
+    let procs = cgroup
+        .map(|cg| File::options().write(true).open(cg.join("cgroup.procs")))
+        .transpose()
+        .context("opening cgroup.procs")?;
+    let ns = netns.map(|n| File::open(n.path())).transpose()?;
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe syscalls (write, setns) on descriptors opened above.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs
+                && libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(ns) = &ns
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// A `redirect run` child process. Killed (SIGKILL) on drop if still running.
+pub struct Daemon {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    pub control_socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `redirect run ARGS --control-socket <temp>` in `netns` (and `cgroup`, if given)
+    /// and waits for its ready line.
+    pub fn start(args: &[&str], netns: &NetNs, cgroup: Option<&Path>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let control_socket = dir.path().join("control.sock");
+        let mut cmd = command_in(DAEMON, cgroup, Some(netns))?;
+        cmd.arg("run")
+            .args(args)
+            .arg("--control-socket")
+            .arg(&control_socket)
+            .env("REDIRECT_LOG", "info,redirect=debug")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting the daemon")?;
+        let stderr = child.stderr.take().expect("piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let lines = Arc::clone(&lines);
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("redirect ready") {
+                        let _ = ready_tx.send(());
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut daemon = Daemon {
+            child: Some(child),
+            lines,
+            control_socket,
+            _dir: dir,
+        };
+        // Returns when the ready line arrives or stderr closes (the daemon exited). The
+        // timeout only turns a hung start into a failure instead of a hung test run.
+        match ready_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(()) => Ok(daemon),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("daemon not ready after 120 s:\n{}", daemon.log())
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = daemon.child.as_mut().unwrap().wait()?;
+                bail!(
+                    "daemon exited before it was ready ({status}):\n{}",
+                    daemon.log()
+                )
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Sends `signal` and waits for the exit.
+    pub fn stop(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        Ok(child.wait()?)
+    }
+
+    /// `redirect status --json` against this daemon, run from `netns`.
+    pub fn status(&self, netns: &NetNs) -> Result<serde_json::Value> {
+        let out = sh(command_in(DAEMON, None, Some(netns))?
+            .args(["status", "--json", "--control-socket"])
+            .arg(&self.control_socket))?;
+        Ok(serde_json::from_str(&out)?)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `redirect ARGS` to completion (for the error cases).
+pub fn run_daemon_expecting_failure(mut cmd: Command) -> Result<String> {
+    let out: Output = cmd
+        .stdin(Stdio::null())
+        .env_remove("RUST_LOG")
+        .output()
+        .context("starting redirect")?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success(),
+        "expected failure, got {}: {stderr}",
+        out.status
+    );
+    ensure!(
+        out.status.code() == Some(1),
+        "exit status {} (want 1): {stderr}",
+        out.status
+    );
+    ensure!(!stderr.contains("panicked"), "panic: {stderr}");
+    Ok(stderr)
+}
+
+/// curl inside `cgroup` and `netns`; returns (HTTP status, body). Extra args go before the URL.
+pub fn curl(cgroup: &Path, netns: &NetNs, args: &[&str], url: &str) -> Result<(u16, String)> {
+    let out = sh(command_in("curl", Some(cgroup), Some(netns))?
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url))?;
+    let (body, code) = out.rsplit_once('\n').context("curl printed no status")?;
+    Ok((code.trim().parse()?, body.to_owned()))
+}
+
+/// Programs attached to `cgroup` according to `bpftool cgroup show`, as (attach type, name).
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<(String, String)>> {
+    let out = sh(Command::new("bpftool")
+        .arg("-j")
+        .arg("cgroup")
+        .arg("show")
+        .arg(cgroup))?;
+    let json: serde_json::Value = if out.trim().is_empty() {
+        serde_json::Value::Array(vec![])
+    } else {
+        serde_json::from_str(&out)?
+    };
+    Ok(json
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["attach_type"].as_str().unwrap_or_default().to_owned(),
+                        p["name"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Runs a role of this test binary (see `child`) inside `cgroup` and `netns`; returns its
+/// stdout parsed as JSON.
+pub fn child_role(
+    cgroup: &Path,
+    netns: &NetNs,
+    role: &str,
+    args: &[&str],
+) -> Result<serde_json::Value> {
+    let out = sh(
+        command_in(std::env::current_exe()?, Some(cgroup), Some(netns))?
+            .env(child::ROLE_ENV, role)
+            .args(args),
+    )?;
+    serde_json::from_str(out.trim()).with_context(|| format!("child {role} printed {out:?}"))
+}

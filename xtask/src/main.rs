@@ -1,0 +1,203 @@
+//! `cargo xtask`: builds the eBPF object and the daemon, runs the daemon, the tests and the
+//! lints, installing whatever those need on a fresh machine.
+
+mod cmd;
+mod host;
+mod toolchain;
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+
+use crate::{
+    cmd::run,
+    toolchain::{Nightly, ebpf_toolchain, ensure_bpf_linker, ensure_rust_src},
+};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test redirect")]
+enum Task {
+    /// Install everything the build and the tests need: rust-src and bpf-linker for the eBPF
+    /// crate, bpftool, curl, iproute2, util-linux and the Python SDKs used by the tests.
+    Setup,
+    /// Build the eBPF object (installs rust-src and a matching bpf-linker when missing).
+    BuildEbpf,
+    /// Build the eBPF object and the daemon (`target/{debug,release}/redirect`).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `redirect` with the arguments after `--` (under sudo when not root).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Install test prerequisites, build, and run every test: unit tests and the real-kernel
+    /// integration tests (root). Arguments after `--` go to the test binaries.
+    Test {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
+    Lint,
+}
+
+fn main() -> std::process::ExitCode {
+    match run_task(Task::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    let workspace = workspace_root();
+    match task {
+        Task::Setup => {
+            build_ebpf(&workspace)?;
+            host::ensure_test_tools()?;
+            host::ensure_python_sdks(&workspace)?;
+            Ok(())
+        }
+        Task::BuildEbpf => build_ebpf(&workspace).map(|obj| println!("{}", obj.display())),
+        Task::Build { release } => {
+            build(&workspace, release).map(|bin| println!("{}", bin.display()))
+        }
+        Task::Run { release, args } => {
+            let bin = build(&workspace, release)?;
+            let mut cmd = if host::is_root() {
+                Command::new(&bin)
+            } else {
+                eprintln!("xtask: not root, running under sudo");
+                let mut sudo = Command::new("sudo");
+                sudo.arg("-E").arg(&bin);
+                sudo
+            };
+            run(cmd.args(args))
+        }
+        Task::Test { release, args } => test(&workspace, release, &args),
+        Task::Lint => lint(&workspace),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Where `build_ebpf` leaves the object; `redirect-user/build.rs` looks here too.
+fn ebpf_object(workspace: &Path) -> PathBuf {
+    workspace.join("target/ebpf/bpfel-unknown-none/release/redirect-ebpf")
+}
+
+/// A `cargo` for the eBPF crate: its toolchain, a matching bpf-linker first on PATH, and none of
+/// the variables of the `cargo xtask` invocation that would override its config.
+fn ebpf_cargo(workspace: &Path) -> Result<Command> {
+    let toolchain = ebpf_toolchain();
+    ensure_rust_src(&toolchain)?;
+    let nightly = Nightly::probe(&toolchain)?;
+    let linker_dir = ensure_bpf_linker(&nightly)?;
+    let path = env::join_paths(
+        std::iter::once(linker_dir)
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )?;
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(workspace.join("redirect-ebpf"))
+        .arg(format!("+{toolchain}"))
+        .env("PATH", path)
+        .env("CARGO_TARGET_DIR", workspace.join("target/ebpf"));
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+    ] {
+        cargo.env_remove(var);
+    }
+    Ok(cargo)
+}
+
+fn build_ebpf(workspace: &Path) -> Result<PathBuf> {
+    run(ebpf_cargo(workspace)?.args(["build", "--release"])).context("building the eBPF object")?;
+    Ok(ebpf_object(workspace))
+}
+
+/// Host cargo with the object path the daemon embeds.
+fn host_cargo(workspace: &Path, object: &Path) -> Command {
+    let mut cargo = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(workspace)
+        .env("REDIRECT_EBPF_OBJECT", object);
+    cargo
+}
+
+fn build(workspace: &Path, release: bool) -> Result<PathBuf> {
+    let object = build_ebpf(workspace)?;
+    let mut cargo = host_cargo(workspace, &object);
+    cargo.args(["build", "--package", "redirect-user", "--bin", "redirect"]);
+    if release {
+        cargo.arg("--release");
+    }
+    run(&mut cargo)?;
+    Ok(workspace
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("redirect"))
+}
+
+fn test(workspace: &Path, release: bool, args: &[OsString]) -> Result<()> {
+    let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let python = if host::is_root() {
+        host::ensure_test_tools()?;
+        Some(host::ensure_python_sdks(workspace)?)
+    } else if ci {
+        anyhow::bail!("CI=true: the real-kernel tests must run, and they need root");
+    } else {
+        eprintln!("xtask: not root: the real-kernel tests will be reported as ignored");
+        None
+    };
+    let object = build_ebpf(workspace)?;
+    let mut cargo = host_cargo(workspace, &object);
+    cargo.args(["test", "--workspace"]);
+    if release {
+        cargo.arg("--release");
+    }
+    if let Some(python) = python {
+        cargo.env("REDIRECT_TEST_PYTHON", python);
+    }
+    if !args.is_empty() {
+        cargo.arg("--").args(args);
+    }
+    run(&mut cargo)
+}
+
+fn lint(workspace: &Path) -> Result<()> {
+    let object = build_ebpf(workspace)?;
+    run(host_cargo(workspace, &object).args(["fmt", "--all", "--", "--check"]))?;
+    run(host_cargo(workspace, &object).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(ebpf_cargo(workspace)?.args(["fmt", "--", "--check"]))?;
+    run(ebpf_cargo(workspace)?.args(["clippy", "--release", "--", "-D", "warnings"]))
+}
