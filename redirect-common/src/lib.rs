@@ -198,3 +198,60 @@ mod user {
         }
     }
 }
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use core::net::{SocketAddrV4, SocketAddrV6};
+
+    use super::*;
+
+    /// The bytes of a key as the kernel compares them.
+    fn bytes<T: Copy, const N: usize>(v: &T) -> [u8; N] {
+        assert_eq!(size_of::<T>(), N);
+        // SAFETY: T is a padding-free #[repr(C)] struct of exactly N bytes.
+        unsafe { core::mem::transmute_copy(v) }
+    }
+
+    #[test]
+    fn ipv4_keys_are_in_network_byte_order() {
+        let sa = SockAddr4::from("169.254.169.254:80".parse::<SocketAddrV4>().unwrap());
+        // Address octets in order, then the port big-endian, then zero padding: exactly what
+        // `user_ip4` and the low 16 bits of `user_port` hold in a connect4 program.
+        assert_eq!(bytes::<_, 8>(&sa), [169, 254, 169, 254, 0, 80, 0, 0]);
+        let sa = SockAddr4::from("127.0.0.1:8169".parse::<SocketAddrV4>().unwrap());
+        assert_eq!(bytes::<_, 8>(&sa), [127, 0, 0, 1, 0x1f, 0xe9, 0, 0]);
+        assert_eq!(SocketAddrV4::from(sa), "127.0.0.1:8169".parse().unwrap());
+    }
+
+    #[test]
+    fn ipv6_keys_are_in_network_byte_order() {
+        let v6: SocketAddrV6 = "[fd00:ec2::254]:80".parse().unwrap();
+        let sa = SockAddr6::from(v6);
+        let b = bytes::<_, 20>(&sa);
+        assert_eq!(&b[..16], &v6.ip().octets());
+        assert_eq!(&b[16..], &[0, 80, 0, 0]);
+        assert_eq!(SocketAddrV6::from(sa), v6);
+    }
+
+    #[test]
+    fn v4_mapped_form() {
+        let v4 = SockAddr4::from("127.0.0.1:8169".parse::<SocketAddrV4>().unwrap());
+        let mapped = SockAddr6::v4_mapped(v4);
+        assert_eq!(
+            SocketAddrV6::from(mapped),
+            "[::ffff:127.0.0.1]:8169".parse::<SocketAddrV6>().unwrap()
+        );
+        let prefix: [u8; 12] = bytes(&V4_MAPPED_PREFIX);
+        assert_eq!(prefix, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn counter_table_is_complete() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "ALL is in index order");
+        }
+        let mut names: [&str; Counter::COUNT as usize] = Counter::ALL.map(Counter::name);
+        names.sort_unstable();
+        assert!(names.windows(2).all(|w| w[0] != w[1]), "names are unique");
+    }
+}

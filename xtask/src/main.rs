@@ -85,7 +85,10 @@ fn run_task(task: Task) -> Result<()> {
                 sudo.arg("-E").arg(&bin);
                 sudo
             };
-            run(cmd.args(args))
+            // Replace this process, as `cargo run` does: Ctrl-C reaches the daemon alone, and
+            // its exit status is ours.
+            let error = std::os::unix::process::CommandExt::exec(cmd.args(args));
+            Err(anyhow::Error::new(error).context(format!("cannot run {}", bin.display())))
         }
         Task::Test { release, args } => test(&workspace, release, &args),
         Task::Lint => lint(&workspace),

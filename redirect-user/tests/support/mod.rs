@@ -40,6 +40,77 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Removes what an earlier test run that was killed (and so never ran its guards) left behind:
+/// namespaces, cgroups and Docker objects whose names carry the pid of a process that is gone.
+pub fn sweep_leftovers() {
+    let gone = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split(['-', ':']).next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+    };
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ns in names(Path::new("/run/netns"))
+        .iter()
+        .filter(|n| gone(n, "rdt-"))
+    {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    if let Ok(mount) = cgroup2_mount() {
+        for cg in names(&mount).iter().filter(|n| gone(n, "redirect-test-")) {
+            remove_cgroup_tree(&mount.join(cg));
+        }
+    }
+    let docker = |args: &[&str]| -> Vec<String> {
+        Command::new("docker")
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ctr in docker(&["ps", "-a", "--format", "{{.Names}}"])
+        .iter()
+        .filter(|n| gone(n, "redirect-test-ctr-"))
+    {
+        let _ = Command::new("docker").args(["rm", "-f", ctr]).output();
+    }
+    for image in docker(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .iter()
+        .filter(|n| gone(n, "redirect-test-"))
+    {
+        let _ = Command::new("docker").args(["rmi", "-f", image]).output();
+    }
+}
+
+/// rmdir depth first: cgroupfs directories cannot be emptied, only removed once their children
+/// are. A cgroup that still has processes stays.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// The full path of a program on this machine (tests copy some into container images).
 pub fn host_program(name: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -161,45 +232,40 @@ pub fn veth_to(a: &NetNs, a_addr: &str, b_ns: &Path, b_addr: &str) -> Result<()>
 }
 
 /// A cgroup made for one test under the cgroup v2 mount, with child cgroups on demand.
-/// Removed on drop; the processes put inside are waited for by their own guards first.
+/// Removed, children first, on drop; the processes put inside are waited for by their own
+/// guards before that.
 pub struct TestCgroup {
     pub path: PathBuf,
-    children: Mutex<Vec<PathBuf>>,
 }
 
 impl TestCgroup {
     pub fn new() -> Result<Self> {
         let path = cgroup2_mount()?.join(unique("redirect-test"));
         std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        Ok(TestCgroup {
-            path,
-            children: Mutex::new(Vec::new()),
-        })
+        Ok(TestCgroup { path })
     }
 
     pub fn child(&self, name: &str) -> Result<PathBuf> {
         let path = self.path.join(name);
         std::fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        self.children.lock().unwrap().push(path.clone());
         Ok(path)
     }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        let children = std::mem::take(&mut *self.children.lock().unwrap());
-        for dir in children.iter().rev().chain(std::iter::once(&self.path)) {
-            // A process that exited a moment ago may still be leaving the cgroup.
-            for _ in 0..100 {
-                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
+        // A process that exited a moment ago may still be leaving the cgroup.
+        for _ in 0..100 {
+            remove_cgroup_tree(&self.path);
+            if !self.path.exists() {
+                return;
             }
-            if dir.exists() {
-                eprintln!("warning: could not remove test cgroup {}", dir.display());
-            }
+            thread::sleep(Duration::from_millis(20));
         }
+        eprintln!(
+            "warning: could not remove test cgroup {}",
+            self.path.display()
+        );
     }
 }
 
