@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::{
     net::{TcpListener, TcpSocket},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,8 @@ use crate::{
 const LISTEN_BACKLOG: u32 = 4096;
 
 pub async fn run(settings: Settings) -> Result<()> {
+    // Installed first: from the ready line on, SIGINT/SIGTERM must mean a clean stop.
+    let mut signals = Signals::install()?;
     privileges::check().map_err(anyhow::Error::msg)?;
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
@@ -102,18 +104,17 @@ pub async fn run(settings: Settings) -> Result<()> {
         control_path.display(),
     );
 
-    let signal_name = wait_for_signal().await?;
+    let signal_name = signals.recv().await;
     let detached = redirector
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .detach_all();
     tracing::info!("{signal_name}: detached {detached} program links; finishing open requests");
-    tokio::spawn(async {
+    tokio::spawn(async move {
         // A second signal skips the drain; the programs are already detached.
-        if wait_for_signal().await.is_ok() {
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
-        }
+        signals.recv().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
     });
     stop_proxy.cancel();
     proxy_task.await.context("proxy task")?;
@@ -183,14 +184,25 @@ fn routes(targets: &[Target], listen: &ListenAddrs) -> Vec<Route> {
         .collect()
 }
 
-async fn wait_for_signal() -> Result<&'static str> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    Ok(tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
-    })
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
 }
 
 async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

@@ -864,19 +864,27 @@ fn one_line_error(stderr: &str, expected: &str) -> Result<()> {
     Ok(())
 }
 
+/// `redirect run ARGS...`, inside `netns` when given.
+fn redirect_run(netns: Option<&NetNs>, args: &[&str]) -> Result<Command> {
+    let mut cmd = command_in(DAEMON, None, netns)?;
+    cmd.arg("run").args(args);
+    Ok(cmd)
+}
+
 fn error_not_root() -> Result<()> {
     let cg = TestCgroup::new()?;
-    let mut cmd = Command::new(DAEMON);
-    cmd.args([
-        "run",
-        "--mock",
-        "--cgroup",
-        cg.path.to_str().unwrap(),
-        "--control-socket",
-        "/nonexistent/x.sock",
-    ])
-    .uid(65534)
-    .gid(65534);
+    let cgroup = cg.path.to_str().unwrap();
+    let mut cmd = redirect_run(
+        None,
+        &[
+            "--mock",
+            "--cgroup",
+            cgroup,
+            "--control-socket",
+            "/nonexistent/x.sock",
+        ],
+    )?;
+    cmd.uid(65534).gid(65534);
     let stderr = run_daemon_expecting_failure(cmd)?;
     one_line_error(
         &stderr,
@@ -889,8 +897,7 @@ fn error_not_root() -> Result<()> {
 fn error_no_cgroup_v2() -> Result<()> {
     let mount = support::cgroup2_mount()?;
     let mount_c = std::ffi::CString::new(mount.to_str().unwrap())?;
-    let mut cmd = Command::new(DAEMON);
-    cmd.args(["run", "--mock", "--control-socket", "/nonexistent/x.sock"]);
+    let mut cmd = redirect_run(None, &["--mock", "--control-socket", "/nonexistent/x.sock"])?;
     // SAFETY: only syscalls on data prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -918,15 +925,17 @@ fn error_no_cgroup_v2() -> Result<()> {
 fn error_cgroup_does_not_exist() -> Result<()> {
     let ns = NetNs::new()?;
     let missing = support::cgroup2_mount()?.join("redirect-test-no-such-cgroup");
-    let mut cmd = command_in(DAEMON, None, Some(&ns))?;
-    cmd.args([
-        "run",
-        "--mock",
-        "--control-socket",
-        "/nonexistent/x.sock",
-        "--cgroup",
-    ])
-    .arg(&missing);
+    let missing_arg = missing.to_str().unwrap();
+    let cmd = redirect_run(
+        Some(&ns),
+        &[
+            "--mock",
+            "--control-socket",
+            "/nonexistent/x.sock",
+            "--cgroup",
+            missing_arg,
+        ],
+    )?;
     let stderr = run_daemon_expecting_failure(cmd)?;
     one_line_error(
         &stderr,
@@ -939,15 +948,18 @@ fn error_port_in_use() -> Result<()> {
     let cg = TestCgroup::new()?;
     let _taken = ns.run(|| TcpListener::bind("127.0.0.1:8169"))??;
     let dir = tempfile::tempdir()?;
-    let mut cmd = command_in(DAEMON, None, Some(&ns))?;
-    cmd.args([
-        "run",
-        "--mock",
-        "--cgroup",
-        cg.path.to_str().unwrap(),
-        "--control-socket",
-    ])
-    .arg(dir.path().join("c.sock"));
+    let socket = dir.path().join("c.sock");
+    let cgroup = cg.path.to_str().unwrap();
+    let cmd = redirect_run(
+        Some(&ns),
+        &[
+            "--mock",
+            "--cgroup",
+            cgroup,
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ],
+    )?;
     let stderr = run_daemon_expecting_failure(cmd)?;
     one_line_error(
         &stderr,
@@ -984,17 +996,19 @@ fn error_object_rejected_by_verifier() -> Result<()> {
 
     let ns = NetNs::new()?;
     let cg = TestCgroup::new()?;
-    let mut cmd = command_in(DAEMON, None, Some(&ns))?;
-    cmd.args([
-        "run",
-        "--mock",
-        "--cgroup",
-        cg.path.to_str().unwrap(),
-        "--control-socket",
-    ])
-    .arg(dir.path().join("c.sock"))
-    .arg("--ebpf-object")
-    .arg(&object_path);
+    let socket = dir.path().join("c.sock");
+    let cmd = redirect_run(
+        Some(&ns),
+        &[
+            "--mock",
+            "--cgroup",
+            cg.path.to_str().unwrap(),
+            "--control-socket",
+            socket.to_str().unwrap(),
+            "--ebpf-object",
+            object_path.to_str().unwrap(),
+        ],
+    )?;
     let stderr = run_daemon_expecting_failure(cmd)?;
     let first = stderr.lines().next().unwrap_or_default();
     assert!(
@@ -1017,11 +1031,8 @@ fn error_bad_config_names_file_line_key() -> Result<()> {
         &config,
         "mock = \"ec2\"\n\nlisten = [\"127.0.0.1:8169\", \"not-an-address\"]\n",
     )?;
-    let stderr = run_daemon_expecting_failure({
-        let mut cmd = Command::new(DAEMON);
-        cmd.args(["run", "--config", config.to_str().unwrap()]);
-        cmd
-    })?;
+    let with_config = || redirect_run(None, &["--config", config.to_str().unwrap()]);
+    let stderr = run_daemon_expecting_failure(with_config()?)?;
     one_line_error(
         &stderr,
         &format!(
@@ -1030,11 +1041,7 @@ fn error_bad_config_names_file_line_key() -> Result<()> {
         ),
     )?;
     std::fs::write(&config, "mock = \"ec2\"\n[ec2]\nhttp_tokens = \"maybe\"\n")?;
-    let stderr = run_daemon_expecting_failure({
-        let mut cmd = Command::new(DAEMON);
-        cmd.args(["run", "--config", config.to_str().unwrap()]);
-        cmd
-    })?;
+    let stderr = run_daemon_expecting_failure(with_config()?)?;
     one_line_error(
         &stderr,
         "line 3, key `ec2.http_tokens`: unknown variant `maybe`",
@@ -1044,15 +1051,16 @@ fn error_bad_config_names_file_line_key() -> Result<()> {
 fn error_second_daemon_on_same_control_socket() -> Result<()> {
     let s = mock_setup(&[])?;
     let ns2 = NetNs::new()?;
-    let mut cmd = command_in(DAEMON, None, Some(&ns2))?;
-    cmd.args([
-        "run",
-        "--mock",
-        "--cgroup",
-        s.client.to_str().unwrap(),
-        "--control-socket",
-    ])
-    .arg(&s.daemon.control_socket);
+    let cmd = redirect_run(
+        Some(&ns2),
+        &[
+            "--mock",
+            "--cgroup",
+            s.client.to_str().unwrap(),
+            "--control-socket",
+            s.daemon.control_socket.to_str().unwrap(),
+        ],
+    )?;
     let stderr = run_daemon_expecting_failure(cmd)?;
     one_line_error(&stderr, "another redirect daemon is running")?;
     // The first daemon is unharmed.

@@ -102,7 +102,7 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("closed connections still busy after {grace:?}");
+        tracing::warn!("connections still busy after {grace:?}; closing them");
     }
 }
 
