@@ -44,7 +44,12 @@ pub struct FileConfig {
     pub mock: Option<MockKind>,
     /// Forward to this metadata service instead.
     pub upstream: Option<UpstreamUrl>,
-    pub listen: Option<ListenAddrs>,
+    /// Where the built-in proxy listens.
+    #[serde(default, deserialize_with = "de_listen")]
+    pub listen: Option<ProxyAddrs>,
+    /// Send redirected connects to this proxy, served by another program.
+    #[serde(default, deserialize_with = "de_redirect_to")]
+    pub redirect_to: Option<ProxyAddrs>,
     pub cgroups: Option<Vec<PathBuf>>,
     pub targets: Option<Vec<Target>>,
     pub control_socket: Option<PathBuf>,
@@ -209,67 +214,37 @@ impl fmt::Display for Target {
     }
 }
 
-/// Where the proxy listens: at most one IPv4 and one IPv6 address. Redirected IPv4 connects go
+/// Where the proxy is: at most one IPv4 and one IPv6 address. Redirected IPv4 connects go
 /// to the IPv4 one; IPv6 connects go to the IPv6 one, or to the IPv4-mapped form of the IPv4 one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ListenAddrs {
+pub struct ProxyAddrs {
     pub v4: Option<SocketAddrV4>,
     pub v6: Option<SocketAddrV6>,
 }
 
-/// One `--listen` value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ListenAddr(pub SocketAddr);
-
-impl FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let addr: SocketAddr = s.parse().map_err(|_| {
-            format!("invalid listen address {s:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:8169")
-        })?;
-        if addr.ip().is_unspecified() {
-            return Err(format!(
-                "invalid listen address {s:?}: redirected connects are sent to this address, so it must be \
-                 one that callers can reach, e.g. 127.0.0.1:8169 or a bridge address"
-            ));
-        }
-        if addr.ip().is_multicast() {
-            return Err(format!("invalid listen address {s:?}: multicast"));
-        }
-        if let SocketAddr::V6(v6) = addr
-            && v6.ip().to_ipv4_mapped().is_some()
-        {
-            return Err(format!(
-                "invalid listen address {s:?}: give IPv4 addresses in IPv4 form"
-            ));
-        }
-        Ok(ListenAddr(addr))
-    }
-}
-
-impl ListenAddrs {
-    pub fn from_list(list: &[ListenAddr]) -> Result<Self, String> {
-        let mut out = ListenAddrs::default();
-        for ListenAddr(addr) in list {
+impl ProxyAddrs {
+    /// `what` names the setting in messages ("listen address", "redirect-to address").
+    pub fn from_list(
+        list: impl IntoIterator<Item = SocketAddr>,
+        what: &str,
+    ) -> Result<Self, String> {
+        let mut out = ProxyAddrs::default();
+        for addr in list {
             match addr {
-                SocketAddr::V4(a) if out.v4.is_some() => {
-                    return Err(format!(
-                        "more than one IPv4 listen address ({} and {a})",
-                        out.v4.unwrap()
-                    ));
+                SocketAddr::V4(a) => {
+                    if let Some(first) = out.v4.replace(a) {
+                        return Err(format!("more than one IPv4 {what} ({first} and {a})"));
+                    }
                 }
-                SocketAddr::V6(a) if out.v6.is_some() => {
-                    return Err(format!(
-                        "more than one IPv6 listen address ({} and {a})",
-                        out.v6.unwrap()
-                    ));
+                SocketAddr::V6(a) => {
+                    if let Some(first) = out.v6.replace(a) {
+                        return Err(format!("more than one IPv6 {what} ({first} and {a})"));
+                    }
                 }
-                SocketAddr::V4(a) => out.v4 = Some(*a),
-                SocketAddr::V6(a) => out.v6 = Some(*a),
             }
         }
         if out.v4.is_none() && out.v6.is_none() {
-            return Err("no listen address".to_owned());
+            return Err(format!("no {what}"));
         }
         Ok(out)
     }
@@ -279,6 +254,56 @@ impl ListenAddrs {
             .map(SocketAddr::V4)
             .into_iter()
             .chain(self.v6.map(SocketAddr::V6))
+    }
+}
+
+/// An address redirected connects are sent to; `what` names the setting in messages.
+fn parse_proxy_addr(s: &str, what: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("invalid {what} {s:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:8169"))?;
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "invalid {what} {s:?}: redirected connects are sent to this address, so it must be \
+             one that callers can reach, e.g. 127.0.0.1:8169 or a bridge address"
+        ));
+    }
+    if addr.ip().is_multicast() {
+        return Err(format!("invalid {what} {s:?}: multicast"));
+    }
+    if let SocketAddr::V6(v6) = addr
+        && v6.ip().to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "invalid {what} {s:?}: give IPv4 addresses in IPv4 form"
+        ));
+    }
+    Ok(addr)
+}
+
+/// One `--listen` value: where the built-in proxy listens (port 0: any free port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_proxy_addr(s, "listen address").map(ListenAddr)
+    }
+}
+
+/// One `--redirect-to` value: a proxy served by another program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectToAddr(pub SocketAddr);
+
+impl FromStr for RedirectToAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let addr = parse_proxy_addr(s, "redirect-to address")?;
+        if addr.port() == 0 {
+            return Err(format!("invalid redirect-to address {s:?}: port 0"));
+        }
+        Ok(RedirectToAddr(addr))
     }
 }
 
@@ -305,11 +330,24 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
-impl<'de> Deserialize<'de> for ListenAddrs {
+impl<'de> Deserialize<'de> for RedirectToAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let list = Vec::<ListenAddr>::deserialize(d)?;
-        ListenAddrs::from_list(&list).map_err(de::Error::custom)
+        de_from_str(d)
     }
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ProxyAddrs>, D::Error> {
+    let list = Vec::<ListenAddr>::deserialize(d)?;
+    ProxyAddrs::from_list(list.into_iter().map(|a| a.0), "listen address")
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
+fn de_redirect_to<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ProxyAddrs>, D::Error> {
+    let list = Vec::<RedirectToAddr>::deserialize(d)?;
+    ProxyAddrs::from_list(list.into_iter().map(|a| a.0), "redirect-to address")
+        .map(Some)
+        .map_err(de::Error::custom)
 }
 
 /// Parses durations such as `1s`, `500ms`, `2m`.
@@ -327,7 +365,9 @@ fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub backend: Backend,
-    pub listen: ListenAddrs,
+    /// Where redirected connects go: the addresses the built-in proxy listens on, or, with
+    /// [`Backend::External`], the other program's proxy.
+    pub proxy: ProxyAddrs,
     /// As given; resolved against the cgroup v2 mount at start. Empty means the mount's root.
     pub cgroups: Vec<PathBuf>,
     pub targets: Vec<Target>,
@@ -343,6 +383,15 @@ pub enum Backend {
     /// The built-in EC2 mock, with these values.
     MockEc2(Box<Ec2Values>),
     Upstream(UpstreamSettings),
+    /// No proxy here: redirected connects go to a proxy another program serves (`--redirect-to`).
+    External,
+}
+
+impl Backend {
+    /// Whether this daemon serves the proxy itself.
+    pub fn serves(&self) -> bool {
+        !matches!(self, Backend::External)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -363,6 +412,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Overrides {
     pub mock: Option<MockKind>,
     pub upstream: Option<UpstreamUrl>,
+    pub redirect_to: Vec<RedirectToAddr>,
     pub listen: Vec<ListenAddr>,
     pub cgroups: Vec<PathBuf>,
     pub targets: Vec<Target>,
@@ -379,21 +429,25 @@ impl Settings {
     /// Flags win over the file, the file over the defaults. A backend given by a flag replaces
     /// the file's backend (so `--mock` overrides a file's `upstream`).
     pub fn resolve(file: FileConfig, flags: Overrides) -> Result<Settings, String> {
-        let (mock, upstream) = if flags.mock.is_some() || flags.upstream.is_some() {
-            (flags.mock, flags.upstream)
+        let flag_redirect_to = if flags.redirect_to.is_empty() {
+            None
         } else {
-            (file.mock, file.upstream)
+            let addrs = flags.redirect_to.iter().map(|a| a.0);
+            Some(ProxyAddrs::from_list(addrs, "redirect-to address")?)
         };
+        let (mock, upstream, redirect_to) =
+            if flags.mock.is_some() || flags.upstream.is_some() || flag_redirect_to.is_some() {
+                (flags.mock, flags.upstream, flag_redirect_to)
+            } else {
+                (file.mock, file.upstream, file.redirect_to)
+            };
         let mut ec2 = file.ec2;
         if let Some(t) = flags.http_tokens {
             ec2.http_tokens = t;
         }
-        let backend = match (mock, upstream) {
-            (Some(_), Some(_)) => {
-                return Err("the config sets both `mock` and `upstream`; choose one".to_owned());
-            }
-            (Some(MockKind::Ec2), None) => Backend::MockEc2(Box::new(ec2)),
-            (None, Some(url)) => Backend::Upstream(UpstreamSettings {
+        let backend = match (mock, upstream, redirect_to.is_some()) {
+            (Some(MockKind::Ec2), None, false) => Backend::MockEc2(Box::new(ec2)),
+            (None, Some(url), false) => Backend::Upstream(UpstreamSettings {
                 url,
                 connect_timeout: flags
                     .upstream_connect_timeout
@@ -404,34 +458,55 @@ impl Settings {
                     .or(file.upstream_timeout)
                     .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
             }),
-            (None, None) => {
+            (None, None, true) => Backend::External,
+            (None, None, false) => {
                 return Err(
-                    "nothing to serve: pass --mock (built-in EC2 mock) or --upstream URL, or set `mock` or \
-                     `upstream` in the config file"
+                    "nothing to serve: pass --mock (built-in EC2 mock), --upstream URL or --redirect-to \
+                     ADDR:PORT, or set `mock`, `upstream` or `redirect_to` in the config file"
+                        .to_owned(),
+                );
+            }
+            _ => {
+                return Err(
+                    "the config sets more than one of `mock`, `upstream` and `redirect_to`; choose one"
                         .to_owned(),
                 );
             }
         };
         let listen = if flags.listen.is_empty() {
-            file.listen.unwrap_or(ListenAddrs {
+            file.listen
+        } else {
+            Some(ProxyAddrs::from_list(
+                flags.listen.iter().map(|a| a.0),
+                "listen address",
+            )?)
+        };
+        let proxy = match (redirect_to, listen) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "--redirect-to sends connects to a proxy this daemon does not serve, so a listen \
+                     address has no use with it; give one or the other"
+                        .to_owned(),
+                );
+            }
+            (Some(external), None) => external,
+            (None, listen) => listen.unwrap_or(ProxyAddrs {
                 v4: Some(DEFAULT_LISTEN),
                 v6: None,
-            })
-        } else {
-            ListenAddrs::from_list(&flags.listen)?
+            }),
         };
         let targets = non_empty(flags.targets)
             .or(file.targets)
             .unwrap_or_else(default_targets);
-        if listen.v4.is_none() && targets.iter().any(|t| t.0.is_ipv4()) {
+        if proxy.v4.is_none() && targets.iter().any(|t| t.0.is_ipv4()) {
             return Err(
-                "IPv4 targets need an IPv4 listen address: an IPv4 connect can only be sent to an IPv4 address"
+                "IPv4 targets need an IPv4 proxy address: an IPv4 connect can only be sent to an IPv4 address"
                     .to_owned(),
             );
         }
         Ok(Settings {
             backend,
-            listen,
+            proxy,
             cgroups: non_empty(flags.cgroups)
                 .or(file.cgroups)
                 .unwrap_or_default(),
@@ -478,8 +553,8 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(s.listen.v4, Some(DEFAULT_LISTEN));
-        assert_eq!(s.listen.v6, None);
+        assert_eq!(s.proxy.v4, Some(DEFAULT_LISTEN));
+        assert_eq!(s.proxy.v6, None);
         assert_eq!(s.targets, default_targets());
         assert!(s.cgroups.is_empty());
         assert_eq!(s.control_socket, paths::default_control_socket());
@@ -515,8 +590,8 @@ mod tests {
         assert_eq!(up.url.to_string(), "http://169.254.169.254");
         assert_eq!(up.connect_timeout, Duration::from_millis(250));
         assert_eq!(up.timeout, Duration::from_secs(2));
-        assert_eq!(s.listen.v4, Some("10.1.0.1:9000".parse().unwrap()));
-        assert_eq!(s.listen.v6, Some("[fd00::1]:9000".parse().unwrap()));
+        assert_eq!(s.proxy.v4, Some("10.1.0.1:9000".parse().unwrap()));
+        assert_eq!(s.proxy.v6, Some("[fd00::1]:9000".parse().unwrap()));
         assert_eq!(s.targets.len(), 2);
         assert_eq!(s.control_socket, PathBuf::from("/tmp/r.sock"));
         assert_eq!(s.shutdown_grace, Duration::from_secs(1));
@@ -544,7 +619,7 @@ mod tests {
             panic!("--mock must win over the file's upstream")
         };
         assert_eq!(ec2.http_tokens, HttpTokens::Required);
-        assert_eq!(s.listen.v4, Some("127.0.0.2:2".parse().unwrap()));
+        assert_eq!(s.proxy.v4, Some("127.0.0.2:2".parse().unwrap()));
         assert_eq!(s.cgroups, vec![PathBuf::from("/b"), PathBuf::from("/c")]);
     }
 
@@ -595,7 +670,7 @@ mod tests {
         assert!(e.contains("--mock"), "{e}");
         let file = parse("mock = \"ec2\"\nupstream = \"http://a\"\n").unwrap();
         let e = Settings::resolve(file, Overrides::default()).unwrap_err();
-        assert!(e.contains("both"), "{e}");
+        assert!(e.contains("more than one of"), "{e}");
         let e = Settings::resolve(
             FileConfig::default(),
             Overrides {
@@ -605,10 +680,54 @@ mod tests {
             },
         )
         .unwrap_err();
+        assert!(e.contains("IPv4 targets need an IPv4 proxy address"), "{e}");
+    }
+
+    #[test]
+    fn redirect_to_an_external_proxy() {
+        let file = parse("mock = \"ec2\"\nredirect_to = [\"127.0.0.1:9000\"]\n").unwrap();
+        let e = Settings::resolve(file, Overrides::default()).unwrap_err();
+        assert!(e.contains("more than one of"), "{e}");
+
+        let file = parse("redirect_to = [\"127.0.0.1:9000\", \"[::1]:9000\"]\n").unwrap();
+        let s = Settings::resolve(file, Overrides::default()).unwrap();
+        assert!(matches!(s.backend, Backend::External) && !s.backend.serves());
+        assert_eq!(s.proxy.v4, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(s.proxy.v6, Some("[::1]:9000".parse().unwrap()));
+
+        // A flag's backend replaces the file's, in both directions.
+        let file = parse("mock = \"ec2\"\n").unwrap();
+        let flags = Overrides {
+            redirect_to: vec!["127.0.0.1:9001".parse().unwrap()],
+            ..Default::default()
+        };
+        let s = Settings::resolve(file, flags).unwrap();
+        assert!(matches!(s.backend, Backend::External));
+        let file = parse("redirect_to = [\"127.0.0.1:9000\"]\n").unwrap();
+        let flags = Overrides {
+            mock: Some(MockKind::Ec2),
+            ..Default::default()
+        };
+        let s = Settings::resolve(file, flags).unwrap();
+        assert!(matches!(s.backend, Backend::MockEc2(_)));
+        assert_eq!(
+            s.proxy.v4,
+            Some(DEFAULT_LISTEN),
+            "the file's redirect_to is not a listen address"
+        );
+
+        let file =
+            parse("redirect_to = [\"127.0.0.1:9000\"]\nlisten = [\"127.0.0.1:1\"]\n").unwrap();
+        let e = Settings::resolve(file, Overrides::default()).unwrap_err();
+        assert!(e.contains("a listen address has no use"), "{e}");
+
+        let e = err("redirect_to = [\"127.0.0.1:0\"]\n");
         assert!(
-            e.contains("IPv4 targets need an IPv4 listen address"),
+            e.contains("key `redirect_to[0]`: invalid redirect-to address \"127.0.0.1:0\": port 0"),
             "{e}"
         );
+        let e = err("redirect_to = [\"[::1]:1\", \"[::1]:2\"]\n");
+        assert!(e.contains("more than one IPv6 redirect-to address"), "{e}");
     }
 
     #[test]

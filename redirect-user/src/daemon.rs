@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cgroup::{self, Cgroup},
-    config::{Backend as BackendSettings, ListenAddrs, Settings, Target},
+    config::{Backend as BackendSettings, ProxyAddrs, Settings, Target},
     control::ControlSocket,
     ebpf::{Redirector, Route},
     mock::ec2::Ec2Mock,
@@ -40,8 +40,12 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
     let mut control = ControlSocket::bind(&settings.control_socket)?;
-    let (listeners, bound) = bind_listeners(&settings.listen)?;
-    let routes = routes(&settings.targets, &bound);
+    let (listeners, proxy_addrs) = if settings.backend.serves() {
+        bind_listeners(&settings.proxy)?
+    } else {
+        (Vec::new(), settings.proxy)
+    };
+    let routes = routes(&settings.targets, &proxy_addrs);
 
     let mut redirector = Redirector::load(settings.ebpf_object.as_deref(), settings.ebpf_log)?;
     redirector.set_routes(&routes)?;
@@ -58,26 +62,35 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     }
 
-    let backend = Arc::new(match settings.backend {
-        BackendSettings::MockEc2(ec2) => Backend::Ec2(Ec2Mock::new(*ec2)),
+    let backend = match settings.backend {
+        BackendSettings::MockEc2(ec2) => Some(Backend::Ec2(Ec2Mock::new(*ec2))),
         BackendSettings::Upstream(upstream) => {
-            Backend::Upstream(Forwarder::new(upstream, Some(exempt)))
+            Some(Backend::Upstream(Forwarder::new(upstream, Some(exempt))))
         }
-    });
+        BackendSettings::External => None,
+    };
+    let serving = match &backend {
+        Some(backend) => format!("{} on {}", backend.describe(), join(proxy_addrs.iter())),
+        None => format!(
+            "nothing; redirected connects go to {}, served by another program",
+            join(proxy_addrs.iter())
+        ),
+    };
     let stats = Arc::new(ProxyStats::default());
     let redirector = Arc::new(Mutex::new(redirector));
 
     let status_fn = {
-        let (redirector, backend, stats) = (
-            Arc::clone(&redirector),
-            Arc::clone(&backend),
-            Arc::clone(&stats),
-        );
-        let listen: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
+        let (redirector, stats, serving) =
+            (Arc::clone(&redirector), Arc::clone(&stats), serving.clone());
+        let listen: Vec<String> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect();
         let started = Instant::now();
         Arc::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
-            build_status(&redirector, &backend, &stats, &listen, started)
+            build_status(&redirector, &serving, &stats, &listen, started)
         })
     };
     let stop_control = CancellationToken::new();
@@ -87,18 +100,18 @@ pub async fn run(settings: Settings) -> Result<()> {
         async move { control.serve(status_fn, stop).await }
     });
     let stop_proxy = CancellationToken::new();
-    let proxy_task = tokio::spawn(proxy::serve(
-        listeners,
-        Arc::clone(&backend),
-        stats,
-        stop_proxy.clone(),
-        settings.shutdown_grace,
-    ));
+    let proxy_task = backend.map(|backend| {
+        tokio::spawn(proxy::serve(
+            listeners,
+            Arc::new(backend),
+            stats,
+            stop_proxy.clone(),
+            settings.shutdown_grace,
+        ))
+    });
 
     tracing::info!(
-        "redirect ready: {} on {}; redirecting {} for cgroup {}; control socket {}",
-        backend.describe(),
-        join(bound.iter()),
+        "redirect ready: serving {serving}; redirecting {} for cgroup {}; control socket {}",
         join(settings.targets.iter()),
         join(cgroups.iter().map(|c| c.path.display())),
         control_path.display(),
@@ -117,7 +130,9 @@ pub async fn run(settings: Settings) -> Result<()> {
         std::process::exit(130);
     });
     stop_proxy.cancel();
-    proxy_task.await.context("proxy task")?;
+    if let Some(proxy_task) = proxy_task {
+        proxy_task.await.context("proxy task")?;
+    }
     stop_control.cancel();
     control_task.await.context("control task")?;
     tracing::info!("stopped");
@@ -142,9 +157,9 @@ fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgr
 
 /// Binds the proxy's listeners and returns them with the addresses actually bound (port 0
 /// becomes the port the kernel chose, which is what the programs must redirect to).
-fn bind_listeners(listen: &ListenAddrs) -> Result<(Vec<TcpListener>, ListenAddrs)> {
+fn bind_listeners(listen: &ProxyAddrs) -> Result<(Vec<TcpListener>, ProxyAddrs)> {
     let mut listeners = Vec::new();
-    let mut bound = ListenAddrs::default();
+    let mut bound = ProxyAddrs::default();
     for addr in listen.iter() {
         let listener = bind_one(addr).with_context(|| format!("cannot listen on {addr}"))?;
         match listener.local_addr()? {
@@ -168,7 +183,7 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// IPv4 targets go to the IPv4 listener; IPv6 targets to the IPv6 listener if there is one,
 /// else to the IPv4 listener in its IPv4-mapped form (reachable from dual-stack sockets).
-fn routes(targets: &[Target], listen: &ListenAddrs) -> Vec<Route> {
+fn routes(targets: &[Target], listen: &ProxyAddrs) -> Vec<Route> {
     targets
         .iter()
         .filter_map(|&Target(dialled)| {
@@ -229,7 +244,7 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 
 fn build_status(
     redirector: &Redirector,
-    backend: &Backend,
+    serving: &str,
     stats: &ProxyStats,
     listen: &[String],
     started: Instant,
@@ -280,7 +295,7 @@ fn build_status(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
         uptime_secs: started.elapsed().as_secs(),
-        backend: backend.describe(),
+        serving: serving.to_owned(),
         listen: listen.to_vec(),
         cgroups,
         redirects,
@@ -325,7 +340,7 @@ mod tests {
         let v6: SocketAddrV6 = "[::1]:8169".parse().unwrap();
         let only_v4 = routes(
             &targets,
-            &ListenAddrs {
+            &ProxyAddrs {
                 v4: Some(v4),
                 v6: None,
             },
@@ -338,7 +353,7 @@ mod tests {
         );
         let both = routes(
             &targets,
-            &ListenAddrs {
+            &ProxyAddrs {
                 v4: Some(v4),
                 v6: Some(v6),
             },

@@ -19,7 +19,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{
-        FileConfig, ListenAddr, MockKind, Overrides, Settings, Target, UpstreamUrl, parse_duration,
+        FileConfig, ListenAddr, MockKind, Overrides, RedirectToAddr, Settings, Target, UpstreamUrl,
+        parse_duration,
     },
     mock::ec2::HttpTokens,
 };
@@ -56,12 +57,21 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Serve a built-in mock of the metadata service. KIND: ec2 (the default).
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ec2", value_name = "KIND", conflicts_with = "upstream")]
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ec2", value_name = "KIND", conflicts_with_all = ["upstream", "redirect_to"])]
     mock: Option<MockKind>,
     /// Forward to this metadata service, e.g. http://169.254.169.254. The daemon's own connects
     /// to it are never redirected.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "redirect_to")]
     upstream: Option<UpstreamUrl>,
+    /// Serve no proxy: send redirected connects to this address, where another program (your
+    /// own metadata proxy, nginx, ...) serves it. At most one IPv4 and one IPv6 address. Keep
+    /// that program outside the redirected cgroups, or its own upstream connects come back to it.
+    #[arg(
+        long = "redirect-to",
+        value_name = "ADDR:PORT",
+        conflicts_with = "listen"
+    )]
+    redirect_to: Vec<RedirectToAddr>,
     /// Redirect connects from this cgroup v2 directory and its descendants. Repeatable. A
     /// filesystem path or a path inside the hierarchy (as in /proc/PID/cgroup).
     /// [default: the root of the cgroup v2 hierarchy, i.e. every process]
@@ -160,6 +170,7 @@ fn run(args: RunArgs) -> Result<()> {
         Overrides {
             mock: args.mock,
             upstream: args.upstream,
+            redirect_to: args.redirect_to,
             listen: args.listen,
             cgroups: args.cgroups,
             targets: args.targets,

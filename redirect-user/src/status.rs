@@ -10,8 +10,9 @@ pub struct Status {
     pub version: String,
     pub pid: u32,
     pub uptime_secs: u64,
-    /// What answers: "built-in EC2 mock (...)" or "upstream http://...".
-    pub backend: String,
+    /// What answers redirected connects, and where.
+    pub serving: String,
+    /// Addresses this daemon's proxy listens on (none with `--redirect-to`).
     pub listen: Vec<String>,
     pub cgroups: Vec<AttachedCgroup>,
     /// Read back from the kernel's target maps.
@@ -60,12 +61,7 @@ impl Status {
         let mut s = String::new();
         let up = humantime::format_duration(std::time::Duration::from_secs(self.uptime_secs));
         let _ = writeln!(s, "redirect {} (pid {}), up {up}", self.version, self.pid);
-        let _ = writeln!(
-            s,
-            "serving:   {} on {}",
-            self.backend,
-            self.listen.join(", ")
-        );
+        let _ = writeln!(s, "serving:   {}", self.serving);
         let _ = writeln!(s, "redirects:");
         let width = self
             .redirects

@@ -58,6 +58,10 @@ const TESTS: &[(&str, TestFn)] = &[
         upstream_mode_forwards_without_loop,
     ),
     (
+        "redirect_to_a_proxy_served_elsewhere",
+        redirect_to_a_proxy_served_elsewhere,
+    ),
+    (
         "upstream_failures_become_gateway_errors",
         upstream_failures_become_gateway_errors,
     ),
@@ -552,7 +556,10 @@ fn serve_raw(mut stream: TcpStream, log: &Mutex<Vec<String>>, silent: bool) {
             "HTTP/1.1 200 OK\r\nServer: EC2ws\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        if stream.write_all(resp.as_bytes()).is_err() {
+        let close = head
+            .lines()
+            .any(|l| l.to_ascii_lowercase().replace(' ', "") == "connection:close");
+        if stream.write_all(resp.as_bytes()).is_err() || close {
             return;
         }
     }
@@ -646,6 +653,50 @@ fn upstream_mode_forwards_without_loop() -> Result<()> {
         status["proxy"]["requests"], 2,
         "no request looped back: {status:#}"
     );
+    Ok(())
+}
+
+/// `--redirect-to`: the daemon only redirects; another program (here a stand-in) serves.
+fn redirect_to_a_proxy_served_elsewhere() -> Result<()> {
+    let ns = NetNs::new()?;
+    let elsewhere = StandIn::start(&ns, "127.0.0.1:9000".parse()?, false)?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon = Daemon::start(
+        &[
+            "--redirect-to",
+            "127.0.0.1:9000",
+            "--cgroup",
+            client.to_str().unwrap(),
+        ],
+        &ns,
+        None,
+    )?;
+    let (code, body) = curl(&client, &ns, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "upstream:/latest/meta-data/instance-id")
+    );
+    assert_eq!(elsewhere.heads().len(), 1);
+    let r = child_role(&client, &ns, "connect", &["[fd00:ec2::254]:80"])?;
+    assert_eq!(r["peer"], "[fd00:ec2::254]:80", "{r}");
+    let status = daemon.status(&ns)?;
+    assert_eq!(status["listen"], serde_json::json!([]), "{status:#}");
+    assert!(
+        status["serving"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("served by another program"),
+        "{status:#}"
+    );
+    let redirects = status["redirects"].as_array().context("redirects")?;
+    assert!(
+        redirects.contains(
+            &serde_json::json!({"dialled": "169.254.169.254:80", "to": "127.0.0.1:9000"})
+        ),
+        "{redirects:?}"
+    );
+    assert_eq!(status["proxy"]["requests"], 0);
     Ok(())
 }
 

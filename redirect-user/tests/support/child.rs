@@ -76,6 +76,10 @@ fn connect(args: &[String]) -> Result<serde_json::Value, String> {
         }
     };
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
+    // Only a guard against a hung test; the answer comes in microseconds.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     stream
         .write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
         .map_err(|e| e.to_string())?;
