@@ -18,10 +18,22 @@ pub mod names {
     /// `HashMap<u64, u8>`: socket cookies whose connects are never rewritten (the proxy's own
     /// upstream sockets).
     pub const EXEMPT_SOCKETS: &str = "EXEMPT_SOCKETS";
+    /// `Array<u32>` of one: non-zero while any socket is exempt, so that connects look the
+    /// exemption map up only while the proxy has an upstream connect in flight.
+    pub const EXEMPT_ACTIVE: &str = "EXEMPT_ACTIVE";
+    /// `Array<u8>` indexed by port (host byte order): non-zero for ports some target uses, so
+    /// that connects to any other port skip the target lookups.
+    pub const TARGET_PORTS: &str = "TARGET_PORTS";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// `SkStorage<OriginalDest>`: what a rewritten socket dialled, for getpeername.
+    /// `Array<OriginalDest>` of [`crate::ORIGINAL_SLOTS`] slots: what a rewritten socket dialled,
+    /// in the slot its socket cookie selects, for getpeername.
     pub const ORIGINAL_DEST: &str = "ORIGINAL_DEST";
+    /// `HashMap<SockAddr4, u8>` and `HashMap<SockAddr6, u8>`: the proxy endpoints as a socket
+    /// of that family sees them (IPv6 sockets see IPv4 proxies in IPv4-mapped form). Lets
+    /// getpeername pass by every socket that is not connected to a proxy at once.
+    pub const PROXIES4: &str = "PROXIES4";
+    pub const PROXIES6: &str = "PROXIES6";
 
     pub const PROG_CONNECT4: &str = "redirect_connect4";
     pub const PROG_CONNECT6: &str = "redirect_connect6";
@@ -34,6 +46,12 @@ pub mod names {
 pub const MAX_TARGETS: u32 = 16_384;
 /// Capacity of the exemption map: one entry per upstream connect in flight.
 pub const MAX_EXEMPT_SOCKETS: u32 = 4_096;
+/// Slots of the original-destination table, a power of two: slot = cookie % slots. A socket's
+/// entry survives until another rewritten socket's cookie selects the same slot, i.e. for the
+/// next 65,535 rewritten connects at least (cookies are handed out in sequence). 3 MB.
+pub const ORIGINAL_SLOTS: u32 = 65_536;
+/// Capacity of each proxy-endpoint set.
+pub const MAX_PROXIES: u32 = 64;
 
 /// An IPv4 socket address as `bpf_sock_addr` carries it: both fields in network byte order.
 #[repr(C)]
@@ -60,13 +78,15 @@ pub struct SockAddr6 {
     pub _pad: u16,
 }
 
-/// Kept in socket storage for every rewritten socket so that getpeername can report the
-/// address the application dialled instead of the proxy's.
+/// Kept for every rewritten socket, in the slot its cookie selects, so that getpeername can
+/// report the address the application dialled instead of the proxy's.
 ///
 /// IPv4 sockets use word 0 of the addresses and leave the rest zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OriginalDest {
+    /// The socket's cookie; 0 while the slot is being written (no socket has cookie 0).
+    pub cookie: u64,
     /// What the application passed to connect().
     pub dialled: SockAddr6,
     /// What the program rewrote it to. getpeername only restores `dialled` when the peer is
@@ -127,8 +147,9 @@ pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0x
 
 const _: () = assert!(size_of::<SockAddr4>() == 8);
 const _: () = assert!(size_of::<SockAddr6>() == 20);
-const _: () = assert!(size_of::<OriginalDest>() == 40);
-const _: () = assert!(align_of::<OriginalDest>() == 4);
+const _: () = assert!(size_of::<OriginalDest>() == 48);
+const _: () = assert!(align_of::<OriginalDest>() == 8);
+const _: () = assert!(ORIGINAL_SLOTS.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod user {

@@ -12,15 +12,15 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    btf_maps::SkStorage,
     helpers::bpf_get_socket_cookie,
-    macros::{btf_map, cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray},
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    Counter, MAX_EXEMPT_SOCKETS, MAX_TARGETS, OriginalDest, SockAddr4, SockAddr6, V4_MAPPED_PREFIX,
+    Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, MAX_TARGETS, ORIGINAL_SLOTS, OriginalDest, SockAddr4,
+    SockAddr6, V4_MAPPED_PREFIX,
 };
 
 /// Return value that lets the (possibly rewritten) syscall proceed. 0 would fail it with EPERM.
@@ -40,10 +40,28 @@ static TARGETS6: HashMap<SockAddr6, SockAddr6> = HashMap::with_max_entries(MAX_T
 static EXEMPT_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_EXEMPT_SOCKETS, 0);
 
 #[map]
+static EXEMPT_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Ports some target uses (index: port in host byte order). An array lookup is inlined by the
+/// verifier, so a connect to any other port costs no hash lookup at all.
+#[map]
+static TARGET_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+#[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-#[btf_map]
-static ORIGINAL_DEST: SkStorage<OriginalDest> = SkStorage::new();
+/// What each rewritten socket dialled, in the slot its cookie selects (a direct-mapped table).
+/// Not socket storage, which allocates per socket, nor an LRU hash, which takes two locks per
+/// insert: on the benchmark machine those cost about 2 us and 0.5 us per connect, this a plain
+/// store into preallocated memory. See BENCHMARKS.md.
+#[map]
+static ORIGINAL_DEST: Array<OriginalDest> = Array::with_max_entries(ORIGINAL_SLOTS, 0);
+
+#[map]
+static PROXIES4: HashMap<SockAddr4, u8> = HashMap::with_max_entries(MAX_PROXIES, 0);
+
+#[map]
+static PROXIES6: HashMap<SockAddr6, u8> = HashMap::with_max_entries(MAX_PROXIES, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
@@ -76,18 +94,23 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
     if read(sa, |s| &raw const s.protocol) != IPPROTO_TCP {
         return None;
     }
+    let port = user_port(sa);
+    if !is_target_port(port) {
+        return None;
+    }
     let dialled = SockAddr4 {
         addr: read(sa, |s| &raw const s.user_ip4),
-        port: user_port(sa),
+        port,
         _pad: 0,
     };
     // SAFETY: the value is copied out before any other map operation.
     let proxy = *unsafe { TARGETS4.get(dialled) }?;
-    if is_exempt(ctx) {
+    let cookie = socket_cookie(ctx);
+    if is_exempt(cookie) {
         count(Counter::Exempted);
         return None;
     }
-    remember(ctx, widen(dialled), widen(proxy));
+    remember(cookie, widen(dialled), widen(proxy));
     write(sa, |s| &raw mut s.user_ip4, proxy.addr);
     write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
     count(Counter::Connect4Rewritten);
@@ -108,9 +131,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
     if read(sa, |s| &raw const s.protocol) != IPPROTO_TCP {
         return None;
     }
+    let port = user_port(sa);
+    if !is_target_port(port) {
+        return None;
+    }
     let dialled = SockAddr6 {
         addr: user_ip6(sa),
-        port: user_port(sa),
+        port,
         _pad: 0,
     };
     let proxy = if dialled.addr[..3] == V4_MAPPED_PREFIX {
@@ -137,11 +164,12 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
         // SAFETY: copied out at once.
         *unsafe { TARGETS6.get(dialled) }?
     };
-    if is_exempt(ctx) {
+    let cookie = socket_cookie(ctx);
+    if is_exempt(cookie) {
         count(Counter::Exempted);
         return None;
     }
-    remember(ctx, dialled, proxy);
+    remember(cookie, dialled, proxy);
     set_user_ip6(sa, proxy.addr);
     write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
     count(Counter::Connect6Rewritten);
@@ -154,13 +182,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
 }
 
 fn try_getpeername4(ctx: &SockAddrContext) -> Option<()> {
-    let original = original_dest(ctx)?;
-    let peer = widen(SockAddr4 {
+    let peer = SockAddr4 {
         addr: read(ctx.sock_addr, |s| &raw const s.user_ip4),
         port: user_port(ctx.sock_addr),
         _pad: 0,
-    });
-    if peer != original.rewritten {
+    };
+    // SAFETY: only presence is used.
+    unsafe { PROXIES4.get(peer) }?;
+    let original = original_dest(ctx)?;
+    if widen(peer) != original.rewritten {
         return None;
     }
     write(
@@ -178,12 +208,14 @@ fn try_getpeername4(ctx: &SockAddrContext) -> Option<()> {
 }
 
 fn try_getpeername6(ctx: &SockAddrContext) -> Option<()> {
-    let original = original_dest(ctx)?;
     let peer = SockAddr6 {
         addr: user_ip6(ctx.sock_addr),
         port: user_port(ctx.sock_addr),
         _pad: 0,
     };
+    // SAFETY: only presence is used.
+    unsafe { PROXIES6.get(peer) }?;
+    let original = original_dest(ctx)?;
     if peer != original.rewritten {
         return None;
     }
@@ -197,39 +229,70 @@ fn try_getpeername6(ctx: &SockAddrContext) -> Option<()> {
     Some(())
 }
 
-/// Stores what the socket dialled and what it now dials, for getpeername. Best effort: if the
-/// kernel cannot allocate the storage, the connect is still redirected and only getpeername
-/// shows the proxy.
+/// Stores what the socket dialled and what it now dials, for getpeername.
+///
+/// The slot is written like a seqlock: cookie 0 first, then the addresses, then the cookie,
+/// each a volatile store so that they happen in this order; `original_dest` checks the cookie
+/// before and after copying. A reader never takes a half-written entry for its own.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, dialled: SockAddr6, rewritten: SockAddr6) {
-    // SAFETY: the helper takes the socket from the context; a null return is handled.
-    let slot = unsafe { ORIGINAL_DEST.get_or_insert_ptr_mut(ctx, None) };
-    if slot.is_null() {
+fn remember(cookie: u64, dialled: SockAddr6, rewritten: SockAddr6) {
+    let Some(slot) = ORIGINAL_DEST.get_ptr_mut(slot_of(cookie)) else {
         count(Counter::StorageFailed);
         return;
+    };
+    // SAFETY: `slot` points into the array's preallocated memory for this program's run.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).cookie, 0);
+        core::ptr::write_volatile(&raw mut (*slot).dialled, dialled);
+        core::ptr::write_volatile(&raw mut (*slot).rewritten, rewritten);
+        core::ptr::write_volatile(&raw mut (*slot).cookie, cookie);
     }
-    // SAFETY: non-null pointer into this socket's storage, valid for the program's run.
-    unsafe { *slot = OriginalDest { dialled, rewritten } };
 }
 
+/// The entry of this socket, if its slot still holds it.
 #[inline(always)]
 fn original_dest(ctx: &SockAddrContext) -> Option<OriginalDest> {
-    // SAFETY: lookup only (no create); a null return means the socket was never rewritten.
-    let slot = unsafe { ORIGINAL_DEST.get_ptr_mut(ctx) };
-    if slot.is_null() {
-        None
-    } else {
-        // SAFETY: non-null pointer into this socket's storage.
-        Some(unsafe { *slot })
-    }
+    let cookie = socket_cookie(ctx);
+    let slot = ORIGINAL_DEST.get_ptr(slot_of(cookie))?;
+    // SAFETY: `slot` points into the array's preallocated memory for this program's run.
+    let (before, entry, after) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*slot).cookie),
+            core::ptr::read_volatile(slot),
+            core::ptr::read_volatile(&raw const (*slot).cookie),
+        )
+    };
+    (before == cookie && after == cookie).then_some(entry)
 }
 
 #[inline(always)]
-fn is_exempt(ctx: &SockAddrContext) -> bool {
+fn slot_of(cookie: u64) -> u32 {
+    (cookie & u64::from(ORIGINAL_SLOTS - 1)) as u32
+}
+
+/// The kernel's id of the socket (what SO_COOKIE returns). The first call on a socket creates
+/// it, which costs more than a map lookup, so a connect computes it once.
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the socket behind the context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: only the presence of the key is used.
-    unsafe { EXEMPT_SOCKETS.get(cookie) }.is_some()
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Whether the proxy exempted this socket. The exemption map is only looked up while some
+/// exemption exists (the proxy is connecting upstream), which is rare: pooled connections.
+#[inline(always)]
+fn is_exempt(cookie: u64) -> bool {
+    EXEMPT_ACTIVE.get(0).is_some_and(|&active| active != 0)
+        // SAFETY: only the presence of the key is used.
+        && unsafe { EXEMPT_SOCKETS.get(cookie) }.is_some()
+}
+
+/// `port` in network byte order.
+#[inline(always)]
+fn is_target_port(port: u16) -> bool {
+    TARGET_PORTS
+        .get(u32::from(u16::from_be(port)))
+        .is_some_and(|&used| used != 0)
 }
 
 #[inline(always)]

@@ -60,6 +60,9 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_duration_opt")]
     pub shutdown_grace: Option<Duration>,
     pub ebpf_log: Option<bool>,
+    /// Proxy worker threads.
+    #[serde(default, deserialize_with = "de_workers")]
+    pub workers: Option<usize>,
     /// Values served by the EC2 mock.
     pub ec2: Ec2Values,
 }
@@ -350,6 +353,28 @@ fn de_redirect_to<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ProxyAddrs>,
         .map_err(de::Error::custom)
 }
 
+/// One proxy worker per CPU, as nginx's `worker_processes auto`.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A worker count: 1 to 1024.
+pub fn parse_workers(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!(
+            "invalid worker count {s:?}: expected a number from 1 to 1024"
+        )),
+    }
+}
+
+fn de_workers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = u64::deserialize(d)?;
+    parse_workers(&n.to_string())
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
 /// Parses durations such as `1s`, `500ms`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -374,6 +399,8 @@ pub struct Settings {
     pub control_socket: PathBuf,
     pub shutdown_grace: Duration,
     pub ebpf_log: bool,
+    /// Proxy worker threads, each with its own runtime and listening sockets.
+    pub workers: usize,
     /// Load this object instead of the embedded one (development).
     pub ebpf_object: Option<PathBuf>,
 }
@@ -423,6 +450,7 @@ pub struct Overrides {
     pub ebpf_log: bool,
     pub ebpf_object: Option<PathBuf>,
     pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
+    pub workers: Option<usize>,
 }
 
 impl Settings {
@@ -520,6 +548,10 @@ impl Settings {
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
+            workers: flags
+                .workers
+                .or(file.workers)
+                .unwrap_or_else(default_workers),
             ebpf_object: flags.ebpf_object,
         })
     }

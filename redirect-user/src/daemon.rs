@@ -13,10 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    signal::unix::{Signal, SignalKind, signal},
-};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -26,22 +23,23 @@ use crate::{
     ebpf::{Redirector, Route},
     mock::ec2::Ec2Mock,
     privileges,
-    proxy::{self, Backend, ProxyStats, exempt::ExemptSockets, forward::Forwarder},
+    proxy::{Backend, ProxyStats, Workers, exempt::ExemptSockets, forward::Forwarder},
     status::{self, Status},
 };
 
 /// Backlog of the proxy's listening sockets (the kernel caps it at net.core.somaxconn).
-const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 
 pub async fn run(settings: Settings) -> Result<()> {
     // Installed first: from the ready line on, SIGINT/SIGTERM must mean a clean stop.
     let mut signals = Signals::install()?;
     privileges::check().map_err(anyhow::Error::msg)?;
+    crate::rlimit::raise_nofile();
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
     let mut control = ControlSocket::bind(&settings.control_socket)?;
     let (listeners, proxy_addrs) = if settings.backend.serves() {
-        bind_listeners(&settings.proxy)?
+        bind_listeners(&settings.proxy, settings.workers)?
     } else {
         (Vec::new(), settings.proxy)
     };
@@ -52,7 +50,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     for cgroup in &cgroups {
         redirector.attach(cgroup)?;
     }
-    let exempt = ExemptSockets::new(redirector.take_exempt_map()?);
+    let exempt = ExemptSockets::new(redirector.take_exempt_maps()?);
     if settings.ebpf_log {
         match redirector.take_logger() {
             Some(logger) => {
@@ -62,31 +60,49 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     }
 
-    let backend = match settings.backend {
-        BackendSettings::MockEc2(ec2) => Some(Backend::Ec2(Ec2Mock::new(*ec2))),
+    let serving = match &settings.backend {
+        BackendSettings::MockEc2(ec2) => format!(
+            "built-in EC2 mock (IMDSv2 tokens {}) on {}",
+            ec2.http_tokens,
+            join(proxy_addrs.iter())
+        ),
         BackendSettings::Upstream(upstream) => {
-            Some(Backend::Upstream(Forwarder::new(upstream, Some(exempt))))
+            format!("upstream {} on {}", upstream.url, join(proxy_addrs.iter()))
         }
-        BackendSettings::External => None,
-    };
-    let serving = match &backend {
-        Some(backend) => format!("{} on {}", backend.describe(), join(proxy_addrs.iter())),
-        None => format!(
+        BackendSettings::External => format!(
             "nothing; redirected connects go to {}, served by another program",
             join(proxy_addrs.iter())
         ),
     };
-    let stats = Arc::new(ProxyStats::default());
+    let listen: Vec<String> = listeners
+        .first()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let stop_proxy = CancellationToken::new();
+    let grace = settings.shutdown_grace;
+    let workers = match settings.backend {
+        BackendSettings::MockEc2(ec2) => {
+            let mock = Arc::new(Ec2Mock::new(*ec2));
+            let backend = move |_| Backend::Ec2(Arc::clone(&mock));
+            Some(Workers::spawn(listeners, backend, &stop_proxy, grace)?)
+        }
+        BackendSettings::Upstream(upstream) => {
+            let backend = move |_| {
+                Backend::Upstream(Forwarder::new(upstream.clone(), Some(Arc::clone(&exempt))))
+            };
+            Some(Workers::spawn(listeners, backend, &stop_proxy, grace)?)
+        }
+        BackendSettings::External => None,
+    };
     let redirector = Arc::new(Mutex::new(redirector));
 
     let status_fn = {
-        let (redirector, stats, serving) =
-            (Arc::clone(&redirector), Arc::clone(&stats), serving.clone());
-        let listen: Vec<String> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect();
+        let redirector = Arc::clone(&redirector);
+        let stats = workers.as_ref().map(Workers::stats).unwrap_or_default();
+        let serving = serving.clone();
         let started = Instant::now();
         Arc::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
@@ -98,16 +114,6 @@ pub async fn run(settings: Settings) -> Result<()> {
     let control_task = tokio::spawn({
         let stop = stop_control.clone();
         async move { control.serve(status_fn, stop).await }
-    });
-    let stop_proxy = CancellationToken::new();
-    let proxy_task = backend.map(|backend| {
-        tokio::spawn(proxy::serve(
-            listeners,
-            Arc::new(backend),
-            stats,
-            stop_proxy.clone(),
-            settings.shutdown_grace,
-        ))
     });
 
     tracing::info!(
@@ -130,8 +136,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         std::process::exit(130);
     });
     stop_proxy.cancel();
-    if let Some(proxy_task) = proxy_task {
-        proxy_task.await.context("proxy task")?;
+    if let Some(workers) = workers {
+        workers.join().await;
     }
     stop_control.cancel();
     control_task.await.context("control task")?;
@@ -155,30 +161,40 @@ fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgr
     Ok(cgroups)
 }
 
-/// Binds the proxy's listeners and returns them with the addresses actually bound (port 0
-/// becomes the port the kernel chose, which is what the programs must redirect to).
-fn bind_listeners(listen: &ProxyAddrs) -> Result<(Vec<TcpListener>, ProxyAddrs)> {
-    let mut listeners = Vec::new();
+/// Binds the proxy's listening sockets, `workers` per address (SO_REUSEPORT), and returns
+/// them per worker with the addresses actually bound: port 0 becomes the port the kernel chose,
+/// which is what the programs must redirect to and where the other workers bind.
+fn bind_listeners(
+    listen: &ProxyAddrs,
+    workers: usize,
+) -> Result<(Vec<Vec<std::net::TcpListener>>, ProxyAddrs)> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut bound = ProxyAddrs::default();
     for addr in listen.iter() {
-        let listener = bind_one(addr).with_context(|| format!("cannot listen on {addr}"))?;
-        match listener.local_addr()? {
+        let first = bind_one(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        let actual = first.local_addr()?;
+        match actual {
             SocketAddr::V4(a) => bound.v4 = Some(a),
             SocketAddr::V6(a) => bound.v6 = Some(a),
         }
-        listeners.push(listener);
+        per_worker[0].push(first);
+        for sockets in &mut per_worker[1..] {
+            sockets.push(bind_one(actual).with_context(|| format!("cannot listen on {actual}"))?);
+        }
     }
-    Ok((listeners, bound))
+    Ok((per_worker, bound))
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// IPv4 targets go to the IPv4 listener; IPv6 targets to the IPv6 listener if there is one,
@@ -245,7 +261,7 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 fn build_status(
     redirector: &Redirector,
     serving: &str,
-    stats: &ProxyStats,
+    stats: &[Arc<ProxyStats>],
     listen: &[String],
     started: Instant,
 ) -> Status {
@@ -302,9 +318,18 @@ fn build_status(
         counters,
         programs,
         proxy: status::ProxyStatus {
-            requests: stats.requests.load(Ordering::Relaxed),
-            connections_open: stats.connections_open.load(Ordering::Relaxed),
-            connections_total: stats.connections_total.load(Ordering::Relaxed),
+            requests: stats
+                .iter()
+                .map(|s| s.requests.load(Ordering::Relaxed))
+                .sum(),
+            connections_open: stats
+                .iter()
+                .map(|s| s.connections_open.load(Ordering::Relaxed))
+                .sum(),
+            connections_total: stats
+                .iter()
+                .map(|s| s.connections_total.load(Ordering::Relaxed))
+                .sum(),
         },
     }
 }

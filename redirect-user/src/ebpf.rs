@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
     },
@@ -92,6 +92,14 @@ pub struct Route {
     pub proxy: SocketAddr,
 }
 
+/// The maps by which the proxy exempts its own upstream sockets from the redirect.
+pub struct ExemptMaps {
+    /// Cookies of the exempt sockets.
+    pub sockets: HashMap<MapData, u64, u8>,
+    /// Non-zero while `sockets` holds any, so the programs look it up only then.
+    pub active: Array<MapData, u32>,
+}
+
 /// Kernel-side run statistics of one program (`kernel.bpf_stats_enabled=1` fills them).
 #[derive(Debug, Clone)]
 pub struct ProgramStats {
@@ -112,7 +120,7 @@ impl Redirector {
     /// program in it. `ebpf_log` turns on the programs' debug logs (aya-log); otherwise the log
     /// statements are compiled out by the verifier.
     pub fn load(object: Option<&Path>, ebpf_log: bool) -> Result<Self, EbpfError> {
-        raise_memlock_limit();
+        crate::rlimit::raise_memlock();
         let level = if ebpf_log {
             aya_log::Level::Trace as u8
         } else {
@@ -182,6 +190,30 @@ impl Redirector {
                     unreachable!("config validation pairs IPv4 targets with an IPv4 listener")
                 }
             }
+            self.add_proxy(route.proxy)?;
+            let mut ports: Array<_, u8> = map_mut(&mut self.ebpf, names::TARGET_PORTS)?;
+            ports
+                .set(u32::from(route.dialled.port()), 1, 0)
+                .map_err(map_err(names::TARGET_PORTS))?;
+        }
+        Ok(())
+    }
+
+    /// Records a proxy endpoint as each socket family sees it: an IPv4 proxy is also reached by
+    /// IPv6 sockets in its IPv4-mapped form.
+    fn add_proxy(&mut self, proxy: SocketAddr) -> Result<(), EbpfError> {
+        let mut v6: HashMap<_, SockAddr6, u8> = map_mut(&mut self.ebpf, names::PROXIES6)?;
+        match proxy {
+            SocketAddr::V4(p) => {
+                v6.insert(SockAddr6::v4_mapped(SockAddr4::from(p)), 1, 0)
+                    .map_err(map_err(names::PROXIES6))?;
+                let mut v4: HashMap<_, SockAddr4, u8> = map_mut(&mut self.ebpf, names::PROXIES4)?;
+                v4.insert(SockAddr4::from(p), 1, 0)
+                    .map_err(map_err(names::PROXIES4))?;
+            }
+            SocketAddr::V6(p) => v6
+                .insert(SockAddr6::from(p), 1, 0)
+                .map_err(map_err(names::PROXIES6))?,
         }
         Ok(())
     }
@@ -258,13 +290,15 @@ impl Redirector {
         detached
     }
 
-    /// Takes the map of exempt socket cookies out, for the upstream connector.
-    pub fn take_exempt_map(&mut self) -> Result<HashMap<MapData, u64, u8>, EbpfError> {
-        let map = self
-            .ebpf
-            .take_map(names::EXEMPT_SOCKETS)
-            .ok_or(EbpfError::MissingMap(names::EXEMPT_SOCKETS))?;
-        HashMap::try_from(map).map_err(map_err(names::EXEMPT_SOCKETS))
+    /// Takes the exemption maps out, for the upstream connector.
+    pub fn take_exempt_maps(&mut self) -> Result<ExemptMaps, EbpfError> {
+        let mut take = |name| self.ebpf.take_map(name).ok_or(EbpfError::MissingMap(name));
+        let sockets = take(names::EXEMPT_SOCKETS)?;
+        let active = take(names::EXEMPT_ACTIVE)?;
+        Ok(ExemptMaps {
+            sockets: HashMap::try_from(sockets).map_err(map_err(names::EXEMPT_SOCKETS))?,
+            active: Array::try_from(active).map_err(map_err(names::EXEMPT_ACTIVE))?,
+        })
     }
 
     /// Every counter, summed over CPUs.
@@ -324,19 +358,4 @@ fn map_ref<'a, T: TryFrom<&'a aya::maps::Map, Error = MapError>>(
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
-}
-
-fn raise_memlock_limit() {
-    let limit = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscall with a valid struct. Failure only matters on kernels < 5.11, where
-    // the load error that follows says so.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
-        tracing::debug!(
-            "could not raise RLIMIT_MEMLOCK: {}",
-            io::Error::last_os_error()
-        );
-    }
 }

@@ -10,6 +10,7 @@ mod mock;
 mod paths;
 mod privileges;
 mod proxy;
+mod rlimit;
 mod status;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -106,6 +107,10 @@ struct RunArgs {
     /// them 401. [default: optional]
     #[arg(long, value_enum, value_name = "MODE")]
     http_tokens: Option<HttpTokens>,
+    /// Proxy worker threads, each with its own listening socket (SO_REUSEPORT) and upstream
+    /// connections. [default: the number of CPUs]
+    #[arg(long, value_name = "N", value_parser = config::parse_workers)]
+    workers: Option<usize>,
     /// Turn on the eBPF programs' debug logs (one line per rewritten connect).
     #[arg(long)]
     ebpf_log: bool,
@@ -181,10 +186,13 @@ fn run(args: RunArgs) -> Result<()> {
             ebpf_log: args.ebpf_log,
             ebpf_object: args.ebpf_object,
             http_tokens: args.http_tokens,
+            workers: args.workers,
         },
     )
     .map_err(anyhow::Error::msg)?;
-    tokio::runtime::Builder::new_multi_thread()
+    // The proxy's workers run their own runtimes (see proxy::Workers); this one only carries
+    // the control socket, the signals and the eBPF log.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?

@@ -1,6 +1,7 @@
-//! Host programs the tests drive (bpftool, curl, iproute2, util-linux) and the Python SDKs the
-//! tests use as real clients. Installed from Debian's packages and PyPI when missing, so a
-//! fresh machine needs nothing done by hand.
+//! Host programs the tests and benchmarks drive (bpftool, curl, iproute2, util-linux; wrk,
+//! nginx, iptables) and the Python packages they use (boto3 as a real client, matplotlib for the
+//! benchmark chart). Installed from Debian's packages and PyPI when missing, so a fresh machine
+//! needs nothing done by hand.
 
 use std::{
     env,
@@ -12,13 +13,13 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd::run;
 
-/// A program the tests run, and the Debian package that provides it.
-struct Tool {
+/// A program, and the Debian package that provides it.
+pub struct Tool {
     bin: &'static str,
     package: &'static str,
 }
 
-const TEST_TOOLS: &[Tool] = &[
+pub const TEST_TOOLS: &[Tool] = &[
     Tool {
         bin: "bpftool",
         package: "bpftool",
@@ -37,8 +38,29 @@ const TEST_TOOLS: &[Tool] = &[
     },
 ];
 
-/// Python packages for the SDK tests, pinned so a test run is reproducible.
-const PYTHON_TEST_PACKAGES: &[&str] = &["boto3==1.44.5"];
+pub const BENCH_TOOLS: &[Tool] = &[
+    Tool {
+        bin: "wrk",
+        package: "wrk",
+    },
+    Tool {
+        bin: "nginx",
+        package: "nginx-light",
+    },
+    Tool {
+        bin: "iptables-restore",
+        package: "iptables",
+    },
+    Tool {
+        bin: "ip",
+        package: "iproute2",
+    },
+];
+
+/// Python packages, pinned so that runs are reproducible: the SDK the tests drive as a real
+/// client, and the benchmark's charting library.
+pub const PYTHON_TEST_PACKAGES: &[&str] = &["boto3==1.44.5"];
+pub const PYTHON_BENCH_PACKAGES: &[&str] = &["matplotlib==3.10.9"];
 
 /// Finds `bin` on PATH or in the sbin directories a non-root PATH may lack.
 pub fn which(bin: &str) -> Option<PathBuf> {
@@ -54,9 +76,9 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Installs the Debian packages for any missing test tool.
-pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = TEST_TOOLS
+/// Installs the Debian packages for any of `tools` that is missing.
+pub fn ensure_tools(tools: &[Tool]) -> Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|t| which(t.bin).is_none())
         .map(|t| t.package)
@@ -66,7 +88,7 @@ pub fn ensure_test_tools() -> Result<()> {
     }
     if !is_root() {
         bail!(
-            "the tests need these Debian packages: {} (run as root to install them)",
+            "these Debian packages are needed: {} (run as root to install them)",
             missing.join(" ")
         );
     }
@@ -86,20 +108,20 @@ pub fn ensure_test_tools() -> Result<()> {
     Ok(())
 }
 
-/// A virtualenv under `target/` with the Python SDKs the tests drive; returns its python.
-pub fn ensure_python_sdks(workspace: &Path) -> Result<PathBuf> {
-    let venv = workspace.join("target/test-venv");
+/// A virtualenv `target/<name>` with `packages` installed; returns its python.
+pub fn ensure_python(workspace: &Path, name: &str, packages: &[&str]) -> Result<PathBuf> {
+    let venv = workspace.join("target").join(name);
     let python = venv.join("bin/python");
     let stamp = venv.join(".installed");
-    let wanted = PYTHON_TEST_PACKAGES.join("\n");
+    let wanted = packages.join("\n");
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
         return Ok(python);
     }
-    let system_python = which("python3").context("python3 is needed for the SDK tests")?;
+    let system_python = which("python3").context("python3 is needed")?;
     eprintln!(
         "xtask: creating {} with {}",
         venv.display(),
-        PYTHON_TEST_PACKAGES.join(" ")
+        packages.join(" ")
     );
     run(Command::new(system_python)
         .args(["-m", "venv", "--clear"])
@@ -112,7 +134,7 @@ pub fn ensure_python_sdks(workspace: &Path) -> Result<PathBuf> {
             "--quiet",
             "--disable-pip-version-check",
         ])
-        .args(PYTHON_TEST_PACKAGES))?;
+        .args(packages))?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
 }

@@ -50,6 +50,16 @@ enum Task {
     },
     /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
     Lint,
+    /// Benchmarks against iptables DNAT and nginx (root): prints a table and writes
+    /// target/bench/{results.json,table.md,chart.png}. Installs wrk, nginx, iptables, matplotlib.
+    Bench {
+        /// Longer runs (several minutes) instead of the quick mode (under 2 minutes).
+        #[arg(long)]
+        full: bool,
+        /// Passed to the benchmark, e.g. `-- --only connect`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,8 +77,10 @@ fn run_task(task: Task) -> Result<()> {
     match task {
         Task::Setup => {
             build_ebpf(&workspace)?;
-            host::ensure_test_tools()?;
-            host::ensure_python_sdks(&workspace)?;
+            host::ensure_tools(host::TEST_TOOLS)?;
+            host::ensure_tools(host::BENCH_TOOLS)?;
+            host::ensure_python(&workspace, "test-venv", host::PYTHON_TEST_PACKAGES)?;
+            host::ensure_python(&workspace, "bench-venv", host::PYTHON_BENCH_PACKAGES)?;
             Ok(())
         }
         Task::BuildEbpf => build_ebpf(&workspace).map(|obj| println!("{}", obj.display())),
@@ -92,6 +104,7 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Test { release, args } => test(&workspace, release, &args),
         Task::Lint => lint(&workspace),
+        Task::Bench { full, args } => bench(&workspace, full, &args),
     }
 }
 
@@ -167,8 +180,12 @@ fn build(workspace: &Path, release: bool) -> Result<PathBuf> {
 fn test(workspace: &Path, release: bool, args: &[OsString]) -> Result<()> {
     let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let python = if host::is_root() {
-        host::ensure_test_tools()?;
-        Some(host::ensure_python_sdks(workspace)?)
+        host::ensure_tools(host::TEST_TOOLS)?;
+        Some(host::ensure_python(
+            workspace,
+            "test-venv",
+            host::PYTHON_TEST_PACKAGES,
+        )?)
     } else if ci {
         anyhow::bail!("CI=true: the real-kernel tests must run, and they need root");
     } else {
@@ -203,4 +220,28 @@ fn lint(workspace: &Path) -> Result<()> {
     ]))?;
     run(ebpf_cargo(workspace)?.args(["fmt", "--", "--check"]))?;
     run(ebpf_cargo(workspace)?.args(["clippy", "--release", "--", "-D", "warnings"]))
+}
+
+fn bench(workspace: &Path, full: bool, extra: &[OsString]) -> Result<()> {
+    if !host::is_root() {
+        anyhow::bail!(
+            "the benchmark makes network namespaces and cgroups and attaches programs: run it as root"
+        );
+    }
+    host::ensure_tools(host::BENCH_TOOLS)?;
+    let python = host::ensure_python(workspace, "bench-venv", host::PYTHON_BENCH_PACKAGES)?;
+    let object = build_ebpf(workspace)?;
+    run(host_cargo(workspace, &object)
+        .args([
+            "bench",
+            "--package",
+            "redirect-user",
+            "--bench",
+            "compare",
+            "--",
+        ])
+        .arg(if full { "--full" } else { "--quick" })
+        .args(extra)
+        .env("REDIRECT_BENCH_PYTHON", python)
+        .env("REDIRECT_BENCH_OUT", workspace.join("target/bench")))
 }

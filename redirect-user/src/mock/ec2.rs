@@ -68,6 +68,15 @@ pub enum HttpTokens {
     Required,
 }
 
+impl std::fmt::Display for HttpTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HttpTokens::Optional => "optional",
+            HttpTokens::Required => "required",
+        })
+    }
+}
+
 /// The values the mock serves. Every field has a default; `[ec2]` in the config overrides them.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -171,10 +180,6 @@ impl Ec2Mock {
             started: SystemTime::now(),
             root,
         }
-    }
-
-    pub fn http_tokens(&self) -> HttpTokens {
-        self.values.http_tokens
     }
 
     /// Answers one request. Only method, path and headers matter; the body is never read.

@@ -2,7 +2,9 @@
 //!
 //! Just before an upstream socket connects, its socket cookie goes into `EXEMPT_SOCKETS`; the
 //! connect4/connect6 programs leave exempt sockets alone. The entry is removed as soon as the
-//! connect has returned (or was abandoned), so the map holds only connects in flight. This holds
+//! connect has returned (or was abandoned), so the map holds only connects in flight, and
+//! `EXEMPT_ACTIVE` is non-zero exactly while it holds any: the programs skip the lookup
+//! otherwise. This holds
 //! wherever the daemon runs, including inside a cgroup it redirects, and unlike a socket mark it
 //! needs no routing-visible state and cannot be set by other processes.
 
@@ -12,10 +14,19 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
+
+use crate::ebpf::ExemptMaps;
 
 pub struct ExemptSockets {
-    map: Mutex<HashMap<MapData, u64, u8>>,
+    maps: Mutex<Maps>,
+}
+
+struct Maps {
+    sockets: HashMap<MapData, u64, u8>,
+    active: Array<MapData, u32>,
+    /// Entries in `sockets`; `active` mirrors whether it is non-zero.
+    in_flight: usize,
 }
 
 /// Removes the socket's exemption when dropped.
@@ -25,22 +36,32 @@ pub struct ExemptGuard {
 }
 
 impl ExemptSockets {
-    pub fn new(map: HashMap<MapData, u64, u8>) -> Arc<Self> {
+    pub fn new(maps: ExemptMaps) -> Arc<Self> {
         Arc::new(ExemptSockets {
-            map: Mutex::new(map),
+            maps: Mutex::new(Maps {
+                sockets: maps.sockets,
+                active: maps.active,
+                in_flight: 0,
+            }),
         })
     }
 
     /// Exempts `socket` until the returned guard is dropped. Call before connect().
     pub fn exempt(self: &Arc<Self>, socket: &impl AsRawFd) -> io::Result<ExemptGuard> {
         let cookie = socket_cookie(socket.as_raw_fd())?;
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(cookie, 1, 0)
-            .map_err(|e| {
-                io::Error::other(format!("exempting upstream socket from the redirect: {e}"))
-            })?;
+        let failed =
+            |e| io::Error::other(format!("exempting upstream socket from the redirect: {e}"));
+        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        // The flag goes up before the cookie goes in, so the programs never miss an entry.
+        if maps.in_flight == 0 {
+            maps.active.set(0, 1, 0).map_err(failed)?;
+        }
+        maps.in_flight += 1;
+        if let Err(e) = maps.sockets.insert(cookie, 1, 0) {
+            maps.release();
+            return Err(failed(e));
+        }
+        drop(maps);
         Ok(ExemptGuard {
             sockets: Arc::clone(self),
             cookie,
@@ -48,16 +69,29 @@ impl ExemptSockets {
     }
 }
 
+impl Maps {
+    /// One exemption fewer; the flag goes down with the last.
+    fn release(&mut self) {
+        self.in_flight -= 1;
+        if self.in_flight == 0
+            && let Err(e) = self.active.set(0, 0, 0)
+        {
+            tracing::warn!("clearing the exemption flag: {e}");
+        }
+    }
+}
+
 impl Drop for ExemptGuard {
     fn drop(&mut self) {
-        let mut map = self
+        let mut maps = self
             .sockets
-            .map
+            .maps
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = map.remove(&self.cookie) {
+        if let Err(e) = maps.sockets.remove(&self.cookie) {
             tracing::warn!("removing exemption of socket {}: {e}", self.cookie);
         }
+        maps.release();
     }
 }
 

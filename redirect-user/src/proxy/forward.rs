@@ -6,12 +6,9 @@
 //! `Via`. Upstream connections are pooled and exempt from the redirect (see `exempt`).
 
 use std::{
-    future::Future,
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -22,42 +19,42 @@ use hyper::{
     body::Incoming,
     header::{self, HeaderName, HeaderValue},
 };
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{Body, exempt::ExemptSockets};
+use super::{Body, exempt::ExemptSockets, pool::Pool, ticker::Ticker};
 use crate::config::UpstreamSettings;
 
-/// How long an idle upstream connection is kept for reuse.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Resolution of the upstream timeout.
+const DEADLINE_TICK: Duration = Duration::from_millis(100);
 
 pub struct Forwarder {
-    client: Client<UpstreamConnector, Incoming>,
+    pool: Arc<Pool>,
     settings: UpstreamSettings,
+    /// 100 ms clock for the upstream timeout (see `ticker`).
+    deadlines: Ticker,
 }
 
 impl Forwarder {
-    /// `exempt` is `None` only where no programs are loaded (unit tests).
+    /// `exempt` is `None` only where no programs are loaded (unit tests). Must be called
+    /// inside the runtime that will run the forwarding (it starts the deadline ticker there).
     pub fn new(settings: UpstreamSettings, exempt: Option<Arc<ExemptSockets>>) -> Self {
+        let authority = &settings.url.authority;
         let connector = UpstreamConnector {
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: authority.port_u16().unwrap_or(80),
             exempt,
             connect_timeout: settings.connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .http1_preserve_header_case(true)
-            // The client's own Host header goes upstream as it was sent.
-            .set_host(false)
-            .build(connector);
-        Forwarder { client, settings }
-    }
-
-    pub fn upstream(&self) -> String {
-        self.settings.url.to_string()
+        Forwarder {
+            pool: Pool::new(connector),
+            settings,
+            deadlines: Ticker::start(DEADLINE_TICK),
+        }
     }
 
     pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
@@ -68,20 +65,9 @@ impl Forwarder {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(self.settings.url.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-        {
-            Ok(uri) => uri,
-            Err(e) => {
-                return plain(
-                    StatusCode::BAD_REQUEST,
-                    format!("bad request target: {e}\n"),
-                );
-            }
-        };
+        // Origin form on the wire, as clients send it to a metadata service (an absolute-form
+        // target from a client that took us for a forward proxy is reduced to its path).
+        parts.uri = Uri::from(path_and_query);
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/1.0 clients may omit Host; the upstream is entitled to one.
             if let Ok(host) = HeaderValue::from_str(self.settings.url.authority.as_str()) {
@@ -90,21 +76,25 @@ impl Forwarder {
         }
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        let request = self.client.request(Request::from_parts(parts, body));
+        let request = self.pool.send(Request::from_parts(parts, body));
         let result = if long_poll {
             // GCE's wait_for_change holds the request open by design; its own timeout_sec
             // bounds it.
-            Ok(request.await)
+            Some(request.await)
         } else {
-            tokio::time::timeout(self.settings.timeout, request).await
+            tokio::select! {
+                biased;
+                response = request => Some(response),
+                () = self.deadlines.expire(self.settings.timeout) => None,
+            }
         };
         match result {
-            Ok(Ok(resp)) => {
+            Some(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Either::Right(body))
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 tracing::warn!("upstream {}: {}", self.settings.url, error_chain(&e));
                 plain(
                     StatusCode::BAD_GATEWAY,
@@ -115,7 +105,7 @@ impl Forwarder {
                     ),
                 )
             }
-            Err(_) => {
+            None => {
                 tracing::warn!(
                     "upstream {} sent no response within {:?}",
                     self.settings.url,
@@ -187,42 +177,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Connects to the upstream with its own sockets, each exempted from the redirect before its
 /// connect() and bounded by the connect timeout.
-#[derive(Clone)]
 pub struct UpstreamConnector {
+    host: String,
+    port: u16,
     exempt: Option<Arc<ExemptSockets>>,
     connect_timeout: Duration,
 }
 
-impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(uri).await.map(TokioIo::new) })
-    }
-}
-
 impl UpstreamConnector {
-    async fn connect(&self, uri: Uri) -> io::Result<TcpStream> {
-        let host = uri.host().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "upstream URI has no host")
-        })?;
-        let port = uri.port_u16().unwrap_or(80);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
+    pub async fn connect(&self) -> io::Result<TokioIo<TcpStream>> {
+        let addrs: Vec<SocketAddr> = match self.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, self.port)],
+            Err(_) => tokio::net::lookup_host((self.host.as_str(), self.port))
+                .await?
+                .collect(),
         };
         let mut last_error = None;
         for addr in addrs {
             match tokio::time::timeout(self.connect_timeout, self.connect_one(addr)).await {
-                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Ok(stream)) => return Ok(TokioIo::new(stream)),
                 Ok(Err(e)) => {
                     last_error = Some(io::Error::new(e.kind(), format!("connect to {addr}: {e}")))
                 }
@@ -238,7 +211,10 @@ impl UpstreamConnector {
             }
         }
         Err(last_error.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} has no address", self.host),
+            )
         }))
     }
 

@@ -1,8 +1,11 @@
 //! The HTTP/1.1 server that redirected connects land on, answering from the built-in mock or
 //! forwarding upstream.
 
+mod connection;
 pub mod exempt;
 pub mod forward;
+pub mod pool;
+pub mod ticker;
 
 use std::{
     net::SocketAddr,
@@ -15,30 +18,22 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-};
+use hyper::{Request, Response, body::Incoming};
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::mock::ec2::Ec2Mock;
 use forward::Forwarder;
+use ticker::Ticker;
 
 /// Response bodies: complete ones from the mock and error paths, streamed ones from upstream.
-pub type Body = Either<Full<Bytes>, Incoming>;
-
-/// A client that has not sent a complete request head within this time is disconnected.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub type Body = Either<Full<Bytes>, pool::PooledBody>;
 
 /// What answers the requests.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one instance per daemon, behind an Arc"
-)]
 pub enum Backend {
-    Ec2(Ec2Mock),
+    /// Shared by all workers: it holds no per-connection state.
+    Ec2(Arc<Ec2Mock>),
+    /// One per worker, so that each worker keeps its own upstream connections.
     Upstream(Forwarder),
 }
 
@@ -47,19 +42,6 @@ impl Backend {
         match self {
             Backend::Ec2(mock) => mock.handle(&req).map(|b| Either::Left(Full::new(b))),
             Backend::Upstream(forwarder) => forwarder.forward(req).await,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Backend::Ec2(mock) => format!(
-                "built-in EC2 mock (IMDSv2 tokens {})",
-                match mock.http_tokens() {
-                    crate::mock::ec2::HttpTokens::Optional => "optional",
-                    crate::mock::ec2::HttpTokens::Required => "required",
-                }
-            ),
-            Backend::Upstream(f) => format!("upstream {}", f.upstream()),
         }
     }
 }
@@ -72,6 +54,79 @@ pub struct ProxyStats {
     pub connections_open: AtomicU64,
 }
 
+/// The proxy's worker threads. Each runs a single-threaded runtime with its own listening
+/// sockets (SO_REUSEPORT: the kernel spreads connections over them) and its own backend, so a
+/// request, its upstream request and their wakeups stay on one thread, as in nginx's workers.
+/// Tokio's work-stealing runtime instead moved the two sides of a proxied request between
+/// threads, and each hop was a cross-CPU wakeup (see BENCHMARKS.md).
+pub struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stats: Vec<Arc<ProxyStats>>,
+}
+
+impl Workers {
+    /// Starts one worker per element of `listeners`, each serving `backend(i)`, which is
+    /// called on the worker's thread, inside its runtime.
+    pub fn spawn(
+        listeners: Vec<Vec<std::net::TcpListener>>,
+        backend: impl Fn(usize) -> Backend + Send + Sync + 'static,
+        shutdown: &CancellationToken,
+        grace: Duration,
+    ) -> std::io::Result<Self> {
+        let backend = Arc::new(backend);
+        let mut threads = Vec::new();
+        let mut stats = Vec::new();
+        for (i, listeners) in listeners.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let worker_stats = Arc::new(ProxyStats::default());
+            let backend = Arc::clone(&backend);
+            let (shutdown, thread_stats) = (shutdown.clone(), Arc::clone(&worker_stats));
+            let thread = std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let listeners: Vec<TcpListener> =
+                            match listeners.into_iter().map(TcpListener::from_std).collect() {
+                                Ok(listeners) => listeners,
+                                Err(e) => {
+                                    tracing::error!("proxy worker {i}: {e}");
+                                    return;
+                                }
+                            };
+                        let backend = Arc::new(backend(i));
+                        serve(listeners, backend, thread_stats, shutdown, grace).await;
+                    });
+                })?;
+            threads.push(thread);
+            stats.push(worker_stats);
+        }
+        Ok(Workers { threads, stats })
+    }
+
+    /// Each worker's counters.
+    pub fn stats(&self) -> Vec<Arc<ProxyStats>> {
+        self.stats.clone()
+    }
+
+    /// Waits for every worker to finish (they stop when the shutdown token is cancelled).
+    pub async fn join(self) {
+        let threads = self.threads;
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                if thread.join().is_err() {
+                    tracing::error!("a proxy worker panicked");
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            tracing::error!("waiting for the proxy workers failed");
+        }
+    }
+}
+
 /// Serves `listeners` until `shutdown` is cancelled, then lets open connections finish their
 /// current request for up to `grace` (idle keep-alive connections close at once).
 pub async fn serve(
@@ -81,24 +136,28 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = Arc::new(GracefulShutdown::new());
+    let sweep = Arc::new(Ticker::start(connection::IDLE_SWEEP));
+    let trimmer = connection::Trimmer::start(Arc::clone(&sweep));
+    let connections = TaskTracker::new();
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
         accept_loops.spawn(accept_loop(
             listener,
             Arc::clone(&backend),
             Arc::clone(&stats),
-            Arc::clone(&graceful),
+            Arc::clone(&sweep),
+            Arc::clone(&trimmer),
+            connections.clone(),
             shutdown.clone(),
         ));
     }
     accept_loops.join_all().await;
-    let graceful = Arc::into_inner(graceful).expect("the accept loops have ended");
-    let open = graceful.count();
+    connections.close();
+    let open = connections.len();
     if open > 0 {
         tracing::info!("waiting up to {grace:?} for {open} open connection(s)");
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -110,10 +169,11 @@ async fn accept_loop(
     listener: TcpListener,
     backend: Arc<Backend>,
     stats: Arc<ProxyStats>,
-    graceful: Arc<GracefulShutdown>,
+    sweep: Arc<Ticker>,
+    trimmer: Arc<connection::Trimmer>,
+    connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let preserve_case = matches!(*backend, Backend::Upstream(_));
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -130,24 +190,24 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        let backend = Arc::clone(&backend);
-        let stats_conn = Arc::clone(&stats);
-        let service = service_fn(move |req| {
-            let backend = Arc::clone(&backend);
-            let stats = Arc::clone(&stats_conn);
-            async move { Ok::<_, std::convert::Infallible>(handle(&backend, &stats, req, peer).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .preserve_header_case(preserve_case)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        let stats = Arc::clone(&stats);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("connection from {peer}: {e}");
-            }
+        let (backend, stats, sweep, trimmer, shutdown) = (
+            Arc::clone(&backend),
+            Arc::clone(&stats),
+            Arc::clone(&sweep),
+            Arc::clone(&trimmer),
+            shutdown.clone(),
+        );
+        connections.spawn(async move {
+            connection::serve(
+                stream,
+                peer,
+                backend,
+                Arc::clone(&stats),
+                sweep,
+                trimmer,
+                shutdown,
+            )
+            .await;
             stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }

@@ -313,6 +313,16 @@ impl Daemon {
     /// Starts `redirect run ARGS --control-socket <temp>` in `netns` (and `cgroup`, if given)
     /// and waits for its ready line.
     pub fn start(args: &[&str], netns: &NetNs, cgroup: Option<&Path>) -> Result<Self> {
+        Self::start_logging(args, netns, cgroup, "info,redirect=debug")
+    }
+
+    /// [`Daemon::start`] with the daemon's log filter (benchmarks keep per-request logs off).
+    pub fn start_logging(
+        args: &[&str],
+        netns: &NetNs,
+        cgroup: Option<&Path>,
+        log_filter: &str,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let control_socket = dir.path().join("control.sock");
         let mut cmd = command_in(DAEMON, cgroup, Some(netns))?;
@@ -320,7 +330,7 @@ impl Daemon {
             .args(args)
             .arg("--control-socket")
             .arg(&control_socket)
-            .env("REDIRECT_LOG", "info,redirect=debug")
+            .env("REDIRECT_LOG", log_filter)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

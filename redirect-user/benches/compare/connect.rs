@@ -1,0 +1,662 @@
+//! Connect path: one client connect + 1-byte exchange + close, thousands of times per row.
+//!
+//! Method, chosen for a noisy 2-vCPU VM where the rows differ by fractions of a microsecond:
+//! - Every configuration exists at once: one network namespace per iptables rule set (rules are
+//!   per namespace) and one cgroup per daemon configuration (programs attach per cgroup).
+//! - One client process measures all rows in interleaved batches. Between batches, outside the
+//!   timed part, it enters the row's namespace (setns) and cgroup (a socket belongs to the
+//!   cgroup of the process that creates it). So drift hits every row alike.
+//! - The client and the echo servers share one CPU: a connect and its exchange run without
+//!   cross-CPU wakeups, the largest source of noise on a VM.
+//! - The "proxy" is a 1-byte echo server on 10.255.0.1:9000 in each namespace, an address on
+//!   `lo` that is not loopback, so that iptables can DNAT to it as the seeds do to their proxy.
+//!   A route for 169.254.169.254 via `lo` exists everywhere: iptables only sees packets that
+//!   could be routed, while our program rewrites before routing.
+//! - The client closes with SO_LINGER 0 (RST): no TIME_WAIT piles up.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+    thread,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Mode,
+    support::{Daemon, NetNs, TestCgroup, child, command_in, sh},
+};
+
+const PROXY: &str = "10.255.0.1:9000";
+const IMDS: &str = "169.254.169.254:80";
+/// The CPU the client and the echo servers share.
+const CPU: usize = 1;
+/// Connects per batch; rows alternate batch by batch.
+const BATCH: usize = 100;
+
+/// One row of the connect table.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectRow {
+    pub key: String,
+    pub label: String,
+    pub samples: usize,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub mean_ns: u64,
+    pub connects_per_sec: f64,
+    /// What this row adds to the floor (L0) at p50: the median over rounds of (this row's batch
+    /// median - L0's batch median in the same round). Pairing batches measured moments apart
+    /// cancels the drift that dominates a VM's run-to-run variation.
+    pub added_p50_ns: i64,
+}
+
+/// The connect path's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectResults {
+    pub rows: Vec<ConnectRow>,
+    /// Average run time of connect4 per invocation from the kernel's BPF stats, when it
+    /// rewrites (a target) and when it does not (any other destination). The stats include
+    /// their own clock reads, so a bystander run is close to what any program costs here.
+    pub connect4_rewrite_ns: f64,
+    pub connect4_bystander_ns: f64,
+    /// The same figure for an empty connect4 program (`r0 = 1; exit`) measured alongside: what
+    /// the stats themselves (two clock reads and the call) cost on this machine.
+    pub empty_program_ns: f64,
+}
+
+impl ConnectResults {
+    pub fn row(&self, key: &str) -> Option<&ConnectRow> {
+        self.rows.iter().find(|r| r.key == key)
+    }
+}
+
+/// Where a row's connects happen: namespace (iptables rules), cgroup (our programs), target.
+#[derive(Clone, Copy)]
+enum Net {
+    Plain,
+    Dnat1,
+    Dnat1k,
+    Dnat10k,
+}
+
+#[derive(Clone, Copy)]
+enum Attached {
+    Nothing,
+    Ebpf1,
+    Ebpf1k,
+    Ebpf10k,
+}
+
+/// The rows, in table order: key, label, namespace, cgroup, destination.
+const ROWS: &[(&str, &str, Net, Attached, &str)] = &[
+    (
+        "L0",
+        "L0  plain connect to the proxy (floor)",
+        Net::Plain,
+        Attached::Nothing,
+        PROXY,
+    ),
+    (
+        "L1",
+        "L1  our programs attached, not a target",
+        Net::Plain,
+        Attached::Ebpf1,
+        PROXY,
+    ),
+    (
+        "L2",
+        "L2  169.254.169.254 via our connect4",
+        Net::Plain,
+        Attached::Ebpf1,
+        IMDS,
+    ),
+    (
+        "L3",
+        "L3  169.254.169.254 via 1 iptables DNAT rule",
+        Net::Dnat1,
+        Attached::Nothing,
+        IMDS,
+    ),
+    (
+        "L0dnat",
+        "L0  floor, with that DNAT rule present",
+        Net::Dnat1,
+        Attached::Nothing,
+        PROXY,
+    ),
+    (
+        "L2_1k",
+        "L4  connect4, 1,000 other entries",
+        Net::Plain,
+        Attached::Ebpf1k,
+        IMDS,
+    ),
+    (
+        "L2_10k",
+        "L4  connect4, 10,000 other entries",
+        Net::Plain,
+        Attached::Ebpf10k,
+        IMDS,
+    ),
+    (
+        "L3_1k",
+        "L4  DNAT, 1,000 other rules before it",
+        Net::Dnat1k,
+        Attached::Nothing,
+        IMDS,
+    ),
+    (
+        "L3_10k",
+        "L4  DNAT, 10,000 other rules before it",
+        Net::Dnat10k,
+        Attached::Nothing,
+        IMDS,
+    ),
+];
+
+/// One namespace with its echo server (and iptables rules, if any).
+struct Bed {
+    _echo: EchoServer,
+    ns: NetNs,
+}
+
+impl Bed {
+    fn new(dnat_others: Option<usize>) -> Result<Self> {
+        let ns = NetNs::new()?;
+        ns.ip(&["addr", "add", "10.255.0.1/32", "dev", "lo"])?;
+        ns.ip(&["route", "add", "169.254.169.254/32", "dev", "lo"])?;
+        if let Some(others) = dnat_others {
+            apply_nat_rules(&ns, others)?;
+        }
+        let echo = EchoServer::start(&ns, PROXY.parse()?)?;
+        Ok(Bed { _echo: echo, ns })
+    }
+}
+
+pub fn run(mode: &Mode) -> Result<ConnectResults> {
+    let dir = tempfile::tempdir()?;
+    let beds = [
+        Bed::new(None)?,
+        Bed::new(Some(0))?,
+        Bed::new(Some(1_000))?,
+        Bed::new(Some(10_000))?,
+    ];
+    let cg = TestCgroup::new()?;
+    let cgroups = [
+        cg.child("none")?,
+        cg.child("ebpf1")?,
+        cg.child("ebpf1k")?,
+        cg.child("ebpf10k")?,
+    ];
+    let empty_cgroup = cg.child("empty")?;
+    // Daemons live in the plain namespace; with --redirect-to they serve nothing themselves.
+    let plain = &beds[Net::Plain as usize].ns;
+    let daemons = [
+        redirect_only(plain, &cgroups[Attached::Ebpf1 as usize], 0, dir.path())?,
+        redirect_only(
+            plain,
+            &cgroups[Attached::Ebpf1k as usize],
+            1_000,
+            dir.path(),
+        )?,
+        redirect_only(
+            plain,
+            &cgroups[Attached::Ebpf10k as usize],
+            10_000,
+            dir.path(),
+        )?,
+    ];
+    let plan: Vec<PlanRow> = ROWS
+        .iter()
+        .map(|&(key, _, net, attached, dest)| PlanRow {
+            key: key.to_owned(),
+            netns: beds[net as usize].ns.path(),
+            cgroup: cgroups[attached as usize].clone(),
+            dest: dest.parse().expect("constant addresses"),
+        })
+        .collect();
+    eprintln!(
+        "bench: connect path, {} rows x {} connects",
+        ROWS.len(),
+        mode.connect_samples
+    );
+    let mut measured = measure(&plan, mode.connect_samples, mode.connect_warmup)?;
+    let floor = measured
+        .get("L0")
+        .context("L0 not measured")?
+        .batch_medians_ns
+        .clone();
+    let rows = ROWS
+        .iter()
+        .map(|&(key, label, ..)| {
+            let m = measured
+                .remove(key)
+                .with_context(|| format!("row {key} not measured"))?;
+            Ok(summarize(key, label, m, &floor))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // The run time per invocation, with the kernel's BPF stats on only for this part (they
+    // cost two clock reads per run and would skew the rows above).
+    let l1_l2: Vec<PlanRow> = plan
+        .iter()
+        .filter(|r| r.key == "L1" || r.key == "L2")
+        .cloned()
+        .collect();
+    let empty_row = PlanRow {
+        key: "empty".to_owned(),
+        cgroup: empty_cgroup.clone(),
+        ..l1_l2[0].clone()
+    };
+    let empty = EmptyProgram::attach(&empty_cgroup)?;
+    let stats = BpfStats::enable()?;
+    let per_row = (mode.connect_samples / 2).max(BATCH);
+    let before = connect4_stats(&daemons[0], plain)?;
+    measure(&l1_l2[1..], per_row, 0)?;
+    let after_rewrites = connect4_stats(&daemons[0], plain)?;
+    measure(&l1_l2[..1], per_row, 0)?;
+    let after_bystanders = connect4_stats(&daemons[0], plain)?;
+    let empty_before = empty.stats()?;
+    measure(std::slice::from_ref(&empty_row), per_row, 0)?;
+    let empty_after = empty.stats()?;
+    drop(stats);
+    Ok(ConnectResults {
+        rows,
+        connect4_rewrite_ns: average(before, after_rewrites)?,
+        connect4_bystander_ns: average(after_rewrites, after_bystanders)?,
+        empty_program_ns: average(empty_before, empty_after)?,
+    })
+}
+
+/// One row as the client needs it.
+#[derive(Clone, Serialize, Deserialize)]
+struct PlanRow {
+    key: String,
+    netns: PathBuf,
+    cgroup: PathBuf,
+    dest: SocketAddr,
+}
+
+#[derive(Default, Deserialize)]
+struct Measured {
+    samples_ns: Vec<u64>,
+    /// Median of each batch, in measurement order (one per round).
+    batch_medians_ns: Vec<u64>,
+    elapsed_ns: u64,
+}
+
+/// Runs the client (role `connect-loop`) over `plan`: `per_row` timed connects per row after
+/// `warmup` untimed ones.
+fn measure(plan: &[PlanRow], per_row: usize, warmup: usize) -> Result<BTreeMap<String, Measured>> {
+    let dir = tempfile::tempdir()?;
+    let plan_path = dir.path().join("plan.json");
+    std::fs::write(&plan_path, serde_json::to_vec(plan)?)?;
+    let out = sh(command_in(std::env::current_exe()?, None, None)?
+        .env(child::ROLE_ENV, "connect-loop")
+        .arg(&plan_path)
+        .arg(per_row.to_string())
+        .arg(warmup.to_string()))?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+fn summarize(key: &str, label: &str, mut m: Measured, floor: &[u64]) -> ConnectRow {
+    m.samples_ns.sort_unstable();
+    let n = m.samples_ns.len();
+    let at = |pct: usize| m.samples_ns[(n * pct / 100).min(n - 1)];
+    let mut added: Vec<i64> = m
+        .batch_medians_ns
+        .iter()
+        .zip(floor)
+        .map(|(&row, &l0)| row as i64 - l0 as i64)
+        .collect();
+    added.sort_unstable();
+    ConnectRow {
+        added_p50_ns: added.get(added.len() / 2).copied().unwrap_or(0),
+        key: key.to_owned(),
+        label: label.to_owned(),
+        samples: n,
+        p50_ns: at(50),
+        p99_ns: at(99),
+        mean_ns: m.samples_ns.iter().sum::<u64>() / n as u64,
+        connects_per_sec: n as f64 / (m.elapsed_ns as f64 / 1e9),
+    }
+}
+
+/// Role `connect-loop PLAN N WARMUP`: for each row of the plan (a JSON file), N timed connects
+/// in batches that alternate between rows. Prints {key: {samples_ns, elapsed_ns}}.
+pub fn connect_loop(args: &[String]) -> Result<()> {
+    let [plan, per_row, warmup] = args else {
+        bail!("usage: connect-loop PLAN N WARMUP");
+    };
+    let plan: Vec<PlanRow> = serde_json::from_slice(&std::fs::read(plan)?)?;
+    let (per_row, warmup): (usize, usize) = (per_row.parse()?, warmup.parse()?);
+    if let Some(cpu) = client_cpu() {
+        pin_to_cpu(cpu)?;
+    }
+    let places: Vec<(File, File)> = plan
+        .iter()
+        .map(|row| {
+            let ns = File::open(&row.netns)?;
+            let procs = File::options()
+                .write(true)
+                .open(row.cgroup.join("cgroup.procs"))?;
+            Ok((ns, procs))
+        })
+        .collect::<Result<_>>()?;
+    let mut results: Vec<Measured> = plan.iter().map(|_| Measured::default()).collect();
+    let enter = |(ns, procs): &(File, File)| -> Result<()> {
+        // SAFETY: valid descriptors of a network namespace and a cgroup.procs file.
+        ensure!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0,
+            "setns"
+        );
+        (&*procs)
+            .write_all(b"0")
+            .context("moving into the row's cgroup")?;
+        Ok(())
+    };
+    for (row, place) in plan.iter().zip(&places) {
+        enter(place)?;
+        for _ in 0..warmup {
+            exchange(row.dest)?;
+        }
+    }
+    let mut done = 0;
+    while done < per_row {
+        let batch = BATCH.min(per_row - done);
+        for ((row, place), result) in plan.iter().zip(&places).zip(&mut results) {
+            enter(place)?;
+            let start = Instant::now();
+            let first = result.samples_ns.len();
+            for _ in 0..batch {
+                let t0 = Instant::now();
+                exchange(row.dest)?;
+                result.samples_ns.push(t0.elapsed().as_nanos() as u64);
+            }
+            result.elapsed_ns += start.elapsed().as_nanos() as u64;
+            let mut this_batch = result.samples_ns[first..].to_vec();
+            this_batch.sort_unstable();
+            result
+                .batch_medians_ns
+                .push(this_batch[this_batch.len() / 2]);
+        }
+        done += batch;
+    }
+    let out: serde_json::Map<String, serde_json::Value> = plan
+        .iter()
+        .zip(results)
+        .map(|(row, m)| {
+            (
+                row.key.clone(),
+                serde_json::json!({
+                    "samples_ns": m.samples_ns,
+                    "batch_medians_ns": m.batch_medians_ns,
+                    "elapsed_ns": m.elapsed_ns,
+                }),
+            )
+        })
+        .collect();
+    println!("{}", serde_json::Value::Object(out));
+    Ok(())
+}
+
+/// connect, send one byte, read it back, close with RST.
+fn exchange(dest: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(dest).with_context(|| format!("connect {dest}"))?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    stream.write_all(&[1])?;
+    let mut byte = [0u8];
+    stream.read_exact(&mut byte)?;
+    Ok(())
+}
+
+/// CPU placement: `REDIRECT_BENCH_PIN` = `split` (default: client on [`CPU`], echo servers
+/// on the other), `same` (all on [`CPU`]) or `none`.
+fn placement() -> String {
+    std::env::var("REDIRECT_BENCH_PIN").unwrap_or_else(|_| "split".to_owned())
+}
+
+fn client_cpu() -> Option<usize> {
+    (placement() != "none").then_some(CPU)
+}
+
+fn server_cpu() -> Option<usize> {
+    match placement().as_str() {
+        "none" => None,
+        "split" => Some(CPU - 1),
+        _ => Some(CPU),
+    }
+}
+
+/// Pins the calling thread (and so a single-threaded process) to `cpu`, if the machine has it.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu.min(cpus - 1), &mut set);
+        ensure!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Accepts, echoes one byte, closes; one connection at a time, like the client.
+struct EchoServer {
+    listener: TcpListener,
+}
+
+impl EchoServer {
+    fn start(ns: &NetNs, addr: SocketAddr) -> Result<Self> {
+        let listener = ns.run(move || TcpListener::bind(addr))??;
+        let accepting = listener.try_clone()?;
+        thread::spawn(move || {
+            if let Some(cpu) = server_cpu() {
+                let _ = pin_to_cpu(cpu);
+            }
+            for stream in accepting.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut byte = [0u8];
+                if stream.read_exact(&mut byte).is_ok() {
+                    let _ = stream.write_all(&byte);
+                }
+            }
+        });
+        Ok(EchoServer { listener })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        // SAFETY: shutdown(2) on our own listening socket wakes and ends the accept loop.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+/// A daemon that only redirects (to the echo server), with `others` targets besides
+/// 169.254.169.254:80 in its maps. `REDIRECT_BENCH_EBPF_OBJECT` swaps in another object
+/// (for comparing program variants).
+fn redirect_only(ns: &NetNs, cgroup: &Path, others: usize, dir: &Path) -> Result<Daemon> {
+    let config = dir.join(format!("targets-{others}.toml"));
+    let mut targets = vec![format!("\"{IMDS}\"")];
+    targets.extend((0..others).map(|i| format!("\"{}:80\"", other_address(i))));
+    std::fs::write(
+        &config,
+        format!(
+            "redirect_to = [\"{PROXY}\"]\ntargets = [{}]\n",
+            targets.join(", ")
+        ),
+    )?;
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--cgroup",
+        cgroup.to_str().unwrap(),
+    ];
+    let object = std::env::var("REDIRECT_BENCH_EBPF_OBJECT").ok();
+    if let Some(object) = &object {
+        args.extend(["--ebpf-object", object]);
+    }
+    Daemon::start_logging(&args, ns, None, "info")
+}
+
+/// Distinct addresses in 10.0.0.0/8 (outside 10.255.0.0/16, where the proxy lives).
+fn other_address(i: usize) -> String {
+    format!("10.{}.{}.{}", 1 + i / 65_536, (i / 256) % 256, i % 256)
+}
+
+/// Fills the nat OUTPUT chain of `ns` with `others` DNAT rules for other destinations, then
+/// the metadata rule. The rules go away with the namespace.
+fn apply_nat_rules(ns: &NetNs, others: usize) -> Result<()> {
+    let mut rules = String::from("*nat\n:OUTPUT ACCEPT [0:0]\n");
+    for i in 0..others {
+        rules.push_str(&format!(
+            "-A OUTPUT -d {}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {PROXY}\n",
+            other_address(i)
+        ));
+    }
+    rules.push_str(&format!(
+        "-A OUTPUT -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination {PROXY}\nCOMMIT\n"
+    ));
+    let mut restore = command_in("iptables-restore", None, Some(ns))?
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("iptables-restore")?;
+    restore
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
+    ensure!(restore.wait()?.success(), "iptables-restore failed");
+    Ok(())
+}
+
+/// Turns on the kernel's BPF run-time statistics while it lives.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let before = std::fs::read_to_string(BPF_STATS)?;
+        std::fs::write(BPF_STATS, "1")?;
+        Ok(BpfStats { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.before.trim());
+    }
+}
+
+/// (runs, total ns) of the daemon's connect4 program.
+fn connect4_stats(daemon: &Daemon, ns: &NetNs) -> Result<(u64, u64)> {
+    let status = daemon.status(ns)?;
+    let p = status["programs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
+        .context("no connect4 in status")?;
+    Ok((
+        p["run_count"].as_u64().unwrap_or(0),
+        p["run_time_ns"].as_u64().unwrap_or(0),
+    ))
+}
+
+fn average((count0, time0): (u64, u64), (count1, time1): (u64, u64)) -> Result<f64> {
+    ensure!(count1 > count0, "no connect4 runs were counted");
+    Ok((time1 - time0) as f64 / (count1 - count0) as f64)
+}
+
+/// An empty cgroup/connect4 program (`r0 = 1; exit`), loaded and attached with raw bpf(2)
+/// calls: the calibration for the kernel's BPF run-time stats. Detached and unloaded on drop
+/// (closing its descriptors).
+struct EmptyProgram {
+    _prog: std::os::fd::OwnedFd,
+    _link: std::os::fd::OwnedFd,
+}
+
+// From include/uapi/linux/bpf.h.
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const EMPTY_PROGRAM_NAME: &str = "rd_bench_empty";
+
+impl EmptyProgram {
+    fn attach(cgroup: &Path) -> Result<Self> {
+        // r0 = 1 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+        ];
+        let license = c"GPL";
+        // union bpf_attr for BPF_PROG_LOAD: prog_type @0, insn_cnt @4, insns @8, license @16,
+        // log_level, log_size, log_buf, kern_version, prog_flags, prog_name[16] @48,
+        // prog_ifindex @64, expected_attach_type @68.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_CGROUP_SOCK_ADDR.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[48..48 + EMPTY_PROGRAM_NAME.len()].copy_from_slice(EMPTY_PROGRAM_NAME.as_bytes());
+        attr[68..72].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        let prog = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
+        let cgroup_dir = File::open(cgroup)?;
+        // BPF_LINK_CREATE: prog_fd @0, target_fd @4, attach_type @8, flags @12.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(cgroup_dir.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        let link = bpf(BPF_LINK_CREATE, &mut attr).context("attaching the empty program")?;
+        Ok(EmptyProgram {
+            _prog: prog,
+            _link: link,
+        })
+    }
+
+    /// (runs, total ns) from the kernel's program info.
+    fn stats(&self) -> Result<(u64, u64)> {
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.name_as_str() == Some(EMPTY_PROGRAM_NAME))
+            .context("the empty program is not loaded")?;
+        Ok((info.run_count(), info.run_time().as_nanos() as u64))
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `attr` is a zero-padded bpf_attr of the size passed; the pointers in it outlive
+    // the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    ensure!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -1,0 +1,461 @@
+//! HTTP path: `GET /latest/meta-data/instance-id` with wrk, in one benchmark namespace.
+//!
+//! - H0: wrk -> our built-in mock (127.0.0.1:8080), no redirect.
+//! - H1: wrk -> 169.254.169.254:80, redirected by our daemon to its proxy (127.0.0.1:8169),
+//!   which forwards to the mock over pooled connections.
+//! - H2: wrk -> 169.254.169.254:80, redirected by our daemon (`--redirect-to`) to nginx
+//!   (127.0.0.1:8170), which forwards to the mock with upstream keepalive.
+//!
+//! wrk runs in the cgroup the respective daemon redirects. For each row the three targets run
+//! back to back, so drift on a noisy machine hits them alike.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::Serialize;
+
+use crate::{
+    Mode,
+    support::{Daemon, NetNs, TestCgroup, child, command_in, host_program},
+};
+
+const MOCK: &str = "127.0.0.1:8080";
+const OUR_PROXY: &str = "127.0.0.1:8169";
+const NGINX: &str = "127.0.0.1:8170";
+const DIRECT_URL: &str = "http://127.0.0.1:8080/latest/meta-data/instance-id";
+const IMDS_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
+
+pub const TARGETS: [(&str, &str); 3] = [
+    ("H0", "our mock, direct"),
+    ("H1", "redirect + our proxy"),
+    ("H2", "redirect + nginx"),
+];
+
+/// A row: (key, label, connections, script kind).
+const ROWS: [(&str, &str, u32, Script); 4] = [
+    ("ka1", "keep-alive, 1 connection", 1, Script::Plain),
+    ("ka32", "keep-alive, 32 connections", 32, Script::Plain),
+    (
+        "close32",
+        "new connection per request, 32",
+        32,
+        Script::Close,
+    ),
+    (
+        "flow1",
+        "IMDSv2 PUT+GET flow, 1 connection",
+        1,
+        Script::TokenFlow,
+    ),
+];
+
+#[derive(Clone, Copy)]
+enum Script {
+    Plain,
+    Close,
+    TokenFlow,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpCell {
+    pub target: String,
+    pub requests_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub requests: u64,
+    /// Socket errors and non-2xx answers; a cell with errors is not a valid measurement.
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRow {
+    pub key: String,
+    pub label: String,
+    pub connections: u32,
+    pub cells: Vec<HttpCell>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub held_connections: usize,
+    /// Our proxy daemon (H1), right after start.
+    pub daemon_idle_kb: u64,
+    /// The same daemon holding `held_connections` idle keep-alive client connections.
+    pub daemon_held_kb: u64,
+    /// nginx (master and workers) idle and holding the same number of connections.
+    pub nginx_idle_kb: u64,
+    pub nginx_held_kb: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpResults {
+    pub rows: Vec<HttpRow>,
+    pub memory: Memory,
+}
+
+impl HttpResults {
+    pub fn cell(&self, row: &str, target: &str) -> Option<&HttpCell> {
+        self.rows
+            .iter()
+            .find(|r| r.key == row)?
+            .cells
+            .iter()
+            .find(|c| c.target == target)
+    }
+}
+
+pub fn run(mode: &Mode) -> Result<HttpResults> {
+    let ns = NetNs::new()?;
+    ns.ip(&["route", "add", "169.254.169.254/32", "dev", "lo"])?;
+    let cg = TestCgroup::new()?;
+    let (unused, plain, via_ours, via_nginx) = (
+        cg.child("unused")?,
+        cg.child("direct")?,
+        cg.child("h1")?,
+        cg.child("h2")?,
+    );
+    let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info");
+    // The mock is attached to an empty cgroup: it only serves.
+    let _mock = quiet(&["--mock", "--listen", MOCK, "--cgroup", path(&unused)])?;
+    let ours = quiet(&[
+        "--upstream",
+        &format!("http://{MOCK}"),
+        "--listen",
+        OUR_PROXY,
+        "--cgroup",
+        path(&via_ours),
+    ])?;
+    let daemon_idle_kb = rss_kb(ours.pid())?;
+    let nginx = Nginx::start(&ns, NGINX, MOCK)?;
+    let nginx_idle_kb = nginx.rss_kb()?;
+    let _to_nginx = quiet(&["--redirect-to", NGINX, "--cgroup", path(&via_nginx)])?;
+
+    let dir = tempfile::tempdir()?;
+    let targets = [
+        (&plain, DIRECT_URL),
+        (&via_ours, IMDS_URL),
+        (&via_nginx, IMDS_URL),
+    ];
+    // Warm caches and connection pools; not recorded.
+    for (cgroup, url) in targets {
+        wrk(
+            &ns,
+            cgroup,
+            url,
+            32,
+            Duration::from_secs(1),
+            Script::Plain,
+            dir.path(),
+        )?;
+    }
+    let mut rows = Vec::new();
+    for (key, label, connections, script) in ROWS {
+        eprintln!("bench: HTTP path, {label}");
+        let mut cells = Vec::new();
+        for ((target, _), (cgroup, url)) in TARGETS.iter().zip(targets) {
+            let mut cell = wrk(
+                &ns,
+                cgroup,
+                url,
+                connections,
+                mode.http_duration,
+                script,
+                dir.path(),
+            )?;
+            cell.target = (*target).to_owned();
+            cells.push(cell);
+        }
+        rows.push(HttpRow {
+            key: key.to_owned(),
+            label: label.to_owned(),
+            connections,
+            cells,
+        });
+    }
+
+    eprintln!("bench: holding {} connections", mode.held_connections);
+    let daemon_held_kb = {
+        let _held = Holder::open(&ns, &via_ours, mode.held_connections)?;
+        rss_kb(ours.pid())?
+    };
+    let nginx_held_kb = {
+        let _held = Holder::open(&ns, &via_nginx, mode.held_connections)?;
+        nginx.rss_kb()?
+    };
+    Ok(HttpResults {
+        rows,
+        memory: Memory {
+            held_connections: mode.held_connections,
+            daemon_idle_kb,
+            daemon_held_kb,
+            nginx_idle_kb,
+            nginx_held_kb,
+        },
+    })
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+const DONE: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout + e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+
+const CLOSE: &str = r#"wrk.headers["Connection"] = "close""#;
+
+// Requests are built in request(), after wrk has set its Host header (built at load time they
+// would lack Host, which HTTP/1.1 servers such as nginx rightly refuse with 400).
+const TOKEN_FLOW: &str = r#"
+local token = nil
+local turn = 0
+local put = nil
+request = function()
+  turn = turn + 1
+  if put == nil then
+    put = wrk.format("PUT", "/latest/api/token", {["X-aws-ec2-metadata-token-ttl-seconds"] = "21600"})
+  end
+  if token == nil or turn % 2 == 1 then return put end
+  return wrk.format("GET", "/latest/meta-data/instance-id", {["X-aws-ec2-metadata-token"] = token})
+end
+response = function(status, headers, body)
+  if headers["x-aws-ec2-metadata-token-ttl-seconds"] or headers["X-aws-ec2-metadata-token-ttl-seconds"] then
+    token = body
+  end
+end
+"#;
+
+/// One wrk run (one thread; `connections` connections) from inside `cgroup`.
+fn wrk(
+    ns: &NetNs,
+    cgroup: &Path,
+    url: &str,
+    connections: u32,
+    duration: Duration,
+    script: Script,
+    dir: &Path,
+) -> Result<HttpCell> {
+    let body = match script {
+        Script::Plain => "",
+        Script::Close => CLOSE,
+        Script::TokenFlow => TOKEN_FLOW,
+    };
+    let script_path = dir.join("bench.lua");
+    std::fs::write(&script_path, format!("{body}\n{DONE}"))?;
+    let out = crate::support::sh(
+        command_in(host_program("wrk")?, Some(cgroup), Some(ns))?
+            .args(["-t1", "-c", &connections.to_string()])
+            .args(["-d", &format!("{}s", duration.as_secs().max(1))])
+            .args(["--timeout", "5s", "-s", path(&script_path), url]),
+    )?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no summary from wrk:\n{out}"))?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let requests = v["requests"].as_u64().context("requests")?;
+    let duration_us = v["duration_us"].as_u64().context("duration")?.max(1);
+    Ok(HttpCell {
+        target: String::new(),
+        requests_per_sec: requests as f64 / (duration_us as f64 / 1e6),
+        p50_us: v["p50_us"].as_u64().context("p50")?,
+        p99_us: v["p99_us"].as_u64().context("p99")?,
+        requests,
+        errors: v["errors"].as_u64().context("errors")?,
+    })
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kb(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS for pid {pid}"))
+}
+
+/// nginx in the benchmark namespace, proxying to the mock with upstream keepalive, with as
+/// many workers as CPUs (our daemon's runtime has as many threads). Stopped on drop.
+struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(ns: &NetNs, listen: &str, upstream: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes auto;\nworker_rlimit_nofile 65536;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 32768; }}\n\
+             http {{\n  access_log off;\n  upstream metadata {{ server {upstream}; keepalive 64; }}\n\
+               server {{\n    listen {listen};\n    keepalive_requests 1000000;\n    location / {{\n\
+                 proxy_pass http://metadata;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+                 proxy_set_header Host $host;\n    }}\n  }}\n}}\n"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = command_in(host_program("nginx")?, None, Some(ns))?
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let nginx = Nginx { child, _dir: dir };
+        let addr: SocketAddr = listen.parse()?;
+        let up = ns.run(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if TcpStream::connect(addr).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        })?;
+        ensure!(up, "nginx did not start listening on {listen}");
+        Ok(nginx)
+    }
+
+    /// Master and workers.
+    fn rss_kb(&self) -> Result<u64> {
+        let master = self.child.id();
+        let mut total = rss_kb(master)?;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // Field 4, after the parenthesised command name, is the parent pid.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if parent == Some(master)
+                && let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok())
+            {
+                total += rss_kb(pid)?;
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A child (role `hold`) in `cgroup` holding `n` idle keep-alive connections to
+/// 169.254.169.254:80, each after one request; they close when this is dropped.
+struct Holder {
+    child: Child,
+}
+
+impl Holder {
+    fn open(ns: &NetNs, cgroup: &Path, n: usize) -> Result<Self> {
+        let mut child = command_in(std::env::current_exe()?, Some(cgroup), Some(ns))?
+            .env(child::ROLE_ENV, "hold")
+            .args(["169.254.169.254:80", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if line.trim() != format!("open {n}") {
+            let _ = child.kill();
+            let status = child.wait()?;
+            bail!("holder failed ({status}): {line}");
+        }
+        Ok(Holder { child })
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Role `hold ADDR N`: opens N connections, one request each, prints `open N`, then keeps
+/// them until stdin closes.
+pub fn hold_connections(args: &[String]) -> Result<()> {
+    let [addr, n] = args else {
+        bail!("usage: hold ADDR N");
+    };
+    let addr: SocketAddr = addr.parse()?;
+    let n: usize = n.parse()?;
+    raise_nofile();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut stream = TcpStream::connect(addr).with_context(|| format!("connection {i}"))?;
+        stream.write_all(
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n",
+        )?;
+        read_response(&mut stream).with_context(|| format!("response on connection {i}"))?;
+        held.push(stream);
+    }
+    println!("open {n}");
+    std::io::stdout().flush()?;
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body.
+fn read_response(stream: &mut TcpStream) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        ensure!(n > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        ensure!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no content-length")?;
+        if buf.len() >= end + 4 + length {
+            return Ok(());
+        }
+    }
+}
+
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The benchmark's output: one table on stdout, `results.json`, `table.md` (for
+//! BENCHMARKS.md) and `chart.png`, plus the issue's targets checked against this run.
+
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, ensure};
+use serde::Serialize;
+
+use crate::{
+    Mode,
+    connect::ConnectResults,
+    http::{HttpResults, TARGETS},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub mode: Mode,
+    pub machine: Machine,
+    pub seconds: f64,
+    pub connect: Option<ConnectResults>,
+    pub http: Option<HttpResults>,
+    pub checks: Vec<Check>,
+}
+
+impl Results {
+    pub fn new(
+        mode: Mode,
+        connect: Option<ConnectResults>,
+        http: Option<HttpResults>,
+        took: Duration,
+    ) -> Self {
+        let mut checks = Vec::new();
+        if let Some(c) = &connect {
+            connect_checks(c, &mut checks);
+        }
+        if let Some(h) = &http {
+            http_checks(h, &mut checks);
+        }
+        Results {
+            mode,
+            machine: machine(),
+            seconds: took.as_secs_f64(),
+            connect,
+            http,
+            checks,
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "\nredirect benchmark ({} mode) on {} CPU(s) {}, kernel {}\n",
+            self.mode.name, m.cpus, m.cpu, m.kernel
+        );
+        if let Some(connect) = &self.connect {
+            let floor = connect.row("L0").map_or(1, |r| r.p50_ns.max(1));
+            let _ = writeln!(
+                s,
+                "Connect path: connect + 1-byte exchange + close, {} samples per row",
+                self.mode.connect_samples
+            );
+            let _ = writeln!(
+                s,
+                "  {:<46} {:>8} {:>8} {:>10} {:>9} {:>12}",
+                "row", "p50 us", "p99 us", "conn/s", "p50 / L0", "adds us"
+            );
+            for r in &connect.rows {
+                let _ = writeln!(
+                    s,
+                    "  {:<46} {:>8.1} {:>8.1} {:>10.0} {:>9.2} {:>+12.2}",
+                    r.label,
+                    r.p50_ns as f64 / 1e3,
+                    r.p99_ns as f64 / 1e3,
+                    r.connects_per_sec,
+                    r.p50_ns as f64 / floor as f64,
+                    r.added_p50_ns as f64 / 1e3
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  connect4 run time (kernel BPF stats): {:.0} ns when it rewrites, {:.0} ns for other destinations;\n  an empty program measures {:.0} ns here, so connect4's own cost is {:.0} ns / {:.0} ns\n",
+                connect.connect4_rewrite_ns,
+                connect.connect4_bystander_ns,
+                connect.empty_program_ns,
+                connect.connect4_rewrite_ns - connect.empty_program_ns,
+                connect.connect4_bystander_ns - connect.empty_program_ns
+            );
+        }
+        if let Some(http) = &self.http {
+            let _ = writeln!(
+                s,
+                "HTTP path: GET /latest/meta-data/instance-id, wrk -t1, {:.0} s per cell (requests/s, p50 us, p99 us)",
+                self.mode.http_duration.as_secs_f64()
+            );
+            let _ = write!(s, "  {:<36}", "row");
+            for (key, label) in TARGETS {
+                let _ = write!(s, " {:>28}", format!("{key} {label}"));
+            }
+            let _ = writeln!(s);
+            for row in &http.rows {
+                let _ = write!(s, "  {:<36}", row.label);
+                for c in &row.cells {
+                    let errors = if c.errors > 0 {
+                        format!(" ({} err)", c.errors)
+                    } else {
+                        String::new()
+                    };
+                    let _ = write!(
+                        s,
+                        " {:>28}",
+                        format!(
+                            "{:.0} {} {}{errors}",
+                            c.requests_per_sec, c.p50_us, c.p99_us
+                        )
+                    );
+                }
+                let _ = writeln!(s);
+            }
+            let mem = &http.memory;
+            let _ = writeln!(
+                s,
+                "  RSS: our proxy daemon {:.1} MB idle, {:.1} MB with {} connections; nginx {:.1} MB idle, {:.1} MB with {}\n",
+                mb(mem.daemon_idle_kb),
+                mb(mem.daemon_held_kb),
+                mem.held_connections,
+                mb(mem.nginx_idle_kb),
+                mb(mem.nginx_held_kb),
+                mem.held_connections
+            );
+        }
+        let _ = writeln!(s, "Targets (issue 3):");
+        for c in &self.checks {
+            let _ = writeln!(
+                s,
+                "  [{}] {}: {}",
+                if c.met { "met " } else { "MISS" },
+                c.target,
+                c.measured
+            );
+        }
+        s
+    }
+
+    /// The same tables in Markdown, for BENCHMARKS.md.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "{} mode, {} CPU(s) {}, kernel {}, {:.0} s.\n",
+            self.mode.name, m.cpus, m.cpu, m.kernel, self.seconds
+        );
+        if let Some(connect) = &self.connect {
+            let floor = connect.row("L0").map_or(1, |r| r.p50_ns.max(1));
+            let _ = writeln!(
+                s,
+                "| connect path | p50 µs | p99 µs | connects/s | p50 / L0 | adds to L0 (paired), µs |"
+            );
+            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+            for r in &connect.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.1} | {:.1} | {:.0} | {:.2} | {:+.2} |",
+                    r.label,
+                    r.p50_ns as f64 / 1e3,
+                    r.p99_ns as f64 / 1e3,
+                    r.connects_per_sec,
+                    r.p50_ns as f64 / floor as f64,
+                    r.added_p50_ns as f64 / 1e3
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nconnect4 run time (kernel BPF stats): {:.0} ns per rewrite, {:.0} ns per other connect; an empty program measures {:.0} ns, so connect4's own cost is {:.0} ns / {:.0} ns.\n",
+                connect.connect4_rewrite_ns,
+                connect.connect4_bystander_ns,
+                connect.empty_program_ns,
+                connect.connect4_rewrite_ns - connect.empty_program_ns,
+                connect.connect4_bystander_ns - connect.empty_program_ns
+            );
+        }
+        if let Some(http) = &self.http {
+            let _ = write!(s, "| HTTP path (req/s · p50 µs · p99 µs) |");
+            for (key, label) in TARGETS {
+                let _ = write!(s, " {key}: {label} |");
+            }
+            let _ = writeln!(s, "\n|---|---:|---:|---:|");
+            for row in &http.rows {
+                let _ = write!(s, "| {} |", row.label);
+                for c in &row.cells {
+                    let _ = write!(
+                        s,
+                        " {:.0} · {} · {}{} |",
+                        c.requests_per_sec,
+                        c.p50_us,
+                        c.p99_us,
+                        if c.errors > 0 { " (errors)" } else { "" }
+                    );
+                }
+                let _ = writeln!(s);
+            }
+            let mem = &http.memory;
+            let _ = writeln!(
+                s,
+                "\nRSS: our proxy daemon {:.1} MB idle, {:.1} MB with {} open connections (nginx: {:.1} MB, {:.1} MB).\n",
+                mb(mem.daemon_idle_kb),
+                mb(mem.daemon_held_kb),
+                mem.held_connections,
+                mb(mem.nginx_idle_kb),
+                mb(mem.nginx_held_kb)
+            );
+        }
+        let _ = writeln!(s, "| target | this run | |");
+        let _ = writeln!(s, "|---|---|---|");
+        for c in &self.checks {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} |",
+                c.target,
+                c.measured,
+                if c.met { "met" } else { "**missed**" }
+            );
+        }
+        s
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = dir.join("results.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("table.md"), self.markdown())?;
+        chart(&json, &dir.join("chart.png"))
+    }
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+fn check(out: &mut Vec<Check>, target: &str, measured: String, met: bool) {
+    out.push(Check {
+        target: target.to_owned(),
+        measured,
+        met,
+    });
+}
+
+fn connect_checks(connect: &ConnectResults, out: &mut Vec<Check>) {
+    let us = |ns: u64| ns as f64 / 1e3;
+    // Added latency is the paired estimate (see ConnectRow::added_p50_ns).
+    let added = |r: &crate::connect::ConnectRow| r.added_p50_ns as f64 / 1e3;
+    if let (Some(l2), Some(l3)) = (connect.row("L2"), connect.row("L3")) {
+        check(
+            out,
+            "L2 within 1 us of L0 at p50",
+            format!("{:+.2} us", added(l2)),
+            added(l2) < 1.0,
+        );
+        check(
+            out,
+            "L2 faster than L3 at p50 and p99",
+            format!(
+                "p50 {:.1} vs {:.1} us, p99 {:.1} vs {:.1} us",
+                us(l2.p50_ns),
+                us(l3.p50_ns),
+                us(l2.p99_ns),
+                us(l3.p99_ns)
+            ),
+            l2.p50_ns < l3.p50_ns && l2.p99_ns < l3.p99_ns,
+        );
+        if let (Some(k1), Some(k10)) = (connect.row("L2_1k"), connect.row("L2_10k")) {
+            let worst = (added(k1) - added(l2)).max(added(k10) - added(l2));
+            check(
+                out,
+                "L4 (connect4) flat from 0 to 10,000 entries (added p50 within 1 us)",
+                format!(
+                    "adds {:+.2} / {:+.2} / {:+.2} us",
+                    added(l2),
+                    added(k1),
+                    added(k10)
+                ),
+                worst < 1.0,
+            );
+        }
+    }
+    // The stats include their own overhead; the empty program measured alongside is that
+    // overhead, so the program's own run time is the difference.
+    let own = connect.connect4_rewrite_ns - connect.empty_program_ns;
+    check(
+        out,
+        "connect4 run time under 100 ns (above the empty-program floor)",
+        format!(
+            "{own:.0} ns per rewrite ({:.0} measured, empty program {:.0}); bystander {:.0} ns",
+            connect.connect4_rewrite_ns,
+            connect.empty_program_ns,
+            connect.connect4_bystander_ns - connect.empty_program_ns
+        ),
+        own < 100.0,
+    );
+}
+
+fn http_checks(http: &HttpResults, out: &mut Vec<Check>) {
+    let all_valid = http
+        .rows
+        .iter()
+        .all(|r| r.cells.iter().all(|c| c.errors == 0));
+    check(
+        out,
+        "every HTTP cell without errors",
+        if all_valid {
+            "none".into()
+        } else {
+            "some cells had errors".into()
+        },
+        all_valid,
+    );
+    let behind: Vec<&str> = http
+        .rows
+        .iter()
+        .filter(|r| r.cells[1].requests_per_sec <= r.cells[2].requests_per_sec)
+        .map(|r| r.label.as_str())
+        .collect();
+    check(
+        out,
+        "H1 ahead of H2 (requests/s) on every row",
+        if behind.is_empty() {
+            "ahead on all rows".into()
+        } else {
+            format!("behind on: {}", behind.join(", "))
+        },
+        behind.is_empty(),
+    );
+    if let Some(h1) = http.cell("ka32", "H1") {
+        check(
+            out,
+            "H1 at least 50,000 rps keep-alive at 32 connections",
+            format!("{:.0} rps", h1.requests_per_sec),
+            h1.requests_per_sec >= 50_000.0,
+        );
+    }
+    if let (Some(h0), Some(h1)) = (http.cell("ka1", "H0"), http.cell("ka1", "H1")) {
+        let added = h1.p50_us as i64 - h0.p50_us as i64;
+        check(
+            out,
+            "H1 adds under 40 us p50 over H0 at 1 connection",
+            format!("{added:+} us ({} vs {} us)", h1.p50_us, h0.p50_us),
+            added < 40,
+        );
+    }
+    if let Some(h0) = http.cell("ka32", "H0") {
+        check(
+            out,
+            "H0 at least 100,000 rps at 32 connections",
+            format!("{:.0} rps", h0.requests_per_sec),
+            h0.requests_per_sec >= 100_000.0,
+        );
+    }
+    let mem = &http.memory;
+    check(
+        out,
+        "RSS under 20 MB idle",
+        format!("{:.1} MB", mb(mem.daemon_idle_kb)),
+        mem.daemon_idle_kb < 20 * 1024,
+    );
+    check(
+        out,
+        "RSS under 100 MB with 10,000 connections",
+        format!("{:.1} MB", mb(mem.daemon_held_kb)),
+        mem.daemon_held_kb < 100 * 1024,
+    );
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    Machine {
+        kernel,
+        cpu,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// Draws the chart with matplotlib (the Python `cargo xtask bench` installs).
+fn chart(json: &Path, png: &Path) -> Result<()> {
+    let python = std::env::var("REDIRECT_BENCH_PYTHON")
+        .context("REDIRECT_BENCH_PYTHON is not set: run the benchmark with `cargo xtask bench`")?;
+    let status = Command::new(python)
+        .args(["-c", CHART_PY])
+        .arg(json)
+        .arg(png)
+        .status()
+        .context("running the chart script")?;
+    ensure!(status.success(), "the chart script failed");
+    Ok(())
+}
+
+const CHART_PY: &str = r#"
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+r = json.load(open(sys.argv[1]))
+parts = [p for p in ("connect", "http") if r.get(p)]
+fig, axes = plt.subplots(1, len(parts), figsize=(7.5 * len(parts), 6), squeeze=False)
+for ax, part in zip(axes[0], parts):
+    if part == "connect":
+        rows = r["connect"]["rows"]
+        ys = range(len(rows))
+        ax.barh([y + 0.2 for y in ys], [x["p50_ns"] / 1e3 for x in rows], 0.4, label="p50")
+        ax.barh([y - 0.2 for y in ys], [x["p99_ns"] / 1e3 for x in rows], 0.4, label="p99")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([x["label"] for x in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("microseconds per connect + 1-byte exchange + close")
+        ax.set_title("Connect path (lower is better)")
+        ax.legend()
+    else:
+        http = r["http"]["rows"]
+        targets = [c["target"] for c in http[0]["cells"]]
+        width = 0.8 / len(targets)
+        for i, t in enumerate(targets):
+            ax.bar([j + i * width for j in range(len(http))],
+                   [row["cells"][i]["requests_per_sec"] for row in http], width, label=t)
+        ax.set_xticks([j + width for j in range(len(http))])
+        ax.set_xticklabels([row["label"] for row in http], rotation=15, fontsize=8)
+        ax.set_ylabel("requests per second")
+        ax.set_title("HTTP path (higher is better)\nH0 mock direct, H1 redirect + our proxy, H2 redirect + nginx", fontsize=10)
+        ax.legend()
+m = r["machine"]
+fig.suptitle("redirect benchmark, %s mode, %d CPU(s), kernel %s" % (r["mode"]["name"], m["cpus"], m["kernel"]))
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+"#;
