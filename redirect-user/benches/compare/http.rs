@@ -86,8 +86,12 @@ pub struct Memory {
     pub held_connections: usize,
     /// Our proxy daemon (H1), right after start.
     pub daemon_idle_kb: u64,
-    /// The same daemon holding `held_connections` idle keep-alive client connections.
+    /// The same daemon holding `held_connections` idle keep-alive client connections, after
+    /// they have been idle for [`HELD_SETTLE`].
     pub daemon_held_kb: u64,
+    /// Its peak (VmHWM) over the run, which includes the moment all those connections were
+    /// being opened.
+    pub daemon_peak_kb: u64,
     /// nginx (master and workers) idle and holding the same number of connections.
     pub nginx_idle_kb: u64,
     pub nginx_held_kb: u64,
@@ -157,20 +161,28 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     let mut rows = Vec::new();
     for (key, label, connections, script) in ROWS {
         eprintln!("bench: HTTP path, {label}");
-        let mut cells = Vec::new();
-        for ((target, _), (cgroup, url)) in TARGETS.iter().zip(targets) {
-            let mut cell = wrk(
-                &ns,
-                cgroup,
-                url,
-                connections,
-                mode.http_duration,
-                script,
-                dir.path(),
-            )?;
-            cell.target = (*target).to_owned();
-            cells.push(cell);
+        let mut runs: Vec<Vec<HttpCell>> = vec![Vec::new(); TARGETS.len()];
+        for round in 0..mode.http_rounds {
+            // Rotate the order so that no target always runs first (or last).
+            for i in (0..TARGETS.len()).map(|i| (i + round) % TARGETS.len()) {
+                let (cgroup, url) = targets[i];
+                let duration = mode.http_duration;
+                runs[i].push(wrk(
+                    &ns,
+                    cgroup,
+                    url,
+                    connections,
+                    duration,
+                    script,
+                    dir.path(),
+                )?);
+            }
         }
+        let cells = runs
+            .into_iter()
+            .zip(TARGETS)
+            .map(|(runs, (target, _))| median_cell(target, runs))
+            .collect();
         rows.push(HttpRow {
             key: key.to_owned(),
             label: label.to_owned(),
@@ -180,12 +192,16 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     }
 
     eprintln!("bench: holding {} connections", mode.held_connections);
-    let daemon_held_kb = {
+    let (daemon_held_kb, daemon_peak_kb) = {
         let _held = Holder::open(&ns, &via_ours, mode.held_connections)?;
-        rss_kb(ours.pid())?
+        // Idle connections give their buffers back within two sweep periods (a second each);
+        // measure the steady state after that, and report the peak as well.
+        std::thread::sleep(HELD_SETTLE);
+        (rss_kb(ours.pid())?, peak_rss_kb(ours.pid())?)
     };
     let nginx_held_kb = {
         let _held = Holder::open(&ns, &via_nginx, mode.held_connections)?;
+        std::thread::sleep(HELD_SETTLE);
         nginx.rss_kb()?
     };
     Ok(HttpResults {
@@ -194,6 +210,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             held_connections: mode.held_connections,
             daemon_idle_kb,
             daemon_held_kb,
+            daemon_peak_kb,
             nginx_idle_kb,
             nginx_held_kb,
         },
@@ -277,14 +294,42 @@ fn wrk(
     })
 }
 
+/// How long held connections idle before their memory is measured.
+const HELD_SETTLE: Duration = Duration::from_secs(4);
+
 /// Resident memory of a process, in KiB.
 fn rss_kb(pid: u32) -> Result<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// Peak resident memory of a process, in KiB.
+fn peak_rss_kb(pid: u32) -> Result<u64> {
+    status_kb(pid, "VmHWM:")
+}
+
+fn status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS for pid {pid}"))
+        .with_context(|| format!("no {field} for pid {pid}"))
+}
+
+/// Each figure's median over a cell's runs; errors are summed (any makes the cell invalid).
+fn median_cell(target: &str, runs: Vec<HttpCell>) -> HttpCell {
+    fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        v[v.len() / 2]
+    }
+    HttpCell {
+        target: target.to_owned(),
+        requests_per_sec: median(runs.iter().map(|c| c.requests_per_sec).collect()),
+        p50_us: median(runs.iter().map(|c| c.p50_us).collect()),
+        p99_us: median(runs.iter().map(|c| c.p99_us).collect()),
+        requests: runs.iter().map(|c| c.requests).sum(),
+        errors: runs.iter().map(|c| c.errors).sum(),
+    }
 }
 
 /// nginx in the benchmark namespace, proxying to the mock with upstream keepalive, with as

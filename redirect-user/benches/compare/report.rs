@@ -105,7 +105,8 @@ impl Results {
         if let Some(http) = &self.http {
             let _ = writeln!(
                 s,
-                "HTTP path: GET /latest/meta-data/instance-id, wrk -t1, {:.0} s per cell (requests/s, p50 us, p99 us)",
+                "HTTP path: GET /latest/meta-data/instance-id, wrk -t1, median of {} runs of {:.0} s per cell (requests/s, p50 us, p99 us)",
+                self.mode.http_rounds,
                 self.mode.http_duration.as_secs_f64()
             );
             let _ = write!(s, "  {:<36}", "row");
@@ -135,10 +136,11 @@ impl Results {
             let mem = &http.memory;
             let _ = writeln!(
                 s,
-                "  RSS: our proxy daemon {:.1} MB idle, {:.1} MB with {} connections; nginx {:.1} MB idle, {:.1} MB with {}\n",
+                "  RSS: our proxy daemon {:.1} MB idle, {:.1} MB with {} idle connections (peak {:.1} MB); nginx {:.1} MB idle, {:.1} MB with {}\n",
                 mb(mem.daemon_idle_kb),
                 mb(mem.daemon_held_kb),
                 mem.held_connections,
+                mb(mem.daemon_peak_kb),
                 mb(mem.nginx_idle_kb),
                 mb(mem.nginx_held_kb),
                 mem.held_connections
@@ -218,10 +220,11 @@ impl Results {
             let mem = &http.memory;
             let _ = writeln!(
                 s,
-                "\nRSS: our proxy daemon {:.1} MB idle, {:.1} MB with {} open connections (nginx: {:.1} MB, {:.1} MB).\n",
+                "\nRSS: our proxy daemon {:.1} MB idle, {:.1} MB with {} open idle connections (peak {:.1} MB); nginx {:.1} MB and {:.1} MB.\n",
                 mb(mem.daemon_idle_kb),
                 mb(mem.daemon_held_kb),
                 mem.held_connections,
+                mb(mem.daemon_peak_kb),
                 mb(mem.nginx_idle_kb),
                 mb(mem.nginx_held_kb)
             );

@@ -124,11 +124,14 @@ pub async fn serve(
                 })
             })
         };
-        let mut conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .preserve_header_case(preserve_case)
-            .serve_connection(TokioIo::new(io), service);
+        // Boxed: it exists only while a request is in flight, and the idle task stays small.
+        let mut conn = Box::new(
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .preserve_header_case(preserve_case)
+                .serve_connection(TokioIo::new(io), service),
+        );
         let mut sweeps = sweep.subscribe();
         let mut stopping = false;
         let mut closing = false;
@@ -138,19 +141,19 @@ pub async fn serve(
                 done = poll_fn(|cx| conn.poll_without_shutdown(cx)) => break done,
                 () = activity.release.notified(), if !stopping => {
                     if activity.in_flight.load(Ordering::Relaxed) == 0 {
-                        Pin::new(&mut conn).graceful_shutdown();
+                        Pin::new(&mut *conn).graceful_shutdown();
                         stopping = true;
                     }
                 }
                 _ = sweeps.next(), if !stopping => {
                     let requests = activity.this_period.swap(0, Ordering::Relaxed);
                     if requests == 0 && activity.in_flight.load(Ordering::Relaxed) == 0 {
-                        Pin::new(&mut conn).graceful_shutdown();
+                        Pin::new(&mut *conn).graceful_shutdown();
                         stopping = true;
                     }
                 }
                 () = shutdown.cancelled(), if !stopping => {
-                    Pin::new(&mut conn).graceful_shutdown();
+                    Pin::new(&mut *conn).graceful_shutdown();
                     stopping = true;
                     closing = true;
                 }
@@ -163,11 +166,11 @@ pub async fn serve(
         if closing {
             return;
         }
-        let parts = conn.into_parts();
+        let parts = (*conn).into_parts();
         // The client asked to close: hyper answered and finished; close the socket, which
         // without_shutdown left open.
         if activity.close_after.load(Ordering::Relaxed) {
-            lingering_close(parts.io.into_inner().inner).await;
+            close_after_response(parts.io.into_inner().inner);
             return;
         }
         // hyper finished on its own without being asked to: the client closed the connection
@@ -239,22 +242,13 @@ fn trim() {
 #[cfg(not(target_env = "gnu"))]
 fn trim() {}
 
-/// How long a closing connection waits for the client to close its side.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// Closes the way HTTP servers must (RFC 9112 §9.6): send FIN after the response, then read
-/// and discard until the client closes, so that bytes it sent meanwhile do not make the kernel
-/// answer with a reset, which would destroy the response in flight.
-async fn lingering_close(mut stream: TcpStream) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    if stream.shutdown().await.is_err() {
-        return;
-    }
+/// Closes a connection whose client asked for that. hyper has read the whole request; a
+/// well-behaved client sends nothing more, but bytes it did send would make the kernel answer
+/// the close with a reset, which can destroy the response still in flight. Whatever has
+/// arrived is read and discarded first, without waiting for more.
+fn close_after_response(stream: TcpStream) {
     let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(LINGER, async {
-        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
 }
 
 /// Whether the client wants the connection closed after this exchange.
