@@ -67,8 +67,9 @@ struct Activity {
     this_period: AtomicUsize,
     /// The client asked to close after a response (HTTP/1.0 or `Connection: close`).
     close_after: AtomicBool,
-    /// A response ended on a connection that is not busy: release it now.
-    release: tokio::sync::Notify,
+    /// A response ended on a connection that is not busy: release it. Set from inside hyper's
+    /// poll (the body ends there), so the loop reads it right after that poll.
+    release: AtomicBool,
 }
 
 pub async fn serve(
@@ -80,7 +81,6 @@ pub async fn serve(
     trimmer: Arc<Trimmer>,
     shutdown: CancellationToken,
 ) {
-    let preserve_case = matches!(*backend, Backend::Upstream(_));
     let mut io = Rewind {
         prefix: Bytes::new(),
         inner: stream,
@@ -129,36 +129,43 @@ pub async fn serve(
             http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .preserve_header_case(preserve_case)
                 .serve_connection(TokioIo::new(io), service),
         );
         let mut sweeps = sweep.subscribe();
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
         let mut stopping = false;
         let mut closing = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                done = poll_fn(|cx| conn.poll_without_shutdown(cx)) => break done,
-                () = activity.release.notified(), if !stopping => {
-                    if activity.in_flight.load(Ordering::Relaxed) == 0 {
-                        Pin::new(&mut *conn).graceful_shutdown();
-                        stopping = true;
-                    }
+        // One poll function rather than a select: its side conditions are flags and futures
+        // made once per hyper connection, not re-registered on every wake-up.
+        let result = poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(done) = conn.poll_without_shutdown(cx) {
+                    return Poll::Ready(done);
                 }
-                _ = sweeps.next(), if !stopping => {
-                    let requests = activity.this_period.swap(0, Ordering::Relaxed);
-                    if requests == 0 && activity.in_flight.load(Ordering::Relaxed) == 0 {
-                        Pin::new(&mut *conn).graceful_shutdown();
-                        stopping = true;
-                    }
+                if stopping {
+                    return Poll::Pending;
                 }
-                () = shutdown.cancelled(), if !stopping => {
-                    Pin::new(&mut *conn).graceful_shutdown();
-                    stopping = true;
+                let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
+                let release = if cancelled.as_mut().poll(cx).is_ready() {
                     closing = true;
+                    true
+                } else if activity.release.swap(false, Ordering::Relaxed) && idle {
+                    true
+                } else if idle && sweeps.poll_next(cx).is_ready() {
+                    // Busy connections keep their buffers; one idle for a whole period gives
+                    // them back.
+                    activity.this_period.swap(0, Ordering::Relaxed) == 0
+                } else {
+                    false
+                };
+                if !release {
+                    return Poll::Pending;
                 }
+                Pin::new(&mut *conn).graceful_shutdown();
+                stopping = true;
             }
-        };
+        })
+        .await;
         if let Err(e) = result {
             tracing::debug!("connection from {peer}: {e}");
             return;
@@ -279,7 +286,7 @@ impl OnEnd {
             && activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1
             && activity.this_period.load(Ordering::Relaxed) <= 1
         {
-            activity.release.notify_one();
+            activity.release.store(true, Ordering::Relaxed);
         }
     }
 }

@@ -93,7 +93,6 @@ impl Pool {
     async fn connect(&self) -> Result<SendRequest<Incoming>, PoolError> {
         let io = self.connector.connect().await.map_err(PoolError::Connect)?;
         let (sender, conn) = http1::Builder::new()
-            .preserve_header_case(true)
             .handshake(io)
             .await
             .map_err(PoolError::Handshake)?;

@@ -9,63 +9,64 @@
 //! - The idle sweep of client connections (see `connection`), once a second.
 
 use std::{
-    future::Future,
+    future::{Future, poll_fn},
+    pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, futures::OwnedNotified};
+
+struct Shared {
+    tick: AtomicU64,
+    /// Woken at every tick; its own `Arc` because an owned wait needs one.
+    ticked: Arc<Notify>,
+    listeners: AtomicUsize,
+    start_ticking: Notify,
+}
 
 pub struct Ticker {
     period: Duration,
-    ticks: watch::Receiver<u64>,
-    listeners: Arc<AtomicUsize>,
-    start_ticking: Arc<Notify>,
+    shared: Arc<Shared>,
 }
 
 impl Ticker {
     /// Spawns the ticking task on the current runtime; it ends with the runtime.
     pub fn start(period: Duration) -> Self {
-        let (tx, ticks) = watch::channel(0u64);
-        let listeners = Arc::new(AtomicUsize::new(0));
-        let start_ticking = Arc::new(Notify::new());
-        let (busy, wake) = (Arc::clone(&listeners), Arc::clone(&start_ticking));
+        let shared = Arc::new(Shared {
+            tick: AtomicU64::new(0),
+            ticked: Arc::new(Notify::new()),
+            listeners: AtomicUsize::new(0),
+            start_ticking: Notify::new(),
+        });
+        let task = Arc::clone(&shared);
         tokio::spawn(async move {
-            let mut tick = 0u64;
             loop {
                 // Nobody listening: sleep until someone does, so an idle daemon stays asleep.
-                if busy.load(Ordering::Acquire) == 0 {
-                    wake.notified().await;
+                if task.listeners.load(Ordering::Acquire) == 0 {
+                    task.start_ticking.notified().await;
                 }
                 tokio::time::sleep(period).await;
-                tick += 1;
-                if tx.send(tick).is_err() {
-                    return;
-                }
+                task.tick.fetch_add(1, Ordering::AcqRel);
+                task.ticked.notify_waiters();
             }
         });
-        Ticker {
-            period,
-            ticks,
-            listeners,
-            start_ticking,
-        }
+        Ticker { period, shared }
     }
 
     /// A listener: the ticker runs while any exists.
     pub fn subscribe(&self) -> Ticks {
-        if self.listeners.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.start_ticking.notify_one();
+        if self.shared.listeners.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.shared.start_ticking.notify_one();
         }
-        let mut ticks = self.ticks.clone();
-        // Starts at the current tick: `next` waits for a new one.
-        ticks.borrow_and_update();
         Ticks {
-            ticks,
-            listeners: Arc::clone(&self.listeners),
+            seen: self.shared.tick.load(Ordering::Acquire),
+            shared: Arc::clone(&self.shared),
+            waiting: None,
         }
     }
 
@@ -81,31 +82,55 @@ impl Ticker {
     }
 }
 
-/// A subscription to a [`Ticker`].
+/// A subscription to a [`Ticker`], starting at the tick current when it was made.
 pub struct Ticks {
-    ticks: watch::Receiver<u64>,
-    listeners: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    /// The last tick returned.
+    seen: u64,
+    /// Registered for the next tick; kept across polls so that a pending wait costs nothing.
+    waiting: Option<Pin<Box<OwnedNotified>>>,
 }
 
 impl Ticks {
     /// The current tick.
-    pub fn now(&mut self) -> u64 {
-        *self.ticks.borrow_and_update()
+    pub fn now(&self) -> u64 {
+        self.shared.tick.load(Ordering::Acquire)
     }
 
-    /// Waits for the next tick and returns it. Never returns if the ticker is gone (its
-    /// runtime is shutting down).
-    pub async fn next(&mut self) -> u64 {
-        if self.ticks.changed().await.is_err() {
-            std::future::pending::<()>().await;
+    /// Ready with the current tick once one has passed since the last returned (or since the
+    /// subscription); several passed ticks come as one.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
+        loop {
+            let now = self.now();
+            if now > self.seen {
+                self.seen = now;
+                self.waiting = None;
+                return Poll::Ready(now);
+            }
+            let waiting = self
+                .waiting
+                .get_or_insert_with(|| Box::pin(Arc::clone(&self.shared.ticked).notified_owned()));
+            // Registered before the tick is read again, so a tick in between is not missed.
+            waiting.as_mut().enable();
+            if self.shared.tick.load(Ordering::Acquire) > self.seen {
+                continue;
+            }
+            match waiting.as_mut().poll(cx) {
+                Poll::Ready(()) => self.waiting = None,
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        *self.ticks.borrow_and_update()
+    }
+
+    /// Waits for the next tick and returns it.
+    pub async fn next(&mut self) -> u64 {
+        poll_fn(|cx| self.poll_next(cx)).await
     }
 }
 
 impl Drop for Ticks {
     fn drop(&mut self) {
-        self.listeners.fetch_sub(1, Ordering::AcqRel);
+        self.shared.listeners.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -132,10 +157,10 @@ mod tests {
     async fn the_ticker_runs_only_while_listened_to() {
         let ticker = Ticker::start(TICK);
         drop(ticker.expire(Duration::from_secs(1)));
-        assert_eq!(ticker.listeners.load(Ordering::Acquire), 0);
+        assert_eq!(ticker.shared.listeners.load(Ordering::Acquire), 0);
         tokio::time::sleep(Duration::from_secs(5)).await;
         // Fifty periods passed; at most the one tick the brief listener had asked for.
-        let idle_ticks = *ticker.ticks.borrow();
+        let idle_ticks = ticker.shared.tick.load(Ordering::Acquire);
         assert!(idle_ticks <= 1, "{idle_ticks} ticks without listeners");
         let mut ticks = ticker.subscribe();
         assert_eq!(ticks.next().await, idle_ticks + 1);
