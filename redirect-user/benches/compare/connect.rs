@@ -6,8 +6,9 @@
 //! - One client process measures all rows in interleaved batches. Between batches, outside the
 //!   timed part, it enters the row's namespace (setns) and cgroup (a socket belongs to the
 //!   cgroup of the process that creates it). So drift hits every row alike.
-//! - The client and the echo servers share one CPU: a connect and its exchange run without
-//!   cross-CPU wakeups, the largest source of noise on a VM.
+//! - The client is pinned to one CPU and the echo servers to the other (`REDIRECT_BENCH_PIN`
+//!   changes that), so every connect pays the same wakeups and no row depends on where the
+//!   scheduler happened to place a process, the largest source of noise on a VM.
 //! - The "proxy" is a 1-byte echo server on 10.255.0.1:9000 in each namespace, an address on
 //!   `lo` that is not loopback, so that iptables can DNAT to it as the seeds do to their proxy.
 //!   A route for 169.254.169.254 via `lo` exists everywhere: iptables only sees packets that
@@ -36,7 +37,7 @@ use crate::{
 
 const PROXY: &str = "10.255.0.1:9000";
 const IMDS: &str = "169.254.169.254:80";
-/// The CPU the client and the echo servers share.
+/// The client's CPU (the echo servers take the one before it, see [`placement`]).
 const CPU: usize = 1;
 /// Connects per batch; rows alternate batch by batch.
 const BATCH: usize = 100;

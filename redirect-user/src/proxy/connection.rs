@@ -33,7 +33,7 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -42,8 +42,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backend, Body, ProxyStats, handle, ticker::Ticker};
 
-/// A client that has not sent a complete request head within this time is disconnected.
-/// (Short in unit tests, which run on real sockets and so in real time.)
+/// A client that has not sent a complete request head within this time (give or take two
+/// [`IDLE_SWEEP`] periods) is disconnected. Checked by the sweep, not by hyper's
+/// `header_read_timeout`: that one arms a tokio timer for every keep-alive request (5 % of the
+/// proxy's instructions per request, BENCHMARKS.md) and, since each release starts a fresh
+/// hyper connection, never fired for a head stalled across releases. (Short in unit tests,
+/// which run on real sockets and so in real time.)
 const HEADER_READ_TIMEOUT: Duration = if cfg!(test) {
     Duration::from_millis(300)
 } else {
@@ -65,6 +69,8 @@ struct Activity {
     in_flight: AtomicUsize,
     /// Requests started since the last sweep.
     this_period: AtomicUsize,
+    /// Requests started on this client connection.
+    total: AtomicUsize,
     /// The client asked to close after a response (HTTP/1.0 or `Connection: close`).
     close_after: AtomicBool,
     /// A response ended on a connection that is not busy: release it. Set from inside hyper's
@@ -86,6 +92,10 @@ pub async fn serve(
         inner: stream,
     };
     let activity = Arc::new(Activity::default());
+    // Since when (sweep tick) the client has had an incomplete request head in the buffer, and
+    // how many requests it had made then.
+    let mut partial_head: Option<(u64, usize)> = None;
+    let head_ticks = (HEADER_READ_TIMEOUT.as_millis() / IDLE_SWEEP.as_millis()) as u64;
     loop {
         if io.prefix.is_empty() {
             tokio::select! {
@@ -106,6 +116,7 @@ pub async fn serve(
             service_fn(move |req: Request<Incoming>| {
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
                 activity.this_period.fetch_add(1, Ordering::Relaxed);
+                activity.total.fetch_add(1, Ordering::Relaxed);
                 if wants_close(&req) {
                     activity.close_after.store(true, Ordering::Relaxed);
                 }
@@ -125,50 +136,71 @@ pub async fn serve(
             })
         };
         // Boxed: it exists only while a request is in flight, and the idle task stays small.
-        let mut conn = Box::new(
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(io), service),
-        );
+        let mut conn = Box::new(http1::Builder::new().serve_connection(TokioIo::new(io), service));
         let mut sweeps = sweep.subscribe();
         let mut cancelled = std::pin::pin!(shutdown.cancelled());
         let mut stopping = false;
         let mut closing = false;
+        // When the release was asked for, and how many requests the client had made by then.
+        let mut stopped_at = (0, 0);
         // One poll function rather than a select: its side conditions are flags and futures
         // made once per hyper connection, not re-registered on every wake-up.
+        // Every branch that returns Pending has registered for what it waits on; a consumed
+        // tick goes round the loop again so that the next one is waited for.
         let result = poll_fn(|cx| {
             loop {
                 if let Poll::Ready(done) = conn.poll_without_shutdown(cx) {
-                    return Poll::Ready(done);
-                }
-                if stopping {
-                    return Poll::Pending;
+                    return Poll::Ready(Some(done));
                 }
                 let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
-                let release = if cancelled.as_mut().poll(cx).is_ready() {
+                if stopping {
+                    // Asked to finish while idle, hyper is still reading a request head: a
+                    // client's first (hyper keeps that connection until it is answered). Cut a
+                    // head that never completes.
+                    if !idle || activity.total.load(Ordering::Relaxed) != stopped_at.1 {
+                        return Poll::Pending;
+                    }
+                    match sweeps.poll_next(cx) {
+                        Poll::Ready(now) if now.saturating_sub(stopped_at.0) >= head_ticks => {
+                            return Poll::Ready(None);
+                        }
+                        Poll::Ready(_) => continue,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                // A one-off request's response ended (see OnEnd); stale once the next began.
+                let one_off_done = activity.release.swap(false, Ordering::Relaxed);
+                if cancelled.as_mut().poll(cx).is_ready() {
                     closing = true;
-                    true
-                } else if activity.release.swap(false, Ordering::Relaxed) && idle {
-                    true
-                } else if idle && sweeps.poll_next(cx).is_ready() {
-                    // Busy connections keep their buffers; one idle for a whole period gives
-                    // them back.
-                    activity.this_period.swap(0, Ordering::Relaxed) == 0
-                } else {
-                    false
-                };
-                if !release {
+                } else if !idle {
                     return Poll::Pending;
+                } else if !one_off_done {
+                    match sweeps.poll_next(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        // Busy connections keep their buffers; one idle for a whole period
+                        // gives them back.
+                        Poll::Ready(_) if activity.this_period.swap(0, Ordering::Relaxed) > 0 => {
+                            continue;
+                        }
+                        Poll::Ready(_) => {}
+                    }
                 }
                 Pin::new(&mut *conn).graceful_shutdown();
                 stopping = true;
+                stopped_at = (sweep.now(), activity.total.load(Ordering::Relaxed));
             }
         })
         .await;
-        if let Err(e) = result {
-            tracing::debug!("connection from {peer}: {e}");
-            return;
+        match result {
+            None => {
+                tracing::debug!("{peer}: no complete request head within {HEADER_READ_TIMEOUT:?}");
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!("connection from {peer}: {e}");
+                return;
+            }
+            Some(Ok(())) => {}
         }
         if closing {
             return;
@@ -200,6 +232,25 @@ pub async fn serve(
             },
             inner: rewind.inner,
         };
+        // Released while idle with bytes left over: hyper parses a complete head as soon as it
+        // has one, so these are the start of a request that has not fully arrived. A client
+        // that keeps one unfinished for too long (slowloris) is let go.
+        if io.prefix.is_empty() {
+            partial_head = None;
+        } else {
+            let (now, requests) = (sweep.now(), activity.total.load(Ordering::Relaxed));
+            match partial_head {
+                Some((since, before)) if before == requests => {
+                    if now.saturating_sub(since) >= head_ticks {
+                        tracing::debug!(
+                            "{peer}: no complete request head within {HEADER_READ_TIMEOUT:?}"
+                        );
+                        return;
+                    }
+                }
+                _ => partial_head = Some((now, requests)),
+            }
+        }
     }
 }
 
@@ -473,9 +524,14 @@ mod lifecycle_tests {
         }
     }
 
+    /// Whether the server closed the connection. A server that keeps it open fails this after
+    /// a few seconds instead of hanging the test run.
     async fn at_eof(stream: &mut TcpStream) -> bool {
         let mut byte = [0u8];
-        matches!(stream.read(&mut byte).await, Ok(0) | Err(_))
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
     }
 
     #[tokio::test]
@@ -543,6 +599,22 @@ mod lifecycle_tests {
         tokio::time::sleep(IDLE_SWEEP * 3).await;
         c.write_all(&GET[30..]).await.unwrap();
         assert_eq!(response(&mut c, &mut pending).await.1, ID);
+    }
+
+    /// A head left unfinished after earlier requests: every sweep releases the connection
+    /// and carries the bytes over, and still the client is cut off in the end.
+    #[tokio::test]
+    async fn a_stalled_head_after_requests_is_cut_off() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        for _ in 0..2 {
+            c.write_all(GET).await.unwrap();
+            response(&mut c, &mut pending).await;
+        }
+        c.write_all(&GET[..30]).await.unwrap();
+        tokio::time::sleep(HEADER_READ_TIMEOUT * 2).await;
+        assert!(at_eof(&mut c).await);
     }
 
     /// Many fresh connections while sweeps tick: a sweep may find a hyper connection whose
@@ -627,7 +699,7 @@ mod lifecycle_tests {
             .unwrap();
         tokio::time::sleep(HEADER_READ_TIMEOUT * 2).await;
         let mut rest = Vec::new();
-        let _ = c.read_to_end(&mut rest).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
         let text = String::from_utf8_lossy(&rest);
         assert!(
             rest.is_empty() || text.starts_with("HTTP/1.1 408"),

@@ -220,12 +220,12 @@ async fn handle(
     peer: SocketAddr,
 ) -> Response<Body> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return backend.respond(req).await;
-    }
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // One await point: each one keeps its own copy of the (large) backend future in this one.
+    let logged = tracing::enabled!(tracing::Level::DEBUG)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let resp = backend.respond(req).await;
-    tracing::debug!("{peer} {method} {path} {}", resp.status().as_u16());
+    if let Some((method, path)) = logged {
+        tracing::debug!("{peer} {method} {path} {}", resp.status().as_u16());
+    }
     resp
 }

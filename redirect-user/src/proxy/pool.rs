@@ -68,6 +68,16 @@ impl Pool {
                 },
             }
         }
+        // Boxed: the rare path would otherwise enlarge every request's future, which is
+        // moved (copied) several times per request.
+        Box::pin(self.send_new(req)).await
+    }
+
+    /// Sends `req` on a new connection.
+    async fn send_new(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<PooledBody>, PoolError> {
         let mut sender = self.connect().await?;
         let resp = sender.send_request(req).await.map_err(PoolError::Request)?;
         Ok(self.wrap(resp, sender))

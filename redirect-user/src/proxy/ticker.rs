@@ -58,6 +58,11 @@ impl Ticker {
         Ticker { period, shared }
     }
 
+    /// The current tick (it advances only while someone listens).
+    pub fn now(&self) -> u64 {
+        self.shared.tick.load(Ordering::Acquire)
+    }
+
     /// A listener: the ticker runs while any exists.
     pub fn subscribe(&self) -> Ticks {
         if self.shared.listeners.fetch_add(1, Ordering::AcqRel) == 0 {
