@@ -584,18 +584,24 @@ mod lifecycle_tests {
         assert_eq!(response(&mut c, &mut pending).await.1, ID);
     }
 
-    #[tokio::test]
-    async fn a_partial_head_survives_a_sweep_release() {
-        let server = start().await;
+    /// A connection that made two requests (busy, so the hyper connection is kept) and then
+    /// sent the first 30 bytes of a third; returns it and the bytes read past the responses.
+    async fn busy_then_half_a_head(server: &Server) -> (TcpStream, Vec<u8>) {
         let mut c = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
-        // Two requests: busy, so the hyper connection is kept...
         for _ in 0..2 {
             c.write_all(GET).await.unwrap();
             response(&mut c, &mut pending).await;
         }
-        // ...until a sweep finds it idle while it holds half a request head in its buffer.
         c.write_all(&GET[..30]).await.unwrap();
+        (c, pending)
+    }
+
+    #[tokio::test]
+    async fn a_partial_head_survives_a_sweep_release() {
+        let server = start().await;
+        let (mut c, mut pending) = busy_then_half_a_head(&server).await;
+        // A sweep finds it idle while it holds half a request head in its buffer.
         tokio::time::sleep(IDLE_SWEEP * 3).await;
         c.write_all(&GET[30..]).await.unwrap();
         assert_eq!(response(&mut c, &mut pending).await.1, ID);
@@ -606,13 +612,7 @@ mod lifecycle_tests {
     #[tokio::test]
     async fn a_stalled_head_after_requests_is_cut_off() {
         let server = start().await;
-        let mut c = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
-        for _ in 0..2 {
-            c.write_all(GET).await.unwrap();
-            response(&mut c, &mut pending).await;
-        }
-        c.write_all(&GET[..30]).await.unwrap();
+        let (mut c, _) = busy_then_half_a_head(&server).await;
         tokio::time::sleep(HEADER_READ_TIMEOUT * 2).await;
         assert!(at_eof(&mut c).await);
     }
