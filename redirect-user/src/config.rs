@@ -426,7 +426,7 @@ pub struct UpstreamSettings {
     pub url: UpstreamUrl,
     /// Budget for the TCP connect to the upstream. SDKs give the whole request about 1 s.
     pub connect_timeout: Duration,
-    /// Budget from sending the request to the upstream's response headers.
+    /// Budget from sending the request to the end of the upstream's response.
     pub timeout: Duration,
 }
 

@@ -96,7 +96,7 @@ struct RunArgs {
     /// Budget for connecting to the upstream. [default: 1s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     upstream_connect_timeout: Option<Duration>,
-    /// Budget for the upstream's response headers (not applied to GCE wait_for_change long
+    /// Budget for the upstream's whole response (not applied to GCE wait_for_change long
     /// polls). [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     upstream_timeout: Option<Duration>,

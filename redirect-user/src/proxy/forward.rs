@@ -5,33 +5,32 @@
 //! are case-insensitive (RFC 9110 §5.1), and keeping the original spelling cost an eighth of the
 //! proxy's per-request work (BENCHMARKS.md). Nothing is added: metadata
 //! services refuse token traffic that carries `X-Forwarded-For`, so no XFF, `Forwarded` or
-//! `Via`. Upstream connections are pooled and exempt from the redirect (see `exempt`).
+//! `Via`. The request and the response are buffered whole (see `upstream`); upstream
+//! connections are kept alive and exempt from the redirect (see `exempt`).
 
-use std::{
-    io,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::{
-    HeaderMap, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, Request, Response, StatusCode,
     body::Incoming,
     header::{self, HeaderName, HeaderValue},
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpSocket, TcpStream};
 
-use super::{Body, exempt::ExemptSockets, pool::Pool, ticker::Ticker};
+use super::{
+    Body,
+    exempt::ExemptSockets,
+    ticker::Ticker,
+    upstream::{Limits, Upstream, UpstreamConnector, UpstreamError},
+};
 use crate::config::UpstreamSettings;
 
 /// Resolution of the upstream timeout.
 const DEADLINE_TICK: Duration = Duration::from_millis(100);
 
 pub struct Forwarder {
-    pool: Arc<Pool>,
+    upstream: Upstream,
     settings: UpstreamSettings,
     /// 100 ms clock for the upstream timeout (see `ticker`).
     deadlines: Ticker,
@@ -41,19 +40,9 @@ impl Forwarder {
     /// `exempt` is `None` only where no programs are loaded (unit tests). Must be called
     /// inside the runtime that will run the forwarding (it starts the deadline ticker there).
     pub fn new(settings: UpstreamSettings, exempt: Option<Arc<ExemptSockets>>) -> Self {
-        let authority = &settings.url.authority;
-        let connector = UpstreamConnector {
-            host: authority
-                .host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
-            port: authority.port_u16().unwrap_or(80),
-            exempt,
-            connect_timeout: settings.connect_timeout,
-        };
+        let connector = UpstreamConnector::new(&settings, exempt);
         Forwarder {
-            pool: Pool::new(connector),
+            upstream: Upstream::new(connector, Limits::default()),
             settings,
             deadlines: Ticker::start(DEADLINE_TICK),
         }
@@ -62,14 +51,6 @@ impl Forwarder {
     pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         let long_poll = parts.uri.query().is_some_and(is_long_poll);
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-        // Origin form on the wire, as clients send it to a metadata service (an absolute-form
-        // target from a client that took us for a forward proxy is reduced to its path).
-        parts.uri = Uri::from(path_and_query);
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/1.0 clients may omit Host; the upstream is entitled to one.
             if let Ok(host) = HeaderValue::from_str(self.settings.url.authority.as_str()) {
@@ -77,8 +58,9 @@ impl Forwarder {
             }
         }
         strip_hop_by_hop(&mut parts.headers);
-        parts.version = Version::HTTP_11;
-        let request = self.pool.send(Request::from_parts(parts, body));
+        // Answered by hyper when the body is first read, before the request goes upstream.
+        parts.headers.remove(header::EXPECT);
+        let request = self.upstream.send(&parts, body);
         let result = if long_poll {
             // GCE's wait_for_change holds the request open by design; its own timeout_sec
             // bounds it.
@@ -94,8 +76,12 @@ impl Forwarder {
             Some(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Right(body))
+                Response::from_parts(parts, Full::new(body))
             }
+            Some(Err(e @ UpstreamError::RequestTooLarge(_))) => plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("redirect: {}\n", error_chain(&e)),
+            ),
             Some(Err(e)) => {
                 tracing::warn!("upstream {}: {}", self.settings.url, error_chain(&e));
                 plain(
@@ -143,7 +129,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut resp = Response::new(Either::Left(Full::new(Bytes::from(text))));
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -181,70 +167,109 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Connects to the upstream with its own sockets, each exempted from the redirect before its
-/// connect() and bounded by the connect timeout.
-pub struct UpstreamConnector {
-    host: String,
-    port: u16,
-    exempt: Option<Arc<ExemptSockets>>,
-    connect_timeout: Duration,
-}
-
-impl UpstreamConnector {
-    pub async fn connect(&self) -> io::Result<TokioIo<TcpStream>> {
-        let addrs: Vec<SocketAddr> = match self.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, self.port)],
-            Err(_) => tokio::net::lookup_host((self.host.as_str(), self.port))
-                .await?
-                .collect(),
-        };
-        let mut last_error = None;
-        for addr in addrs {
-            match tokio::time::timeout(self.connect_timeout, self.connect_one(addr)).await {
-                Ok(Ok(stream)) => return Ok(TokioIo::new(stream)),
-                Ok(Err(e)) => {
-                    last_error = Some(io::Error::new(e.kind(), format!("connect to {addr}: {e}")))
-                }
-                Err(_) => {
-                    last_error = Some(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "connect to {addr} timed out after {:?}",
-                            self.connect_timeout
-                        ),
-                    ))
-                }
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} has no address", self.host),
-            )
-        }))
-    }
-
-    async fn connect_one(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        // Held across the connect: the programs run inside connect(), and the guard's drop
-        // (also when a timeout abandons this future) removes the exemption.
-        let _exempt = self
-            .exempt
-            .as_ref()
-            .map(|e| e.exempt(&socket))
-            .transpose()?;
-        let stream = socket.connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::upstream::testing::{Reply, upstream};
+    use hyper::{server::conn::http1, service::service_fn};
+    use hyper_util::rt::TokioIo;
+    use std::net::SocketAddr;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    /// A hyper server on 127.0.0.1 (port 0) answering through a `Forwarder` to `upstream`.
+    async fn proxy_to(upstream: SocketAddr) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = UpstreamSettings {
+            url: format!("http://{upstream}").parse().unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        };
+        let forwarder = Arc::new(Forwarder::new(settings, None));
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let forwarder = Arc::clone(&forwarder);
+                let service = service_fn(move |req| {
+                    let forwarder = Arc::clone(&forwarder);
+                    async move { Ok::<_, std::convert::Infallible>(forwarder.forward(req).await) }
+                });
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        addr
+    }
+
+    /// Reads from `stream` until what has arrived ends with `end`.
+    async fn read_until(stream: &mut TcpStream, end: &str) -> String {
+        let mut got = Vec::new();
+        while !got.ends_with(end.as_bytes()) {
+            let mut chunk = [0; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bodies_are_forwarded_whole_and_hop_by_hop_headers_stay_behind() {
+        let (up, mut seen) = upstream(vec![vec![Reply::Send(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive, x-hop\r\n\
+             x-hop: 1\r\nx-end: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )]])
+        .await;
+        let mut client = TcpStream::connect(proxy_to(up).await).await.unwrap();
+        client
+            .write_all(
+                b"POST /x?y=1 HTTP/1.1\r\nhost: md\r\ntransfer-encoding: chunked\r\n\
+                  expect: 100-continue\r\nconnection: keep-alive\r\nx-keep: k\r\n\r\n\
+                  3\r\nabc\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let response = read_until(&mut client, "hello").await.to_ascii_lowercase();
+        let (_, last) = response.rsplit_once("http/1.1 ").unwrap();
+        assert!(last.starts_with("200 ok\r\n"), "{response}");
+        assert!(last.contains("\r\ncontent-length: 5\r\n"), "{response}");
+        assert!(last.contains("\r\nx-end: 2\r\n"), "{response}");
+        for gone in [
+            "transfer-encoding",
+            "x-hop",
+            "connection: keep-alive, x-hop",
+        ] {
+            assert!(!last.contains(gone), "{gone}: {response}");
+        }
+        let (_, request) = seen.recv().await.unwrap();
+        assert_eq!(
+            request,
+            "POST /x?y=1 HTTP/1.1\r\nhost: md\r\nx-keep: k\r\ncontent-length: 3\r\n\r\nabc"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_body_over_the_limit_is_refused_unread() {
+        let (up, mut seen) = upstream(vec![vec![Reply::Send(
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        )]])
+        .await;
+        let mut client = TcpStream::connect(proxy_to(up).await).await.unwrap();
+        let length = Limits::default().request_body + 1;
+        client
+            .write_all(
+                format!("PUT /big HTTP/1.1\r\nhost: md\r\nexpect: 100-continue\r\ncontent-length: {length}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let response = read_until(&mut client, "bytes\n").await;
+        assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+        assert!(!response.contains("100 Continue"), "{response}");
+        assert!(seen.try_recv().is_err(), "nothing went upstream");
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed_and_the_rest_kept() {

@@ -4,8 +4,8 @@
 mod connection;
 pub mod exempt;
 pub mod forward;
-pub mod pool;
 pub mod ticker;
+pub mod upstream;
 
 use std::{
     net::SocketAddr,
@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,8 +26,8 @@ use crate::mock::ec2::Ec2Mock;
 use forward::Forwarder;
 use ticker::Ticker;
 
-/// Response bodies: complete ones from the mock and error paths, streamed ones from upstream.
-pub type Body = Either<Full<Bytes>, pool::PooledBody>;
+/// Response bodies: always complete (upstream responses are buffered, see `upstream`).
+pub type Body = Full<Bytes>;
 
 /// What answers the requests.
 pub enum Backend {
@@ -40,7 +40,7 @@ pub enum Backend {
 impl Backend {
     async fn respond(&self, req: Request<Incoming>) -> Response<Body> {
         match self {
-            Backend::Ec2(mock) => mock.handle(&req).map(|b| Either::Left(Full::new(b))),
+            Backend::Ec2(mock) => mock.handle(&req).map(Full::new),
             Backend::Upstream(forwarder) => forwarder.forward(req).await,
         }
     }

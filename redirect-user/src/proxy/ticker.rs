@@ -10,7 +10,7 @@
 
 use std::{
     future::{Future, poll_fn},
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -65,31 +65,55 @@ impl Ticker {
 
     /// A listener: the ticker runs while any exists.
     pub fn subscribe(&self) -> Ticks {
-        if self.shared.listeners.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.shared.start_ticking.notify_one();
-        }
+        let listening = self.listen();
         Ticks {
             seen: self.shared.tick.load(Ordering::Acquire),
-            shared: Arc::clone(&self.shared),
+            listening,
             waiting: None,
         }
     }
 
     /// Completes once `after` has passed, give or take one period (a deadline of `d` fires
-    /// after `d` to `d + period`). Dropping it early costs nothing more.
+    /// after `d` to `d + period`). Dropping it early costs nothing more. Unlike a [`Ticks`],
+    /// it allocates nothing: one runs per proxied request.
     pub fn expire(&self, after: Duration) -> impl Future<Output = ()> + Send + 'static {
-        let mut ticks = self.subscribe();
+        let listening = self.listen();
         let wait = after.as_nanos().div_ceil(self.period.as_nanos().max(1)) as u64;
         async move {
-            let deadline = ticks.now() + wait + 1;
-            while ticks.next().await < deadline {}
+            let shared = &listening.0;
+            let deadline = shared.tick.load(Ordering::Acquire) + wait + 1;
+            loop {
+                let mut ticked = pin!(shared.ticked.notified());
+                // Registered before the tick is read, so a tick in between is not missed.
+                ticked.as_mut().enable();
+                if shared.tick.load(Ordering::Acquire) >= deadline {
+                    return;
+                }
+                ticked.await;
+            }
         }
+    }
+
+    /// Counts a listener until the guard drops; the first one starts the ticking.
+    fn listen(&self) -> Listening {
+        if self.shared.listeners.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.shared.start_ticking.notify_one();
+        }
+        Listening(Arc::clone(&self.shared))
+    }
+}
+
+struct Listening(Arc<Shared>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.listeners.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// A subscription to a [`Ticker`], starting at the tick current when it was made.
 pub struct Ticks {
-    shared: Arc<Shared>,
+    listening: Listening,
     /// The last tick returned.
     seen: u64,
     /// Registered for the next tick; kept across polls so that a pending wait costs nothing.
@@ -99,7 +123,7 @@ pub struct Ticks {
 impl Ticks {
     /// The current tick.
     pub fn now(&self) -> u64 {
-        self.shared.tick.load(Ordering::Acquire)
+        self.listening.0.tick.load(Ordering::Acquire)
     }
 
     /// Ready with the current tick once one has passed since the last returned (or since the
@@ -112,12 +136,12 @@ impl Ticks {
                 self.waiting = None;
                 return Poll::Ready(now);
             }
-            let waiting = self
-                .waiting
-                .get_or_insert_with(|| Box::pin(Arc::clone(&self.shared.ticked).notified_owned()));
+            let waiting = self.waiting.get_or_insert_with(|| {
+                Box::pin(Arc::clone(&self.listening.0.ticked).notified_owned())
+            });
             // Registered before the tick is read again, so a tick in between is not missed.
             waiting.as_mut().enable();
-            if self.shared.tick.load(Ordering::Acquire) > self.seen {
+            if self.listening.0.tick.load(Ordering::Acquire) > self.seen {
                 continue;
             }
             match waiting.as_mut().poll(cx) {
@@ -130,12 +154,6 @@ impl Ticks {
     /// Waits for the next tick and returns it.
     pub async fn next(&mut self) -> u64 {
         poll_fn(|cx| self.poll_next(cx)).await
-    }
-}
-
-impl Drop for Ticks {
-    fn drop(&mut self) {
-        self.shared.listeners.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -1,0 +1,1237 @@
+//! The HTTP/1.1 client for the one upstream, run on the request's own task.
+//!
+//! hyper's client drives each connection from a task of its own; a request crosses to that
+//! task through a channel and the response and its body come back through two more. At one
+//! connection that cost the proxy a tenth of its throughput against nginx (BENCHMARKS.md). Here
+//! the task that serves the client's request also writes the upstream request and reads the
+//! whole response, as nginx does with its default `proxy_buffering on`: both bodies are
+//! buffered (metadata documents are small; [`Limits`] bounds them), and the connection goes
+//! back to the idle list as soon as the response has been read, before the client has it.
+//!
+//! Responses are delimited as RFC 9112 §6.3 says: no body for HEAD, 1xx, 204 and 304; chunked
+//! when chunked is the final transfer coding; otherwise read until the upstream closes, unless
+//! a valid `Content-Length` gives the length. Interim 1xx responses are skipped. A connection
+//! is used again only after a complete HTTP/1.1 response that did not ask to close and left no
+//! stray bytes behind.
+//!
+//! A worker talks to a single upstream from a single thread, so the pool is a short list of
+//! idle connections: no keying by host, no cross-thread contention.
+
+use std::{
+    io::{self, Write as _},
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::{
+    HeaderMap, Method, Response, StatusCode,
+    body::Body,
+    header::{self, HeaderName, HeaderValue},
+    http::request::Parts,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+
+use super::exempt::ExemptSockets;
+use crate::config::UpstreamSettings;
+
+/// Idle connections kept beyond this are closed.
+const MAX_IDLE: usize = 64;
+/// Response heads larger than this are refused (hyper's client allows about 400 KiB; nginx's
+/// `proxy_buffer_size` is 4 or 8 KiB).
+const MAX_HEAD: usize = 64 << 10;
+/// Header lines per response head (hyper's default is 100).
+const MAX_HEADERS: usize = 128;
+/// Room made in the read buffer before each read.
+const READ_CHUNK: usize = 16 << 10;
+/// A chunk-size line or trailer line longer than this is refused.
+const MAX_LINE: usize = 4 << 10;
+
+/// Caps on what is buffered per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub request_body: usize,
+    pub response_body: usize,
+}
+
+impl Default for Limits {
+    /// A request body up to 1 MiB (nginx's `client_max_body_size`), a response body up to
+    /// 16 MiB (AWS caps user data at 16 KiB, GCE all metadata at 512 KiB).
+    fn default() -> Self {
+        Limits {
+            request_body: 1 << 20,
+            response_body: 16 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to the upstream")]
+    Connect(#[source] io::Error),
+    #[error("reading the request body from the client")]
+    RequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("request body larger than {0} bytes")]
+    RequestTooLarge(usize),
+    #[error("sending the request")]
+    Write(#[source] io::Error),
+    #[error("reading the response")]
+    Read(#[source] io::Error),
+    #[error("the upstream closed the connection before the response was complete")]
+    Closed,
+    #[error("invalid response: {0}")]
+    Invalid(String),
+    #[error("response body larger than {0} bytes")]
+    ResponseTooLarge(usize),
+}
+
+pub struct Upstream {
+    connector: UpstreamConnector,
+    limits: Limits,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Upstream {
+    pub fn new(connector: UpstreamConnector, limits: Limits) -> Self {
+        Upstream {
+            connector,
+            limits,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sends a request (`parts` with an origin-form URI and the headers to forward) and
+    /// returns the complete response, its headers as the upstream sent them.
+    ///
+    /// A request that fails on a kept-alive connection before any of its response arrived
+    /// (the upstream had closed that connection) is sent again on another one if its method
+    /// is idempotent (RFC 9110 §9.2.2); anything else is not repeated, as the upstream may
+    /// have acted on it.
+    pub async fn send<B>(&self, parts: &Parts, body: B) -> Result<Response<Bytes>, UpstreamError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let framed = !body.is_end_stream()
+            || parts.headers.contains_key(header::CONTENT_LENGTH)
+            || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+        let body = read_request_body(body, self.limits.request_body).await?;
+        let request = Outgoing {
+            parts,
+            body: framed.then_some(&body[..]),
+        };
+        let repeatable = parts.method.is_idempotent();
+        while let Some(mut conn) = self.checkout() {
+            match conn.exchange(&request, self.limits).await {
+                Ok((resp, reusable)) => {
+                    if reusable {
+                        self.checkin(conn);
+                    }
+                    return Ok(resp);
+                }
+                Err(Failure { error, stale }) if !(stale && repeatable) => return Err(error),
+                Err(_) => {}
+            }
+        }
+        // Boxed: the rare path would otherwise enlarge every request's future, which is
+        // moved (copied) several times per request.
+        Box::pin(self.send_new(&request)).await
+    }
+
+    async fn send_new(&self, request: &Outgoing<'_>) -> Result<Response<Bytes>, UpstreamError> {
+        let stream = self
+            .connector
+            .connect()
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            spans: Vec::new(),
+            reused: false,
+        };
+        let (resp, reusable) = conn
+            .exchange(request, self.limits)
+            .await
+            .map_err(|f| f.error)?;
+        if reusable {
+            self.checkin(conn);
+        }
+        Ok(resp)
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(conn) = idle.pop() {
+            if conn.is_idle() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, mut conn: Conn) {
+        conn.reused = true;
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+}
+
+/// A failed exchange; `stale` when it failed on a kept-alive connection before any of the
+/// response arrived, so that the request may not have reached the upstream.
+struct Failure {
+    error: UpstreamError,
+    stale: bool,
+}
+
+/// A request to send: the head to forward and the buffered body, if the request is framed.
+struct Outgoing<'a> {
+    parts: &'a Parts,
+    body: Option<&'a [u8]>,
+}
+
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed; empty between exchanges.
+    buf: BytesMut,
+    /// The request in wire form, built here to reuse the allocation.
+    out: Vec<u8>,
+    /// Where the response's header names and values lie in its head (reused likewise).
+    spans: Vec<(Range<usize>, Range<usize>)>,
+    /// Whether an earlier exchange used this connection.
+    reused: bool,
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+impl Conn {
+    /// Whether an idle connection can take a request: nothing arrived on it since its last
+    /// response, neither data nor the upstream's close. Costs no system call: a read that
+    /// drained the socket cleared tokio's readiness, so readiness here means a new event.
+    fn is_idle(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Possibly a stale readiness: look.
+            Poll::Ready(Ok(())) => {
+                matches!(self.stream.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Writes the request and reads the response. Returns it with whether the connection can
+    /// be used again.
+    async fn exchange(
+        &mut self,
+        request: &Outgoing<'_>,
+        limits: Limits,
+    ) -> Result<(Response<Bytes>, bool), Failure> {
+        debug_assert!(self.buf.is_empty());
+        self.out.clear();
+        encode_request(request.parts, request.body, &mut self.out);
+        if let Err(e) = self.stream.write_all(&self.out).await {
+            return Err(Failure {
+                stale: self.reused,
+                error: UpstreamError::Write(e),
+            });
+        }
+        let (mut head, mut reusable) = match self.read_head().await {
+            Ok(head) => head,
+            Err(error) => {
+                let stale = self.reused
+                    && self.buf.is_empty()
+                    && match &error {
+                        UpstreamError::Closed => true,
+                        UpstreamError::Read(e) => matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                        ),
+                        _ => false,
+                    };
+                return Err(Failure { error, stale });
+            }
+        };
+        let head_only = request.parts.method == Method::HEAD;
+        let framing =
+            framing(head.status(), head_only, head.headers()).map_err(|error| Failure {
+                error,
+                stale: false,
+            })?;
+        if head.headers().contains_key(header::TRANSFER_ENCODING)
+            && head.headers_mut().remove(header::CONTENT_LENGTH).is_some()
+        {
+            // Both: a smuggling attempt or a broken upstream (RFC 9112 §6.3 item 3). The
+            // transfer coding wins and the connection is not trusted again.
+            reusable = false;
+        }
+        let body = self
+            .read_body(framing, limits.response_body)
+            .await
+            .map_err(|error| Failure {
+                error,
+                stale: false,
+            })?;
+        reusable &= framing != Framing::UntilClose && self.buf.is_empty();
+        Ok((head.map(|()| body), reusable))
+    }
+
+    /// Reads the final response head, skipping interim (1xx) responses. Also returns whether
+    /// the upstream lets the connection be used again.
+    async fn read_head(&mut self) -> Result<(Response<()>, bool), UpstreamError> {
+        loop {
+            if !self.buf.is_empty() {
+                // Uninitialised: initialising room for every header costs more than parsing.
+                let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+                let mut parsed = httparse::Response::new(&mut []);
+                let config = httparse::ParserConfig::default();
+                match config.parse_response_with_uninit_headers(
+                    &mut parsed,
+                    &self.buf,
+                    &mut headers,
+                ) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let code = parsed.code.unwrap_or_default();
+                        if (100..200).contains(&code) && code != 101 {
+                            self.buf.advance(len);
+                            continue;
+                        }
+                        // Where each header's name and value lie, so that the values can
+                        // share the head's bytes instead of each being copied.
+                        let base = self.buf.as_ptr() as usize;
+                        let offset = |field: &[u8]| {
+                            // An empty field may point anywhere.
+                            let start = if field.is_empty() {
+                                0
+                            } else {
+                                field.as_ptr() as usize - base
+                            };
+                            start..start + field.len()
+                        };
+                        self.spans.clear();
+                        self.spans.extend(
+                            parsed
+                                .headers
+                                .iter()
+                                .map(|h| (offset(h.name.as_bytes()), offset(h.value))),
+                        );
+                        let version = parsed.version;
+                        let head = self.buf.split_to(len).freeze();
+                        return build_head(version, code, &head, &self.spans);
+                    }
+                    Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
+                        return Err(UpstreamError::Invalid(format!(
+                            "response head larger than {MAX_HEAD} bytes"
+                        )));
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(e) => return Err(UpstreamError::Invalid(e.to_string())),
+                }
+            }
+            if self.read().await? == 0 {
+                return Err(UpstreamError::Closed);
+            }
+        }
+    }
+
+    async fn read_body(&mut self, framing: Framing, limit: usize) -> Result<Bytes, UpstreamError> {
+        match framing {
+            Framing::Empty => Ok(Bytes::new()),
+            Framing::Length(len) => {
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&len| len <= limit)
+                    .ok_or(UpstreamError::ResponseTooLarge(limit))?;
+                while self.buf.len() < len {
+                    if self.read().await? == 0 {
+                        return Err(UpstreamError::Closed);
+                    }
+                }
+                // Shares the read buffer's allocation; the next read makes a new one.
+                Ok(self.buf.split_to(len).freeze())
+            }
+            Framing::Chunked => {
+                let mut decoder = Chunked::new(limit);
+                while !decoder.decode(&mut self.buf)? {
+                    if self.read().await? == 0 {
+                        return Err(UpstreamError::Closed);
+                    }
+                }
+                Ok(decoder.body.freeze())
+            }
+            Framing::UntilClose => loop {
+                if self.buf.len() > limit {
+                    return Err(UpstreamError::ResponseTooLarge(limit));
+                }
+                if self.read().await? == 0 {
+                    return Ok(self.buf.split().freeze());
+                }
+            },
+        }
+    }
+
+    async fn read(&mut self) -> Result<usize, UpstreamError> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(UpstreamError::Read)
+    }
+}
+
+/// Connects to the upstream with its own sockets, each exempted from the redirect before its
+/// connect() and bounded by the connect timeout.
+pub struct UpstreamConnector {
+    host: String,
+    port: u16,
+    exempt: Option<Arc<ExemptSockets>>,
+    connect_timeout: Duration,
+}
+
+impl UpstreamConnector {
+    pub fn new(settings: &UpstreamSettings, exempt: Option<Arc<ExemptSockets>>) -> Self {
+        let authority = &settings.url.authority;
+        UpstreamConnector {
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            exempt,
+            connect_timeout: settings.connect_timeout,
+        }
+    }
+
+    pub async fn connect(&self) -> io::Result<TcpStream> {
+        let addrs: Vec<SocketAddr> = match self.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, self.port)],
+            Err(_) => tokio::net::lookup_host((self.host.as_str(), self.port))
+                .await?
+                .collect(),
+        };
+        let mut last_error = None;
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, self.connect_one(addr)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => {
+                    last_error = Some(io::Error::new(e.kind(), format!("connect to {addr}: {e}")))
+                }
+                Err(_) => {
+                    last_error = Some(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "connect to {addr} timed out after {:?}",
+                            self.connect_timeout
+                        ),
+                    ))
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} has no address", self.host),
+            )
+        }))
+    }
+
+    async fn connect_one(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // Held across the connect: the programs run inside connect(), and the guard's drop
+        // (also when a timeout abandons this future) removes the exemption.
+        let _exempt = self
+            .exempt
+            .as_ref()
+            .map(|e| e.exempt(&socket))
+            .transpose()?;
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// The request line and headers in HTTP/1.1 wire form, then the body. The target is in origin
+/// form, as clients send it to a metadata service (an absolute-form target from a client that
+/// took us for a forward proxy is reduced to its path and query). Header names go out in
+/// lower case, as `HeaderMap` holds them. `body` is `None` for a request without framing
+/// (no `Content-Length` is sent); any `Content-Length` of the client's is replaced by the
+/// buffered body's length.
+fn encode_request(parts: &Parts, body: Option<&[u8]>, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(body) = body {
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "content-length: {}\r\n\r\n", body.len());
+        out.extend_from_slice(body);
+    } else {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+async fn read_request_body<B>(body: B, limit: usize) -> Result<Bytes, UpstreamError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    // Refused from its Content-Length before any of it is read (and before hyper answers an
+    // `Expect: 100-continue`).
+    if body.size_hint().lower() > limit as u64 {
+        return Err(UpstreamError::RequestTooLarge(limit));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::RequestBody(e.into()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(UpstreamError::RequestTooLarge(limit));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// The response head as a `Response<()>`, and whether the upstream keeps the connection open:
+/// HTTP/1.1 without `Connection: close` (an HTTP/1.0 upstream's connections are not reused).
+/// `spans` locate each header's name and value in `head`; the values share its bytes.
+fn build_head(
+    version: Option<u8>,
+    code: u16,
+    head: &Bytes,
+    spans: &[(Range<usize>, Range<usize>)],
+) -> Result<(Response<()>, bool), UpstreamError> {
+    let invalid = |what: &str| UpstreamError::Invalid(what.to_owned());
+    let status = StatusCode::from_u16(code).map_err(|_| invalid("status code"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // Upgrade is never forwarded, so nothing asked for this.
+        return Err(invalid(
+            "101 Switching Protocols without an upgrade request",
+        ));
+    }
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = &head[name.clone()];
+        let shown = || String::from_utf8_lossy(name);
+        let parsed = HeaderName::from_bytes(name)
+            .map_err(|_| invalid(&format!("header name {:?}", shown())))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+            .map_err(|_| invalid(&format!("value of header {:?}", shown())))?;
+        let name = parsed;
+        headers.append(name, value);
+    }
+    let keep_alive = version == Some(1) && !has_token(&headers, header::CONNECTION, "close");
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    Ok((resp, keep_alive))
+}
+
+/// Whether a comma-separated header (all its lines) lists `token`, case-insensitively.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn framing(
+    status: StatusCode,
+    head_only: bool,
+    headers: &HeaderMap,
+) -> Result<Framing, UpstreamError> {
+    if head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // The final coding is the last one of the last line.
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').map(str::trim).rfind(|t| !t.is_empty()));
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::UntilClose,
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        // A list of equal values is one length (RFC 9110 §8.6); anything else is an error.
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            let parsed =
+                (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
+                    .then(|| item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            match (parsed, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => {
+                    return Err(UpstreamError::Invalid(format!(
+                        "Content-Length {:?}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    )));
+                }
+            }
+        }
+    }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+/// An incremental decoder of a chunked body (RFC 9112 §7.1): consumes what has arrived,
+/// keeps its place between reads. Chunk extensions and trailer fields are read and dropped.
+struct Chunked {
+    state: ChunkState,
+    body: BytesMut,
+    limit: usize,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl Chunked {
+    fn new(limit: usize) -> Self {
+        Chunked {
+            state: ChunkState::Size,
+            body: BytesMut::new(),
+            limit,
+            trailer_bytes: 0,
+        }
+    }
+
+    /// Consumes bytes from the front of `buf`; true once the final chunk and the trailer
+    /// section are complete (what follows stays in `buf`).
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<bool, UpstreamError> {
+        let invalid = |what: &str| UpstreamError::Invalid(format!("chunked body: {what}"));
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(false);
+                    };
+                    let digits = line
+                        .split(|&b| b == b';')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_ascii();
+                    if digits.is_empty() || digits.len() > 15 {
+                        return Err(invalid("chunk size"));
+                    }
+                    let mut size = 0u64;
+                    for &d in digits {
+                        let v = char::from(d)
+                            .to_digit(16)
+                            .ok_or_else(|| invalid("chunk size"))?;
+                        size = size * 16 + u64::from(v);
+                    }
+                    if size > (self.limit - self.body.len()) as u64 {
+                        return Err(UpstreamError::ResponseTooLarge(self.limit));
+                    }
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(false);
+                    }
+                    let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.body.extend_from_slice(&buf[..take]);
+                    buf.advance(take);
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::DataEnd => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(false);
+                    };
+                    if !line.is_empty() {
+                        return Err(invalid("no line end after a chunk's data"));
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(false);
+                    };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                    } else {
+                        self.trailer_bytes += line.len();
+                        if self.trailer_bytes > MAX_HEAD {
+                            return Err(invalid("trailer section too large"));
+                        }
+                    }
+                }
+                ChunkState::Done => return Ok(true),
+            }
+        }
+    }
+}
+
+/// Takes one line (without its CRLF, or a bare LF) off the front of `buf`, if complete.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, UpstreamError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1).freeze();
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err(UpstreamError::Invalid(
+            "chunked body: line too long".to_owned(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A scripted upstream for tests, speaking raw HTTP/1.1 on loopback.
+#[cfg(test)]
+pub mod testing {
+    use std::net::SocketAddr;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+        sync::mpsc,
+    };
+
+    /// What the scripted upstream does with each request it reads on a connection.
+    #[derive(Clone, Copy)]
+    pub enum Reply {
+        Send(&'static str),
+        /// Sends the bytes, then closes the connection.
+        SendAndClose(&'static str),
+        /// Closes the connection without answering.
+        Close,
+    }
+
+    /// An upstream on 127.0.0.1 (port 0): the n-th connection it accepts plays `scripts[n]`,
+    /// one reply per request. Each request arrives on the receiver as (connection, bytes).
+    pub async fn upstream(
+        scripts: Vec<Vec<Reply>>,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<(usize, String)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for (n, script) in scripts.into_iter().enumerate() {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    for reply in script {
+                        let Some(request) = read_request(&mut stream, &mut pending).await else {
+                            return;
+                        };
+                        tx.send((n, request)).unwrap();
+                        match reply {
+                            Reply::Send(bytes) => stream.write_all(bytes.as_bytes()).await.unwrap(),
+                            Reply::SendAndClose(bytes) => {
+                                stream.write_all(bytes.as_bytes()).await.unwrap();
+                                return;
+                            }
+                            Reply::Close => return,
+                        }
+                    }
+                    // Keeps the connection open; a request beyond the script shows up as
+                    // such, and the connection closes.
+                    if let Some(request) = read_request(&mut stream, &mut pending).await {
+                        tx.send((n, format!("unscripted: {request}"))).unwrap();
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// One request (head and `content-length` body) off the stream.
+    async fn read_request(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<String> {
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(pending[..end + 4].to_vec()).unwrap();
+                let body_len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.parse::<usize>().unwrap());
+                if pending.len() >= end + 4 + body_len {
+                    let request: Vec<u8> = pending.drain(..end + 4 + body_len).collect();
+                    return Some(String::from_utf8(request).unwrap());
+                }
+            }
+            let mut chunk = [0; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::*, *};
+    use crate::config::UpstreamUrl;
+    use http_body_util::Full;
+    use hyper::{Request, body::Frame};
+    use tokio::sync::mpsc;
+
+    fn client(addr: SocketAddr, limits: Limits) -> Upstream {
+        let settings = UpstreamSettings {
+            url: format!("http://{addr}").parse::<UpstreamUrl>().unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        };
+        Upstream::new(UpstreamConnector::new(&settings, None), limits)
+    }
+
+    fn parts(method: &str, target: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut req = Request::builder().method(method).uri(target);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    async fn get(up: &Upstream, target: &str) -> Result<Response<Bytes>, UpstreamError> {
+        up.send(
+            &parts("GET", target, &[("host", "md")]),
+            Full::new(Bytes::new()),
+        )
+        .await
+    }
+
+    /// The connections that the requests seen so far came on, in order.
+    fn connections(seen: &mut mpsc::UnboundedReceiver<(usize, String)>) -> Vec<usize> {
+        std::iter::from_fn(|| seen.try_recv().ok())
+            .map(|(n, request)| {
+                assert!(!request.starts_with("unscripted"), "{request}");
+                n
+            })
+            .collect()
+    }
+
+    fn body(resp: &Response<Bytes>) -> &str {
+        std::str::from_utf8(resp.body()).unwrap()
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    const OK2: &str = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok2";
+
+    #[tokio::test]
+    async fn requests_reuse_one_connection_and_go_out_as_sent() {
+        let (addr, mut seen) = upstream(vec![vec![
+            Reply::Send("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Up: 1\r\n\r\nhello"),
+            Reply::Send(OK),
+        ]])
+        .await;
+        let up = client(addr, Limits::default());
+        let resp = up
+            .send(
+                &parts(
+                    "GET",
+                    "/a?b=%2F",
+                    &[("host", "md"), ("x-aws-ec2-metadata-token", "t")],
+                ),
+                Full::new(Bytes::new()),
+            )
+            .await
+            .unwrap();
+        assert_eq!((resp.status(), body(&resp)), (StatusCode::OK, "hello"));
+        assert_eq!(resp.headers()["x-up"], "1");
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            (
+                0,
+                "GET /a?b=%2F HTTP/1.1\r\nhost: md\r\nx-aws-ec2-metadata-token: t\r\n\r\n".into()
+            )
+        );
+        assert_eq!(body(&get(&up, "/b").await.unwrap()), "ok");
+        assert_eq!(connections(&mut seen), [0], "same connection");
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_sent_with_their_length() {
+        let (addr, mut seen) = upstream(vec![vec![Reply::Send(OK); 3]]).await;
+        let up = client(addr, Limits::default());
+        // A PUT without a body still says so (RFC 9110 §8.6).
+        let put = parts("PUT", "/latest/api/token", &[("x-ttl", "21600")]);
+        up.send(&put, Full::new(Bytes::new())).await.unwrap();
+        assert_eq!(
+            seen.recv().await.unwrap().1,
+            "PUT /latest/api/token HTTP/1.1\r\nx-ttl: 21600\r\ncontent-length: 0\r\n\r\n"
+        );
+        // The client's own Content-Length is replaced, not repeated.
+        let post = parts("POST", "/p", &[("content-length", "3")]);
+        up.send(&post, Full::new(Bytes::from_static(b"abc")))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.recv().await.unwrap().1,
+            "POST /p HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"
+        );
+        // A body that came in chunks (no length known) goes out whole, with its length.
+        let chunks = Chunks([&b"ab"[..], b"", b"cd"].into());
+        up.send(&parts("POST", "/p", &[]), chunks).await.unwrap();
+        assert_eq!(
+            seen.recv().await.unwrap().1,
+            "POST /p HTTP/1.1\r\ncontent-length: 4\r\n\r\nabcd"
+        );
+    }
+
+    /// A request body in several frames, of no length known in advance (as a chunked one).
+    struct Chunks(std::collections::VecDeque<&'static [u8]>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|c| Ok(Frame::data(Bytes::from_static(c)))),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_responses_are_decoded_and_the_connection_kept() {
+        let (addr, mut seen) = upstream(vec![vec![
+            Reply::Send(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 3;ext=\"x\"\r\nabc\r\nA\r\n0123456789\r\n0\r\nx-trailer: t\r\n\r\n",
+            ),
+            Reply::Send(OK),
+        ]])
+        .await;
+        let up = client(addr, Limits::default());
+        assert_eq!(body(&get(&up, "/").await.unwrap()), "abc0123456789");
+        assert_eq!(body(&get(&up, "/").await.unwrap()), "ok");
+        assert_eq!(connections(&mut seen), [0, 0], "same connection");
+    }
+
+    #[tokio::test]
+    async fn close_delimited_and_closing_responses_are_not_reused() {
+        let (addr, mut seen) = upstream(vec![
+            vec![Reply::SendAndClose("HTTP/1.1 200 OK\r\n\r\nuntil the end")],
+            vec![Reply::Send(
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nc2",
+            )],
+            vec![Reply::Send(
+                "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nc3",
+            )],
+            vec![Reply::Send(OK)],
+        ])
+        .await;
+        let up = client(addr, Limits::default());
+        for expected in ["until the end", "c2", "c3", "ok"] {
+            assert_eq!(body(&get(&up, "/").await.unwrap()), expected);
+        }
+        assert_eq!(connections(&mut seen), [0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn interim_and_bodiless_responses() {
+        let (addr, mut seen) = upstream(vec![vec![
+            Reply::Send("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nhi"),
+            // HEAD: the length of what a GET would get, and no body.
+            Reply::Send("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"),
+            Reply::Send("HTTP/1.1 204 No Content\r\n\r\n"),
+            Reply::Send("HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\n\r\n"),
+            Reply::Send(OK),
+        ]])
+        .await;
+        let up = client(addr, Limits::default());
+        let created = get(&up, "/").await.unwrap();
+        assert_eq!(
+            (created.status(), body(&created)),
+            (StatusCode::CREATED, "hi")
+        );
+        let head = up
+            .send(&parts("HEAD", "/", &[]), Full::new(Bytes::new()))
+            .await
+            .unwrap();
+        assert_eq!(
+            (head.headers()["content-length"].as_bytes(), body(&head)),
+            (&b"10"[..], "")
+        );
+        assert_eq!(
+            get(&up, "/").await.unwrap().status(),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            get(&up, "/").await.unwrap().status(),
+            StatusCode::NOT_MODIFIED
+        );
+        assert_eq!(body(&get(&up, "/").await.unwrap()), "ok");
+        assert_eq!(connections(&mut seen), [0; 5], "one connection throughout");
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_by_the_upstream_is_replaced_for_idempotent_requests() {
+        let (addr, mut seen) = upstream(vec![
+            vec![Reply::Send(OK), Reply::Close],
+            vec![Reply::Send(OK2)],
+        ])
+        .await;
+        let up = client(addr, Limits::default());
+        assert_eq!(body(&get(&up, "/").await.unwrap()), "ok");
+        // Sent on the kept connection, which the upstream closes unanswered: sent again.
+        assert_eq!(body(&get(&up, "/").await.unwrap()), "ok2");
+        assert_eq!(connections(&mut seen), [0, 0, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_post_is_not_repeated() {
+        let (addr, mut seen) = upstream(vec![
+            vec![Reply::Send(OK), Reply::Close],
+            vec![Reply::Send(OK2)],
+        ])
+        .await;
+        let up = client(addr, Limits::default());
+        let post = || parts("POST", "/p", &[]);
+        up.send(&post(), Full::new(Bytes::new())).await.unwrap();
+        let err = up.send(&post(), Full::new(Bytes::new())).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Closed), "{err}");
+        assert_eq!(connections(&mut seen), [0, 0], "not sent again");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_used() {
+        let (addr, mut seen) = upstream(vec![
+            // A complete, keep-alive response, and then the upstream goes anyway.
+            vec![Reply::SendAndClose(OK)],
+            vec![Reply::Send(OK2)],
+        ])
+        .await;
+        let up = client(addr, Limits::default());
+        let post = || parts("POST", "/p", &[]);
+        up.send(&post(), Full::new(Bytes::new())).await.unwrap();
+        // Let the close arrive while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let resp = up.send(&post(), Full::new(Bytes::new())).await.unwrap();
+        assert_eq!(body(&resp), "ok2");
+        assert_eq!(connections(&mut seen), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn content_length_with_transfer_encoding_obeys_the_coding_and_closes() {
+        let (addr, mut seen) = upstream(vec![
+            vec![Reply::Send(
+                "HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            )],
+            vec![Reply::Send(OK2)],
+        ])
+        .await;
+        let up = client(addr, Limits::default());
+        let resp = get(&up, "/").await.unwrap();
+        assert_eq!(body(&resp), "ok");
+        assert!(!resp.headers().contains_key("content-length"));
+        assert_eq!(body(&get(&up, "/").await.unwrap()), "ok2");
+        assert_eq!(connections(&mut seen), [0, 1], "not trusted again");
+    }
+
+    #[tokio::test]
+    async fn broken_responses_are_errors() {
+        for (reply, expected) in [
+            ("SSH-2.0-OpenSSH\r\n\r\n", "invalid response"),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello",
+                "Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+                "Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+                "closed the connection",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "chunk size",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokX\r\n",
+                "line end",
+            ),
+            ("HTTP/1.1 101 Switching Protocols\r\n\r\n", "101"),
+            ("HTTP/1.1 200 OK\r\ncontent-le", "closed the connection"),
+            ("", "closed the connection"),
+        ] {
+            let (addr, _seen) = upstream(vec![vec![Reply::SendAndClose(reply)]]).await;
+            let err = get(&client(addr, Limits::default()), "/")
+                .await
+                .unwrap_err();
+            let chain = format!("{err}: {:?}", std::error::Error::source(&err));
+            assert!(chain.contains(expected), "{reply:?}: {chain}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_beyond_the_limits_are_refused() {
+        let limits = Limits {
+            request_body: 4,
+            response_body: 8,
+        };
+        let (addr, mut seen) = upstream(vec![vec![Reply::Send(OK)]]).await;
+        let up = client(addr, limits);
+        let err = up
+            .send(
+                &parts("POST", "/", &[]),
+                Full::new(Bytes::from_static(b"12345")),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::RequestTooLarge(4)), "{err}");
+        let chunks = Chunks([&b"123"[..], b"45"].into());
+        let err = up.send(&parts("POST", "/", &[]), chunks).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::RequestTooLarge(4)), "{err}");
+        assert!(connections(&mut seen).is_empty(), "nothing sent upstream");
+        for reply in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n123456789",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\n12345\r\n4\r\n6789\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\n123456789",
+        ] {
+            let (addr, _seen) = upstream(vec![vec![Reply::SendAndClose(reply)]]).await;
+            let err = get(&client(addr, limits), "/").await.unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::ResponseTooLarge(8)),
+                "{reply:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_decoding_survives_any_split() {
+        let wire = b"4;a=b\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\nt: 1\r\n\r\nNEXT";
+        for split in 0..wire.len() {
+            let mut decoder = Chunked::new(1 << 10);
+            let mut buf = BytesMut::from(&wire[..split]);
+            let mut done = decoder.decode(&mut buf).unwrap();
+            buf.extend_from_slice(&wire[split..]);
+            done = done || decoder.decode(&mut buf).unwrap();
+            assert!(done, "split at {split}");
+            assert_eq!(
+                &decoder.body[..],
+                b"Wikipedia in\r\n\r\nchunks.",
+                "split at {split}"
+            );
+            assert_eq!(&buf[..], b"NEXT", "what follows is left, split at {split}");
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let headers = |lines: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in lines {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let ok = StatusCode::OK;
+        let cases = [
+            (
+                vec![
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "Chunked"),
+                ],
+                Framing::Chunked,
+            ),
+            (
+                vec![("transfer-encoding", "chunked, gzip")],
+                Framing::UntilClose,
+            ),
+            (
+                vec![("content-length", "7"), ("content-length", "7 , 7")],
+                Framing::Length(7),
+            ),
+            (vec![], Framing::UntilClose),
+        ];
+        for (lines, expected) in cases {
+            assert_eq!(
+                framing(ok, false, &headers(&lines)).unwrap(),
+                expected,
+                "{lines:?}"
+            );
+        }
+        let seven = headers(&[("content-length", "7")]);
+        assert_eq!(framing(ok, true, &seven).unwrap(), Framing::Empty, "HEAD");
+        assert_eq!(
+            framing(StatusCode::NO_CONTENT, false, &seven).unwrap(),
+            Framing::Empty
+        );
+        for bad in ["+7", "7 7", "", "99999999999999999999"] {
+            assert!(
+                framing(ok, false, &headers(&[("content-length", bad)])).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+}
