@@ -1,8 +1,8 @@
 //! The HTTP/1.1 client for the one upstream, run on the request's own task.
 //!
 //! hyper's client drives each connection from a task of its own; a request crosses to that
-//! task through a channel and the response and its body come back through two more. At one
-//! connection that cost the proxy a tenth of its throughput against nginx (BENCHMARKS.md). Here
+//! task through a channel and the response and its body come back through two more: a third
+//! of the proxy's user time, and what kept it behind nginx at one connection (BENCHMARKS.md). Here
 //! the task that serves the client's request also writes the upstream request and reads the
 //! whole response, as nginx does with its default `proxy_buffering on`: both bodies are
 //! buffered (metadata documents are small; [`Limits`] bounds them), and the connection goes
