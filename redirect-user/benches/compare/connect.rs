@@ -259,13 +259,15 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
     let empty = EmptyProgram::attach(&empty_cgroup)?;
     let stats = BpfStats::enable()?;
     let per_row = (mode.connect_samples / 2).max(BATCH);
-    let before = connect4_stats(&daemons[0], plain)?;
-    measure(&l1_l2[1..], per_row, 0)?;
-    let after_rewrites = connect4_stats(&daemons[0], plain)?;
-    measure(&l1_l2[..1], per_row, 0)?;
-    let after_bystanders = connect4_stats(&daemons[0], plain)?;
+    // The empty program's connects alternate batch by batch with ours, so that both figures
+    // come from the same moments: on a VM the cost of a run drifts by more than the program
+    // costs (measured apart, the floor once came out above our bystander path).
     let empty_before = empty.stats()?;
-    measure(std::slice::from_ref(&empty_row), per_row, 0)?;
+    let before = connect4_stats(&daemons[0], plain)?;
+    measure(&[l1_l2[1].clone(), empty_row.clone()], per_row, 0)?;
+    let after_rewrites = connect4_stats(&daemons[0], plain)?;
+    measure(&[l1_l2[0].clone(), empty_row], per_row, 0)?;
+    let after_bystanders = connect4_stats(&daemons[0], plain)?;
     let empty_after = empty.stats()?;
     drop(stats);
     Ok(ConnectResults {
