@@ -29,7 +29,6 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use hyper::{
     Request, Version,
     body::{Frame, Incoming, SizeHint},
-    header,
     server::conn::http1,
     service::service_fn,
 };
@@ -40,7 +39,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, Body, ProxyStats, handle, ticker::Ticker};
+use super::{Backend, Body, ProxyStats, connection_lists, handle, ticker::Ticker};
 
 /// A client that has not sent a complete request head within this time (give or take two
 /// [`IDLE_SWEEP`] periods) is disconnected. Checked by the sweep, not by hyper's
@@ -311,17 +310,9 @@ fn close_after_response(stream: TcpStream) {
 
 /// Whether the client wants the connection closed after this exchange.
 fn wants_close<B>(req: &Request<B>) -> bool {
-    let connection = |token: &str| {
-        req.headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
     match req.version() {
-        Version::HTTP_10 => !connection("keep-alive"),
-        _ => connection("close"),
+        Version::HTTP_10 => !connection_lists(req.headers(), "keep-alive"),
+        _ => connection_lists(req.headers(), "close"),
     }
 }
 

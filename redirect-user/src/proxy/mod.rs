@@ -213,6 +213,16 @@ async fn accept_loop(
     }
 }
 
+/// Whether the `Connection` header (all its lines) lists `token`, case-insensitively.
+fn connection_lists(headers: &hyper::HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 async fn handle(
     backend: &Backend,
     stats: &ProxyStats,

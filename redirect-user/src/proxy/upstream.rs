@@ -40,7 +40,7 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
-use super::exempt::ExemptSockets;
+use super::{connection_lists, exempt::ExemptSockets};
 use crate::config::UpstreamSettings;
 
 /// Idle connections kept beyond this are closed.
@@ -559,21 +559,11 @@ fn build_head(
         let name = parsed;
         headers.append(name, value);
     }
-    let keep_alive = version == Some(1) && !has_token(&headers, header::CONNECTION, "close");
+    let keep_alive = version == Some(1) && !connection_lists(&headers, "close");
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok((resp, keep_alive))
-}
-
-/// Whether a comma-separated header (all its lines) lists `token`, case-insensitively.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn framing(
@@ -1032,13 +1022,19 @@ mod tests {
         assert_eq!(connections(&mut seen), [0; 5], "one connection throughout");
     }
 
-    #[tokio::test]
-    async fn a_connection_dropped_by_the_upstream_is_replaced_for_idempotent_requests() {
-        let (addr, mut seen) = upstream(vec![
+    /// Answers the first request, then closes that connection on the second one, unanswered;
+    /// answers `OK2` on the next connection.
+    async fn drops_the_second_request() -> (SocketAddr, mpsc::UnboundedReceiver<(usize, String)>) {
+        upstream(vec![
             vec![Reply::Send(OK), Reply::Close],
             vec![Reply::Send(OK2)],
         ])
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_by_the_upstream_is_replaced_for_idempotent_requests() {
+        let (addr, mut seen) = drops_the_second_request().await;
         let up = client(addr, Limits::default());
         assert_eq!(body(&get(&up, "/").await.unwrap()), "ok");
         // Sent on the kept connection, which the upstream closes unanswered: sent again.
@@ -1048,11 +1044,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_post_is_not_repeated() {
-        let (addr, mut seen) = upstream(vec![
-            vec![Reply::Send(OK), Reply::Close],
-            vec![Reply::Send(OK2)],
-        ])
-        .await;
+        let (addr, mut seen) = drops_the_second_request().await;
         let up = client(addr, Limits::default());
         let post = || parts("POST", "/p", &[]);
         up.send(&post(), Full::new(Bytes::new())).await.unwrap();
