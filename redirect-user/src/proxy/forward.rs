@@ -170,16 +170,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::upstream::testing::{Reply, upstream};
-    use hyper::{server::conn::http1, service::service_fn};
-    use hyper_util::rt::TokioIo;
+    use crate::proxy::{
+        Backend, ProxyStats,
+        upstream::testing::{Reply, upstream},
+    };
     use std::net::SocketAddr;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::{TcpListener, TcpStream},
     };
+    use tokio_util::sync::CancellationToken;
 
-    /// A hyper server on 127.0.0.1 (port 0) answering through a `Forwarder` to `upstream`.
+    /// The proxy (`proxy::serve`) on 127.0.0.1 (port 0), forwarding to `upstream`.
     async fn proxy_to(upstream: SocketAddr) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -188,18 +190,14 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(5),
         };
-        let forwarder = Arc::new(Forwarder::new(settings, None));
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let forwarder = Arc::clone(&forwarder);
-                let service = service_fn(move |req| {
-                    let forwarder = Arc::clone(&forwarder);
-                    async move { Ok::<_, std::convert::Infallible>(forwarder.forward(req).await) }
-                });
-                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-            }
-        });
+        let backend = Backend::Upstream(Forwarder::new(settings, None));
+        tokio::spawn(crate::proxy::serve(
+            vec![listener],
+            Arc::new(backend),
+            Arc::new(ProxyStats::default()),
+            CancellationToken::new(),
+            Duration::from_secs(5),
+        ));
         addr
     }
 
