@@ -1,444 +1,705 @@
-//! Serving one client connection, holding little more than the socket while it is idle.
+//! Serving one client connection: the server side of HTTP/1.1, our own.
 //!
-//! hyper keeps an 8 KB read and an 8 KB write buffer for as long as a connection lives, so
-//! 10,000 idle keep-alive clients cost some 140 MB (BENCHMARKS.md). Here a client's hyper
-//! connection is released when the client is not busy: it is asked to finish
-//! (`graceful_shutdown`; the response head is already written, so the client sees plain
-//! keep-alive), the socket is taken back (`without_shutdown`, with any bytes hyper had read
-//! ahead) and the task waits for the next request with no buffer at all, as nginx does.
+//! Like the upstream client (`upstream`), it reads a whole request, head and body, asks the
+//! backend, and writes the whole response. Between requests a keep-alive connection holds its
+//! socket and nothing else: the read buffer is dropped once it is empty, as nginx does. hyper's
+//! server, which this replaced, kept an 8 KB read and an 8 KB write buffer for the life of each
+//! connection, and its per-request machinery was a third of the mock's instructions per
+//! request (BENCHMARKS.md).
 //!
-//! "Busy" means more than one request within an [`IDLE_SWEEP`] period. A one-off request is
-//! released as soon as its response ends; a busy client keeps its hyper connection until a
-//! sweep finds it idle. A fresh hyper connection for every request would cost about a quarter
-//! more CPU per request (measured); a busy client here rebuilds at most once per period.
+//! What the client gets, by RFC 9112 section:
+//! - §3, §5: a head that does not parse gets 400, an HTTP version other than 1.0 and 1.1 gets
+//!   505, a head over [`MAX_HEAD`] bytes or [`MAX_HEADERS`] lines gets 431 (414 when the
+//!   request line alone is that long). These close the connection.
+//! - §6: a body is framed by `Transfer-Encoding: chunked`, else by `Content-Length` (a list of
+//!   equal values is one length), else there is none. Chunked with `Content-Length` too: the
+//!   transfer coding wins and the connection closes after the response (§6.3 item 3). A
+//!   transfer coding other than chunked gets 501, chunked not last or on HTTP/1.0 400, an
+//!   invalid `Content-Length` 400, a body over [`MAX_REQUEST_BODY`] 413 before any of it is
+//!   read. The backend sees a chunked body decoded, with its `Content-Length`.
+//! - §9.3: HTTP/1.1 connections persist unless `Connection: close`; HTTP/1.0 ones only with
+//!   `Connection: keep-alive` (answered in kind). Pipelined requests are answered in order.
+//! - RFC 9110 §10.1.1: `Expect: 100-continue` gets `100 Continue` before the body is read.
+//!
+//! Responses carry `Date` and `Content-Length` (none for 1xx and 204; HEAD and 304 keep the
+//! length the backend gave). A request has [`REQUEST_READ_TIMEOUT`] from its first byte to its
+//! last; a slower client (slowloris) is disconnected.
 
 use std::{
-    future::poll_fn,
+    cell::RefCell,
+    future::{Future, poll_fn},
     io,
+    mem::MaybeUninit,
     net::SocketAddr,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    task::{Context, Poll},
-    time::Duration,
+    pin::{Pin, pin},
+    sync::{Arc, atomic::Ordering},
+    task::Poll,
+    time::{Duration, SystemTime},
 };
 
-use bytes::{Buf as _, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use hyper::{
-    Request, Version,
-    body::{Frame, Incoming, SizeHint},
-    server::conn::http1,
-    service::service_fn,
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    header::{self, HeaderValue},
+    http::request::Parts,
 };
-use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use super::{
+    Backend, ProxyStats,
+    codec::{
+        Chunked, CodecError, MAX_HEAD, MAX_HEADERS, chunked, connection_lists, content_length,
+        header_map, record_spans,
+    },
+    ticker::Ticker,
 };
-use tokio_util::sync::CancellationToken;
 
-use super::{Backend, Body, ProxyStats, connection_lists, handle, ticker::Ticker};
+/// Request bodies larger than this get 413 (nginx's `client_max_body_size`).
+pub const MAX_REQUEST_BODY: usize = 1 << 20;
 
-/// A client that has not sent a complete request head within this time (give or take two
-/// [`IDLE_SWEEP`] periods) is disconnected. Checked by the sweep, not by hyper's
-/// `header_read_timeout`: that one arms a tokio timer for every keep-alive request (5 % of the
-/// proxy's instructions per request, BENCHMARKS.md) and, since each release starts a fresh
-/// hyper connection, never fired for a head stalled across releases. (Short in unit tests,
-/// which run on real sockets and so in real time.)
-const HEADER_READ_TIMEOUT: Duration = if cfg!(test) {
+/// A request that has not fully arrived this long after its first byte is dropped, with its
+/// connection (give or take one [`DEADLINE_TICK`]). (Short in unit tests, which run on real
+/// sockets and so in real time.)
+pub const REQUEST_READ_TIMEOUT: Duration = if cfg!(test) {
     Duration::from_millis(300)
 } else {
     Duration::from_secs(10)
 };
 
-/// A client connection idle through a whole period gives its buffers back.
-pub const IDLE_SWEEP: Duration = if cfg!(test) {
+/// Resolution of the request read timeout (see `ticker`: no tokio timer per request).
+pub const DEADLINE_TICK: Duration = if cfg!(test) {
     Duration::from_millis(50)
 } else {
     Duration::from_secs(1)
 };
 
-/// What the service tells the connection loop about the client's requests. Lives as long as
-/// the client connection, across the hyper connections it is served by.
-#[derive(Default)]
-struct Activity {
-    /// Requests whose response body has not ended yet.
-    in_flight: AtomicUsize,
-    /// Requests started since the last sweep.
-    this_period: AtomicUsize,
-    /// Requests started on this client connection.
-    total: AtomicUsize,
-    /// The client asked to close after a response (HTTP/1.0 or `Connection: close`).
-    close_after: AtomicBool,
-    /// A response ended on a connection that is not busy: release it. Set from inside hyper's
-    /// poll (the body ends there), so the loop reads it right after that poll.
-    release: AtomicBool,
-}
+/// Room made in an empty read buffer: most requests are a few hundred bytes.
+const FIRST_READ: usize = 1 << 10;
+/// Response bodies up to this size are copied behind the head and go out in one write.
+const INLINE_BODY: usize = 16 << 10;
 
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     backend: Arc<Backend>,
     stats: Arc<ProxyStats>,
-    sweep: Arc<Ticker>,
-    trimmer: Arc<Trimmer>,
+    clock: Arc<Ticker>,
     shutdown: CancellationToken,
 ) {
-    let mut io = Rewind {
-        prefix: Bytes::new(),
-        inner: stream,
+    let mut conn = Connection {
+        stream,
+        buf: BytesMut::new(),
+        peer,
     };
-    let activity = Arc::new(Activity::default());
-    // Since when (sweep tick) the client has had an incomplete request head in the buffer, and
-    // how many requests it had made then.
-    let mut partial_head: Option<(u64, usize)> = None;
-    let head_ticks = (HEADER_READ_TIMEOUT.as_millis() / IDLE_SWEEP.as_millis()) as u64;
+    // Made once: registering with the token on every wait would cost more than waiting.
+    let mut cancelled = pin!(shutdown.cancelled());
     loop {
-        if io.prefix.is_empty() {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                ready = io.inner.readable() => if let Err(e) = ready {
-                    tracing::debug!("{peer}: {e}");
-                    return;
-                },
+        if conn.buf.is_empty() {
+            // Between requests: all that an idle connection holds is this wait.
+            match conn
+                .fill(false, cancelled.as_mut(), &mut None, &clock)
+                .await
+            {
+                Waited::Read => {}
+                Waited::Gone | Waited::Shutdown | Waited::TimedOut => return,
             }
         }
-        let service = {
-            let (backend, stats, activity) = (
-                Arc::clone(&backend),
-                Arc::clone(&stats),
-                Arc::clone(&activity),
-            );
-            service_fn(move |req: Request<Incoming>| {
-                activity.in_flight.fetch_add(1, Ordering::Relaxed);
-                activity.this_period.fetch_add(1, Ordering::Relaxed);
-                activity.total.fetch_add(1, Ordering::Relaxed);
-                if wants_close(&req) {
-                    activity.close_after.store(true, Ordering::Relaxed);
-                }
-                let (backend, stats, activity) = (
-                    Arc::clone(&backend),
-                    Arc::clone(&stats),
-                    Arc::clone(&activity),
-                );
-                // Boxed: hyper's poll_without_shutdown wants an Unpin service future.
-                Box::pin(async move {
-                    let resp = handle(&backend, &stats, req, peer).await;
-                    Ok::<_, std::convert::Infallible>(resp.map(|body| OnEnd {
-                        body,
-                        activity: Some(activity),
-                    }))
-                })
-            })
+        // Boxed: a request's state (its parts, the backend's future, the writes) exists only
+        // while the request is in progress, and the idle task stays small (BENCHMARKS.md).
+        let exchange = conn.exchange(&backend, &stats, cancelled.as_mut(), &clock, &shutdown);
+        if !Box::pin(exchange).await {
+            return;
+        }
+    }
+}
+
+/// A request as the backend gets it, with what the connection must do after the response.
+struct Incoming {
+    request: Request<Bytes>,
+    /// The client asked to close, or its framing means the connection cannot be trusted.
+    close: bool,
+    /// HTTP/1.0 with `Connection: keep-alive`: the response says so too.
+    keep_alive_10: bool,
+}
+
+/// A request refused before it reached the backend; the connection closes after the answer.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// How a request body is delimited.
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+}
+
+/// The `Connection` header a response gets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ConnectionHeader {
+    None,
+    Close,
+    KeepAlive,
+}
+
+/// What ended a wait for more of a request.
+enum Waited {
+    Read,
+    /// The client closed its side, or the socket failed.
+    Gone,
+    /// Shut down while no request had begun.
+    Shutdown,
+    /// The request did not arrive within [`REQUEST_READ_TIMEOUT`].
+    TimedOut,
+}
+
+type Deadline = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read and not yet used; no allocation while the connection is idle.
+    buf: BytesMut,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    /// Serves the request that has begun to arrive. False when the connection is to close.
+    async fn exchange(
+        &mut self,
+        backend: &Backend,
+        stats: &ProxyStats,
+        cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        clock: &Ticker,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let peer = self.peer;
+        let Incoming {
+            request,
+            mut close,
+            keep_alive_10,
+        } = match self.read_request(cancelled, clock).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return false,
+            Err(refusal) => {
+                tracing::debug!("{peer}: {} {}", refusal.status.as_u16(), refusal.reason);
+                // Boxed: rare, and it would enlarge every request's future.
+                Box::pin(self.refuse(&refusal)).await;
+                return false;
+            }
         };
-        // Boxed: it exists only while a request is in flight, and the idle task stays small.
-        let mut conn = Box::new(http1::Builder::new().serve_connection(TokioIo::new(io), service));
-        let mut sweeps = sweep.subscribe();
-        let mut cancelled = std::pin::pin!(shutdown.cancelled());
-        let mut stopping = false;
-        let mut closing = false;
-        // When the release was asked for, and how many requests the client had made by then.
-        let mut stopped_at = (0, 0);
-        // One poll function rather than a select: its side conditions are flags and futures
-        // made once per hyper connection, not re-registered on every wake-up.
-        // Every branch that returns Pending has registered for what it waits on; a consumed
-        // tick goes round the loop again so that the next one is waited for.
-        let result = poll_fn(|cx| {
-            loop {
-                if let Poll::Ready(done) = conn.poll_without_shutdown(cx) {
-                    return Poll::Ready(Some(done));
+        let head_only = request.method() == Method::HEAD;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
+        let resp = match respond(backend, request) {
+            Responding::Ready(resp) => resp,
+            Responding::Waiting(upstream) => upstream.await,
+        };
+        if let Some((method, path)) = logged {
+            tracing::debug!("{peer} {method} {path} {}", resp.status().as_u16());
+        }
+        // Shut down while it was served: this was the connection's last request.
+        close |= shutdown.is_cancelled();
+        let connection = if close {
+            ConnectionHeader::Close
+        } else if keep_alive_10 {
+            ConnectionHeader::KeepAlive
+        } else {
+            ConnectionHeader::None
+        };
+        if let Err(e) = self.write_response(&resp, head_only, connection).await {
+            tracing::debug!("{peer}: {e}");
+            return false;
+        }
+        if close {
+            self.drain();
+            return false;
+        }
+        if self.buf.is_empty() {
+            // Idle connections hold no buffer.
+            self.buf = BytesMut::new();
+        }
+        true
+    }
+
+    /// Reads the next request, head and body. `Ok(None)`: the connection is done (the client
+    /// closed it, the daemon is shutting down, or the request was too slow to arrive).
+    async fn read_request(
+        &mut self,
+        mut cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        clock: &Ticker,
+    ) -> Result<Option<Incoming>, Refusal> {
+        // Armed at the first wait after the request's first byte.
+        let mut deadline: Option<Deadline> = None;
+        let (parts, framing, close, keep_alive_10) = loop {
+            if !self.buf.is_empty()
+                && let Some(head) = parse_head(&mut self.buf)?
+            {
+                break head;
+            }
+            let started = !self.buf.is_empty();
+            match self
+                .fill(started, cancelled.as_mut(), &mut deadline, clock)
+                .await
+            {
+                Waited::Read => {}
+                Waited::Gone | Waited::Shutdown => return Ok(None),
+                Waited::TimedOut => {
+                    tracing::debug!(
+                        "{}: no complete request head within {REQUEST_READ_TIMEOUT:?}",
+                        self.peer
+                    );
+                    return Ok(None);
                 }
-                let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
-                if stopping {
-                    // Asked to finish while idle, hyper is still reading a request head: a
-                    // client's first (hyper keeps that connection until it is answered). Cut a
-                    // head that never completes.
-                    if !idle || activity.total.load(Ordering::Relaxed) != stopped_at.1 {
-                        return Poll::Pending;
+            }
+        };
+        let body = match framing {
+            Framing::None => Bytes::new(),
+            // Most bodies (most requests have none) arrive with their head.
+            Framing::Length(len) if self.buf.len() >= len => self.buf.split_to(len).freeze(),
+            framing => {
+                // Boxed: the waits for a body would enlarge every request's future.
+                let Some((parts, body)) =
+                    Box::pin(self.read_body(parts, framing, cancelled, deadline, clock)).await?
+                else {
+                    return Ok(None);
+                };
+                return Ok(Some(Incoming {
+                    request: Request::from_parts(parts, body),
+                    close,
+                    keep_alive_10,
+                }));
+            }
+        };
+        Ok(Some(Incoming {
+            request: Request::from_parts(parts, body),
+            close,
+            keep_alive_10,
+        }))
+    }
+
+    /// Reads a body that has not fully arrived with its head. `Ok(None)`: the connection is
+    /// done.
+    async fn read_body(
+        &mut self,
+        mut parts: Parts,
+        framing: Framing,
+        mut cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        mut deadline: Option<Deadline>,
+        clock: &Ticker,
+    ) -> Result<Option<(Parts, Bytes)>, Refusal> {
+        let expects_continue = parts.version == Version::HTTP_11
+            && parts
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let body = match framing {
+            Framing::None => Bytes::new(),
+            Framing::Length(len) => {
+                if self.buf.len() < len && expects_continue {
+                    self.write_continue().await;
+                }
+                while self.buf.len() < len {
+                    if !self.more_body(&mut cancelled, &mut deadline, clock).await {
+                        return Ok(None);
                     }
-                    match sweeps.poll_next(cx) {
-                        Poll::Ready(now) if now.saturating_sub(stopped_at.0) >= head_ticks => {
-                            return Poll::Ready(None);
+                }
+                self.buf.split_to(len).freeze()
+            }
+            Framing::Chunked => {
+                if expects_continue {
+                    self.write_continue().await;
+                }
+                let mut decoder = Chunked::new(MAX_REQUEST_BODY);
+                loop {
+                    match decoder.decode(&mut self.buf) {
+                        Ok(true) => break,
+                        Ok(false) => {}
+                        Err(CodecError::TooLarge(limit)) => return Err(too_large(limit)),
+                        Err(CodecError::Invalid(what)) => {
+                            return Err(Refusal::new(StatusCode::BAD_REQUEST, what));
                         }
-                        Poll::Ready(_) => continue,
-                        Poll::Pending => return Poll::Pending,
+                    }
+                    if !self.more_body(&mut cancelled, &mut deadline, clock).await {
+                        return Ok(None);
                     }
                 }
-                // A one-off request's response ended (see OnEnd); stale once the next began.
-                let one_off_done = activity.release.swap(false, Ordering::Relaxed);
+                let body = decoder.into_body();
+                // The backend gets the body whole, so it gets its length instead of the
+                // transfer coding.
+                parts.headers.remove(header::TRANSFER_ENCODING);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                body
+            }
+        };
+        Ok(Some((parts, body)))
+    }
+
+    /// Waits for more of a request's body; false when the connection is done.
+    async fn more_body(
+        &mut self,
+        cancelled: &mut Pin<&mut WaitForCancellationFuture<'_>>,
+        deadline: &mut Option<Deadline>,
+        clock: &Ticker,
+    ) -> bool {
+        match self.fill(true, cancelled.as_mut(), deadline, clock).await {
+            Waited::Read => true,
+            Waited::TimedOut => {
+                tracing::debug!(
+                    "{}: request body incomplete after {REQUEST_READ_TIMEOUT:?}",
+                    self.peer
+                );
+                false
+            }
+            Waited::Gone | Waited::Shutdown => false,
+        }
+    }
+
+    /// Reads what the client sent next. Between requests the wait ends on shutdown; once a
+    /// request has `started`, it ends at the request's deadline instead.
+    async fn fill(
+        &mut self,
+        started: bool,
+        mut cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+        deadline: &mut Option<Deadline>,
+        clock: &Ticker,
+    ) -> Waited {
+        if started && deadline.is_none() {
+            // Boxed: most requests arrive in one read and never need one.
+            *deadline = Some(Box::pin(clock.expire(REQUEST_READ_TIMEOUT)));
+        }
+        let (stream, buf) = (&mut self.stream, &mut self.buf);
+        poll_fn(|cx| {
+            if !started {
                 if cancelled.as_mut().poll(cx).is_ready() {
-                    closing = true;
-                } else if !idle {
-                    return Poll::Pending;
-                } else if !one_off_done {
-                    match sweeps.poll_next(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        // Busy connections keep their buffers; one idle for a whole period
-                        // gives them back.
-                        Poll::Ready(_) if activity.this_period.swap(0, Ordering::Relaxed) > 0 => {
-                            continue;
-                        }
-                        Poll::Ready(_) => {}
-                    }
+                    return Poll::Ready(Waited::Shutdown);
                 }
-                Pin::new(&mut *conn).graceful_shutdown();
-                stopping = true;
-                stopped_at = (sweep.now(), activity.total.load(Ordering::Relaxed));
+            } else if let Some(deadline) = deadline.as_mut()
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Waited::TimedOut);
+            }
+            if buf.capacity() == buf.len() {
+                // The buffer is made only once there is something to read: an idle
+                // connection waits without one.
+                match stream.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => buf.reserve(FIRST_READ),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Waited::Gone),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
+                Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Waited::Gone),
+                Poll::Ready(Ok(_)) => Poll::Ready(Waited::Read),
+                Poll::Pending => Poll::Pending,
             }
         })
-        .await;
-        match result {
-            None => {
-                tracing::debug!("{peer}: no complete request head within {HEADER_READ_TIMEOUT:?}");
-                return;
-            }
-            Some(Err(e)) => {
-                tracing::debug!("connection from {peer}: {e}");
-                return;
-            }
-            Some(Ok(())) => {}
-        }
-        if closing {
-            return;
-        }
-        let parts = (*conn).into_parts();
-        // The client asked to close: hyper answered and finished; close the socket, which
-        // without_shutdown left open.
-        if activity.close_after.load(Ordering::Relaxed) {
-            close_after_response(parts.io.into_inner().inner);
-            return;
-        }
-        // hyper finished on its own without being asked to: the client closed the connection
-        // (or sent something hyper refused). Only a release we asked for keeps the socket.
-        if !stopping {
-            tracing::debug!("{peer}: closed by the client");
-            return;
-        }
-        trimmer.released();
-        let rewind = parts.io.into_inner();
-        // hyper's buffer holds bytes it read but did not use (the start of the next request);
-        // any bytes of the old prefix hyper did not read come after them.
-        io = Rewind {
-            prefix: if rewind.prefix.is_empty() {
-                parts.read_buf
-            } else {
-                let mut joined = BytesMut::from(&parts.read_buf[..]);
-                joined.extend_from_slice(&rewind.prefix);
-                joined.freeze()
-            },
-            inner: rewind.inner,
-        };
-        // Released while idle with bytes left over: hyper parses a complete head as soon as it
-        // has one, so these are the start of a request that has not fully arrived. A client
-        // that keeps one unfinished for too long (slowloris) is let go.
-        if io.prefix.is_empty() {
-            partial_head = None;
+        .await
+    }
+
+    async fn write_continue(&mut self) {
+        // A failed write shows in the reads that follow (the body never comes).
+        let _ = self
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await;
+    }
+
+    async fn write_response(
+        &mut self,
+        resp: &Response<Bytes>,
+        head_only: bool,
+        connection: ConnectionHeader,
+    ) -> io::Result<()> {
+        let mut out = OUT.take();
+        out.clear();
+        let body = encode_response(resp, head_only, connection, &mut out);
+        let written = if body.len() <= INLINE_BODY {
+            out.extend_from_slice(body);
+            self.stream.write_all(&out).await
         } else {
-            let (now, requests) = (sweep.now(), activity.total.load(Ordering::Relaxed));
-            match partial_head {
-                Some((since, before)) if before == requests => {
-                    if now.saturating_sub(since) >= head_ticks {
-                        tracing::debug!(
-                            "{peer}: no complete request head within {HEADER_READ_TIMEOUT:?}"
-                        );
-                        return;
-                    }
-                }
-                _ => partial_head = Some((now, requests)),
+            match self.stream.write_all(&out).await {
+                Ok(()) => self.stream.write_all(body).await,
+                Err(e) => Err(e),
             }
+        };
+        if out.capacity() <= 4 * INLINE_BODY {
+            OUT.set(out);
+        }
+        written
+    }
+
+    /// Answers a refused request; the connection closes after it.
+    async fn refuse(&mut self, refusal: &Refusal) {
+        let mut resp = Response::new(Bytes::from(format!("redirect: {}\n", refusal.reason)));
+        *resp.status_mut() = refusal.status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if self
+            .write_response(&resp, false, ConnectionHeader::Close)
+            .await
+            .is_ok()
+        {
+            self.drain();
         }
     }
-}
 
-/// Gives the memory of released connections back to the operating system. glibc's malloc
-/// keeps freed memory for reuse, so after a burst of connections goes idle the process would
-/// stay at its peak size; one `malloc_trim` after each sweep that released connections returns
-/// the free pages.
-pub struct Trimmer {
-    released: AtomicUsize,
-    wake: tokio::sync::Notify,
-}
-
-impl Trimmer {
-    /// Spawns the trimming task on the current runtime.
-    pub fn start(sweep: Arc<Ticker>) -> Arc<Self> {
-        let trimmer = Arc::new(Trimmer {
-            released: AtomicUsize::new(0),
-            wake: tokio::sync::Notify::new(),
-        });
-        let this = Arc::clone(&trimmer);
-        tokio::spawn(async move {
-            loop {
-                this.wake.notified().await;
-                // Let the rest of this sweep's connections release first.
-                sweep.subscribe().next().await;
-                if this.released.swap(0, Ordering::Relaxed) > 0 {
-                    trim();
-                }
-            }
-        });
-        trimmer
+    /// Makes ready to close the connection after a response. Bytes the client sent that were
+    /// not read would make the kernel answer the close with a reset, which can destroy the
+    /// response still in flight: whatever has arrived is read and discarded, without waiting
+    /// for more.
+    fn drain(&mut self) {
+        let mut sink = [0u8; 1024];
+        while matches!(self.stream.try_read(&mut sink), Ok(n) if n > 0) {}
     }
+}
 
-    fn released(&self) {
-        if self.released.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.wake.notify_one();
+/// A backend's response: the mock's at once, the upstream's later.
+enum Responding<'a> {
+    Ready(Response<Bytes>),
+    /// Boxed: the mock's requests need none of its room in the request's future.
+    Waiting(Pin<Box<dyn Future<Output = Response<Bytes>> + Send + 'a>>),
+}
+
+/// Not async, so that the request is not kept in the request's future while the upstream
+/// answers.
+fn respond(backend: &Backend, request: Request<Bytes>) -> Responding<'_> {
+    match backend {
+        Backend::Ec2(mock) => Responding::Ready(mock.handle(&request)),
+        Backend::Upstream(forwarder) => Responding::Waiting(Box::pin(forwarder.forward(request))),
+    }
+}
+
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body larger than {limit} bytes"),
+    )
+}
+
+/// Parses a request head at the front of `buf`, taking it off when complete: the parts, the
+/// body's framing, whether to close after the response and whether this is an HTTP/1.0
+/// keep-alive request.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parts, Framing, bool, bool)>, Refusal> {
+    let bad = |what: String| Refusal::new(StatusCode::BAD_REQUEST, what);
+    // Uninitialised: initialising room for every header costs more than parsing.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let parsed_len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) => return Err(too_large_head(buf)),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(too_large_head(buf)),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::Version) => {
+            return Err(Refusal::new(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "only HTTP/1.0 and HTTP/1.1 are served",
+            ));
         }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("more than {MAX_HEADERS} header lines"),
+            ));
+        }
+        Err(e) => return Err(bad(format!("malformed request head: {e}"))),
+    };
+    let method = parsed.method.unwrap_or_default();
+    let method =
+        Method::from_bytes(method.as_bytes()).map_err(|_| bad(format!("method {method:?}")))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let path = parsed.path.unwrap_or_default();
+    let path_start = path.as_ptr() as usize - buf.as_ptr() as usize;
+    let path = path_start..path_start + path.len();
+    let mut spans = Vec::with_capacity(parsed.headers.len());
+    record_spans(buf, parsed.headers, &mut spans);
+    let head = buf.split_to(parsed_len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path))
+        .map_err(|e| bad(format!("request target: {e}")))?;
+    let mut headers = header_map(&head, &spans).map_err(|e| bad(e.to_string()))?;
+
+    let mut close = wants_close(version, &headers);
+    let keep_alive_10 = version == Version::HTTP_10 && !close;
+    let framing = match chunked(&headers) {
+        Some(_) if version == Version::HTTP_10 => {
+            // RFC 9112 §6.1: the framing of such a message is faulty.
+            return Err(bad("Transfer-Encoding in an HTTP/1.0 request".to_owned()));
+        }
+        Some(true) if !only_chunked(&headers) => {
+            return Err(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported",
+            ));
+        }
+        Some(true) => {
+            if headers.remove(header::CONTENT_LENGTH).is_some() {
+                // A smuggling attempt or a broken client: the transfer coding wins and the
+                // connection is not trusted with another request.
+                close = true;
+            }
+            Framing::Chunked
+        }
+        Some(false) => return Err(bad("chunked is not the final transfer coding".to_owned())),
+        None => match content_length(&headers).map_err(|e| bad(e.to_string()))? {
+            None | Some(0) => Framing::None,
+            Some(len) => match usize::try_from(len) {
+                Ok(len) if len <= MAX_REQUEST_BODY => Framing::Length(len),
+                _ => return Err(too_large(MAX_REQUEST_BODY)),
+            },
+        },
+    };
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some((parts, framing, close, keep_alive_10)))
+}
+
+/// 414 when the request line alone is longer than a head may be, 431 otherwise.
+fn too_large_head(buf: &[u8]) -> Refusal {
+    if buf[..MAX_HEAD].contains(&b'\n') {
+        Refusal::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request head larger than {MAX_HEAD} bytes"),
+        )
+    } else {
+        Refusal::new(
+            StatusCode::URI_TOO_LONG,
+            format!("request line longer than {MAX_HEAD} bytes"),
+        )
     }
 }
 
-#[cfg(target_env = "gnu")]
-fn trim() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe { libc::malloc_trim(0) };
-}
-
-#[cfg(not(target_env = "gnu"))]
-fn trim() {}
-
-/// Closes a connection whose client asked for that. hyper has read the whole request; a
-/// well-behaved client sends nothing more, but bytes it did send would make the kernel answer
-/// the close with a reset, which can destroy the response still in flight. Whatever has
-/// arrived is read and discarded first, without waiting for more.
-fn close_after_response(stream: TcpStream) {
-    let mut sink = [0u8; 1024];
-    while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+/// Whether every transfer coding listed is `chunked`.
+fn only_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .all(|t| t.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Whether the client wants the connection closed after this exchange.
-fn wants_close<B>(req: &Request<B>) -> bool {
-    match req.version() {
-        Version::HTTP_10 => !connection_lists(req.headers(), "keep-alive"),
-        _ => connection_lists(req.headers(), "close"),
+fn wants_close(version: Version, headers: &HeaderMap) -> bool {
+    match version {
+        Version::HTTP_10 => !connection_lists(headers, "keep-alive"),
+        _ => connection_lists(headers, "close"),
     }
 }
 
-/// A response body that tells the connection loop when it has ended (or was dropped).
-struct OnEnd {
-    body: Body,
-    activity: Option<Arc<Activity>>,
+thread_local! {
+    /// The response being written, kept per thread so that each response does not allocate.
+    static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The `Date` value of the current second (formatting one costs more than a response).
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
 }
 
-impl OnEnd {
-    fn signal(&mut self) {
-        if let Some(activity) = self.activity.take()
-            && activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1
-            && activity.this_period.load(Ordering::Relaxed) <= 1
-        {
-            activity.release.store(true, Ordering::Relaxed);
+/// Writes the status line and headers of `resp` into `out`; returns the body to send after
+/// them (empty where the response has none).
+fn encode_response<'a>(
+    resp: &'a Response<Bytes>,
+    head_only: bool,
+    connection: ConnectionHeader,
+    out: &mut Vec<u8>,
+) -> &'a [u8] {
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let headers = resp.headers();
+    for (name, value) in headers {
+        // Framing and connection management are this side's.
+        if matches!(
+            *name,
+            header::CONTENT_LENGTH | header::CONNECTION | header::TRANSFER_ENCODING
+        ) {
+            continue;
         }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
-}
-
-impl hyper::body::Body for OnEnd {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) {
-            self.signal();
-        }
-        polled
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        DATE.with_borrow_mut(|(second, text)| {
+            let now = SystemTime::now();
+            let s = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if s != *second {
+                let formatted = httpdate::fmt_http_date(now);
+                if formatted.len() == text.len() {
+                    text.copy_from_slice(formatted.as_bytes());
+                    *second = s;
+                }
+            }
+            out.extend_from_slice(text);
+        });
+        out.extend_from_slice(b"\r\n");
     }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+    let body = resp.body();
+    let no_body = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let mut digits = itoa::Buffer::new();
+    let length: Option<&[u8]> = if no_body {
+        None
+    } else if head_only || status == StatusCode::NOT_MODIFIED {
+        // The length of what a GET would have had, if the backend gave it.
+        headers
+            .get(header::CONTENT_LENGTH)
+            .map(HeaderValue::as_bytes)
+            .or_else(|| head_only.then(|| digits.format(body.len()).as_bytes()))
+    } else {
+        Some(digits.format(body.len()).as_bytes())
+    };
+    if let Some(length) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(length);
+        out.extend_from_slice(b"\r\n");
     }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+    match connection {
+        ConnectionHeader::None => {}
+        ConnectionHeader::Close => out.extend_from_slice(b"connection: close\r\n"),
+        ConnectionHeader::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
     }
-}
-
-impl Drop for OnEnd {
-    fn drop(&mut self) {
-        self.signal();
-    }
-}
-
-/// A socket with bytes already read from it put back in front.
-struct Rewind {
-    prefix: Bytes,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    out.extend_from_slice(b"\r\n");
+    if no_body || head_only || status == StatusCode::NOT_MODIFIED {
+        &[]
+    } else {
+        body
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn close_rules() {
-        let req = |version, connection: Option<&str>| {
-            let mut b = Request::builder().version(version);
-            if let Some(c) = connection {
-                b = b.header("connection", c);
-            }
-            b.body(()).unwrap()
-        };
-        assert!(!wants_close(&req(Version::HTTP_11, None)));
-        assert!(wants_close(&req(Version::HTTP_11, Some("close"))));
-        assert!(wants_close(&req(Version::HTTP_11, Some("Upgrade, Close"))));
-        assert!(wants_close(&req(Version::HTTP_10, None)));
-        assert!(!wants_close(&req(Version::HTTP_10, Some("Keep-Alive"))));
-    }
-}
-
-#[cfg(test)]
-mod lifecycle_tests {
-    //! The connection lifecycle over real loopback sockets, with the built-in mock behind it.
+    //! The server side over real loopback sockets, with the built-in mock behind it.
 
     use std::sync::atomic::Ordering;
 
@@ -526,20 +787,16 @@ mod lifecycle_tests {
     }
 
     #[tokio::test]
-    async fn keep_alive_across_releases() {
+    async fn keep_alive_serves_many_requests_on_one_socket() {
         let server = start().await;
         let mut c = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
         for _ in 0..3 {
-            // A one-off request is released right after its response; the next one must be
-            // served on the same socket by a fresh hyper connection.
+            // Idle in between: the connection has given its buffer back and takes a new one.
             c.write_all(GET).await.unwrap();
             let (head, body) = response(&mut c, &mut pending).await;
-            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-            assert!(
-                !head.to_ascii_lowercase().contains("connection: close"),
-                "{head}"
-            );
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            assert!(!head.to_ascii_lowercase().contains("connection:"), "{head}");
             assert_eq!(body, ID);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -562,22 +819,23 @@ mod lifecycle_tests {
     }
 
     #[tokio::test]
-    async fn a_request_head_split_across_a_release() {
+    async fn a_request_head_split_across_reads_is_answered() {
         let server = start().await;
         let mut c = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
         c.write_all(GET).await.unwrap();
         response(&mut c, &mut pending).await;
-        // Half a head, a pause long enough for the connection to be released, the rest.
+        // Half a head, a pause (well within the timeout), the rest.
         c.write_all(&GET[..20]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(REQUEST_READ_TIMEOUT / 3).await;
         c.write_all(&GET[20..]).await.unwrap();
         assert_eq!(response(&mut c, &mut pending).await.1, ID);
     }
 
-    /// A connection that made two requests (busy, so the hyper connection is kept) and then
-    /// sent the first 30 bytes of a third; returns it and the bytes read past the responses.
-    async fn busy_then_half_a_head(server: &Server) -> (TcpStream, Vec<u8>) {
+    /// A head left unfinished after earlier requests is cut off like a first one.
+    #[tokio::test]
+    async fn a_stalled_head_after_requests_is_cut_off() {
+        let server = start().await;
         let mut c = TcpStream::connect(server.addr).await.unwrap();
         let mut pending = Vec::new();
         for _ in 0..2 {
@@ -585,33 +843,27 @@ mod lifecycle_tests {
             response(&mut c, &mut pending).await;
         }
         c.write_all(&GET[..30]).await.unwrap();
-        (c, pending)
-    }
-
-    #[tokio::test]
-    async fn a_partial_head_survives_a_sweep_release() {
-        let server = start().await;
-        let (mut c, mut pending) = busy_then_half_a_head(&server).await;
-        // A sweep finds it idle while it holds half a request head in its buffer.
-        tokio::time::sleep(IDLE_SWEEP * 3).await;
-        c.write_all(&GET[30..]).await.unwrap();
-        assert_eq!(response(&mut c, &mut pending).await.1, ID);
-    }
-
-    /// A head left unfinished after earlier requests: every sweep releases the connection
-    /// and carries the bytes over, and still the client is cut off in the end.
-    #[tokio::test]
-    async fn a_stalled_head_after_requests_is_cut_off() {
-        let server = start().await;
-        let (mut c, _) = busy_then_half_a_head(&server).await;
-        tokio::time::sleep(HEADER_READ_TIMEOUT * 2).await;
+        tokio::time::sleep(REQUEST_READ_TIMEOUT * 2).await;
         assert!(at_eof(&mut c).await);
     }
 
-    /// Many fresh connections while sweeps tick: a sweep may find a hyper connection whose
-    /// request has arrived but is not parsed yet. That request must still be answered.
+    /// A body that stops coming is cut off as a head is.
+    #[tokio::test]
+    async fn a_stalled_body_is_cut_off() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        c.write_all(b"PUT /latest/api/token HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        tokio::time::sleep(REQUEST_READ_TIMEOUT * 2).await;
+        assert!(at_eof(&mut c).await);
+        assert_eq!(server.stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    /// Many short connections from two threads: every request that arrived is answered in
+    /// full before the close.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sweeps_never_drop_a_request_that_has_arrived() {
+    async fn every_request_on_a_closing_connection_is_answered() {
         let server = start().await;
         let close =
             b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
@@ -651,24 +903,6 @@ mod lifecycle_tests {
     }
 
     #[tokio::test]
-    async fn a_busy_connection_survives_sweeps_and_idles_out_of_hyper() {
-        let server = start().await;
-        let mut c = TcpStream::connect(server.addr).await.unwrap();
-        let mut pending = Vec::new();
-        // Busy across several sweep periods: kept, and every request answered.
-        for _ in 0..40 {
-            c.write_all(GET).await.unwrap();
-            assert_eq!(response(&mut c, &mut pending).await.1, ID);
-            tokio::time::sleep(IDLE_SWEEP / 8).await;
-        }
-        // Idle for a few periods (released by a sweep), then busy again.
-        tokio::time::sleep(IDLE_SWEEP * 3).await;
-        c.write_all(GET).await.unwrap();
-        assert_eq!(response(&mut c, &mut pending).await.1, ID);
-        assert_eq!(server.stats.connections_total.load(Ordering::Relaxed), 1);
-    }
-
-    #[tokio::test]
     async fn shutdown_closes_idle_connections_and_ends_the_server() {
         let server = start().await;
         let mut c = TcpStream::connect(server.addr).await.unwrap();
@@ -688,7 +922,7 @@ mod lifecycle_tests {
         c.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost:")
             .await
             .unwrap();
-        tokio::time::sleep(HEADER_READ_TIMEOUT * 2).await;
+        tokio::time::sleep(REQUEST_READ_TIMEOUT * 2).await;
         let mut rest = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
         let text = String::from_utf8_lossy(&rest);
@@ -697,5 +931,312 @@ mod lifecycle_tests {
             "{text}"
         );
         assert!(at_eof(&mut c).await);
+    }
+
+    /// Sends `request` on a fresh connection; returns everything until the server closes.
+    async fn exchange_and_close(server: &Server, request: &[u8]) -> String {
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut all))
+            .await
+            .expect("the server did not close")
+            .unwrap();
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_the_status_of_rfc_9112_and_a_close() {
+        let server = start().await;
+        let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_HEAD + 10));
+        let long_head = format!(
+            "GET / HTTP/1.1\r\nx-big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD + 10)
+        );
+        let many_headers = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "x-h: 1\r\n".repeat(MAX_HEADERS + 1)
+        );
+        let too_long = format!(
+            "PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            MAX_REQUEST_BODY + 1
+        );
+        let too_long_chunked = format!(
+            "PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+            MAX_REQUEST_BODY + 1
+        );
+        let cases: [(&[u8], &str); 12] = [
+            (b"GARBAGE\r\n\r\n", "400 Bad Request"),
+            (b"GET / HTTP/2.0\r\n\r\n", "505 HTTP Version Not Supported"),
+            (long_line.as_bytes(), "414 URI Too Long"),
+            (long_head.as_bytes(), "431 Request Header Fields Too Large"),
+            (
+                many_headers.as_bytes(),
+                "431 Request Header Fields Too Large",
+            ),
+            (
+                b"PUT / HTTP/1.1\r\ncontent-length: 1x\r\n\r\n",
+                "400 Bad Request",
+            ),
+            (
+                b"PUT / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+                "400 Bad Request",
+            ),
+            (
+                b"PUT / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n",
+                "400 Bad Request",
+            ),
+            (
+                b"PUT / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                "501 Not Implemented",
+            ),
+            (
+                b"PUT / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                "400 Bad Request",
+            ),
+            (too_long.as_bytes(), "413 Payload Too Large"),
+            (too_long_chunked.as_bytes(), "413 Payload Too Large"),
+        ];
+        for (request, status) in cases {
+            let shown = String::from_utf8_lossy(&request[..request.len().min(60)]);
+            let response = exchange_and_close(&server, request).await;
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{shown:?}: {response}"
+            );
+            assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+            assert!(!response.contains("100 Continue"), "{response}");
+        }
+        let chunked_garbage = exchange_and_close(
+            &server,
+            b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        )
+        .await;
+        assert!(
+            chunked_garbage.starts_with("HTTP/1.1 400 "),
+            "{chunked_garbage}"
+        );
+        assert_eq!(server.stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn expect_100_continue_is_answered_before_the_body_is_read() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        c.write_all(
+            b"PUT /latest/api/token HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n\
+              x-aws-ec2-metadata-token-ttl-seconds: 60\r\ncontent-length: 4\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let mut got = vec![0; interim.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, interim);
+        c.write_all(b"body").await.unwrap();
+        let (head, token) = response(&mut c, &mut Vec::new()).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(!token.is_empty());
+    }
+
+    #[tokio::test]
+    async fn chunked_request_bodies_are_read_and_the_connection_kept() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        let put = b"PUT /latest/api/token HTTP/1.1\r\nhost: x\r\n\
+                    x-aws-ec2-metadata-token-ttl-seconds: 60\r\ntransfer-encoding: chunked\r\n\r\n\
+                    2\r\nab\r\n0\r\n\r\n";
+        c.write_all(&[&put[..], GET].concat()).await.unwrap();
+        let mut pending = Vec::new();
+        let (head, _) = response(&mut c, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        // The body was consumed exactly: the pipelined GET is the next request.
+        assert_eq!(response(&mut c, &mut pending).await.1, ID);
+    }
+
+    #[tokio::test]
+    async fn chunked_with_content_length_is_served_then_closed() {
+        let server = start().await;
+        let response = exchange_and_close(
+            &server,
+            b"PUT /latest/api/token HTTP/1.1\r\nx-aws-ec2-metadata-token-ttl-seconds: 60\r\n\
+              content-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.contains("\r\nconnection: close\r\n"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn head_responses_have_the_length_and_no_body() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        let head = b"HEAD /latest/meta-data/instance-id HTTP/1.1\r\nhost: x\r\n\r\n";
+        // The GET behind it shows that no body bytes came between.
+        c.write_all(&[&head[..], GET].concat()).await.unwrap();
+        let mut all = Vec::new();
+        while !all.ends_with(ID.as_bytes()) {
+            let mut chunk = [0; 4096];
+            let n = c.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            all.extend_from_slice(&chunk[..n]);
+        }
+        let all = String::from_utf8(all).unwrap();
+        let (first, second) = all.split_once("\r\n\r\n").unwrap();
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+        assert!(
+            first.contains(&format!("\r\ncontent-length: {}", ID.len())),
+            "{all}"
+        );
+        assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    }
+
+    #[tokio::test]
+    async fn http_1_0_keep_alive_is_answered_in_kind() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        let request =
+            b"GET /latest/meta-data/instance-id HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n";
+        for _ in 0..2 {
+            c.write_all(request).await.unwrap();
+            let (head, body) = response(&mut c, &mut pending).await;
+            assert!(head.contains("\r\nconnection: keep-alive"), "{head}");
+            assert_eq!(body, ID);
+        }
+    }
+
+    #[tokio::test]
+    async fn responses_carry_a_date() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        c.write_all(GET).await.unwrap();
+        let (head, _) = response(&mut c, &mut Vec::new()).await;
+        let date = head
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .expect("a date header");
+        let sent = httpdate::parse_http_date(date).unwrap();
+        let skew = SystemTime::now()
+            .duration_since(sent)
+            .unwrap_or_else(|e| e.duration());
+        assert!(skew < Duration::from_secs(60), "{date}");
+    }
+
+    /// An idle connection's task is the `serve` future; a request's state is one allocation
+    /// of the `exchange` future, small enough for the allocator's per-thread cache (glibc's
+    /// tcache takes up to 1032 bytes; a larger one costs some 300 more instructions per
+    /// request, BENCHMARKS.md). Sizes, not speed: they change only with the code.
+    #[tokio::test]
+    async fn connection_state_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = Arc::new(Backend::Ec2(Arc::new(Ec2Mock::new(Ec2Values::default()))));
+        let stats = Arc::new(ProxyStats::default());
+        let clock = Arc::new(Ticker::start(DEADLINE_TICK));
+        let shutdown = CancellationToken::new();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let idle = super::serve(
+            stream,
+            addr,
+            Arc::clone(&backend),
+            Arc::clone(&stats),
+            Arc::clone(&clock),
+            shutdown.clone(),
+        );
+        assert!(size_of_val(&idle) <= 512, "serve: {}", size_of_val(&idle));
+        let mut conn = Connection {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+            peer: addr,
+        };
+        let mut cancelled = pin!(shutdown.cancelled());
+        let exchange = conn.exchange(&backend, &stats, cancelled.as_mut(), &clock, &shutdown);
+        assert!(
+            size_of_val(&exchange) <= 1024,
+            "exchange: {}",
+            size_of_val(&exchange)
+        );
+    }
+
+    #[test]
+    fn close_rules() {
+        let headers = |connection: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(c) = connection {
+                h.insert(header::CONNECTION, HeaderValue::from_static(c));
+            }
+            h
+        };
+        assert!(!wants_close(Version::HTTP_11, &headers(None)));
+        assert!(wants_close(Version::HTTP_11, &headers(Some("close"))));
+        assert!(wants_close(
+            Version::HTTP_11,
+            &headers(Some("Upgrade, Close"))
+        ));
+        assert!(wants_close(Version::HTTP_10, &headers(None)));
+        assert!(!wants_close(Version::HTTP_10, &headers(Some("Keep-Alive"))));
+    }
+
+    #[test]
+    fn response_framing() {
+        let encode = |status: u16, length: Option<&'static str>, body: &'static str, head_only| {
+            let mut resp = Response::new(Bytes::from_static(body.as_bytes()));
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+            if let Some(l) = length {
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from_static(l));
+            }
+            resp.headers_mut()
+                .insert(header::DATE, HeaderValue::from_static("d"));
+            let mut out = Vec::new();
+            let body = encode_response(&resp, head_only, ConnectionHeader::None, &mut out).len();
+            (String::from_utf8(out).unwrap(), body)
+        };
+        let cases = [
+            // (status, backend's length, body, HEAD) -> (head, body bytes sent)
+            (
+                (200, None, "abc", false),
+                ("HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 3\r\n\r\n", 3),
+            ),
+            (
+                (200, Some("9"), "abc", false),
+                ("HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 3\r\n\r\n", 3),
+            ),
+            (
+                (200, Some("9"), "", true),
+                ("HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 9\r\n\r\n", 0),
+            ),
+            (
+                (200, None, "abc", true),
+                ("HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 3\r\n\r\n", 0),
+            ),
+            (
+                (204, Some("3"), "abc", false),
+                ("HTTP/1.1 204 No Content\r\ndate: d\r\n\r\n", 0),
+            ),
+            (
+                (304, Some("7"), "", false),
+                (
+                    "HTTP/1.1 304 Not Modified\r\ndate: d\r\ncontent-length: 7\r\n\r\n",
+                    0,
+                ),
+            ),
+            (
+                (304, None, "", false),
+                ("HTTP/1.1 304 Not Modified\r\ndate: d\r\n\r\n", 0),
+            ),
+            (
+                (299, None, "", false),
+                ("HTTP/1.1 299 \r\ndate: d\r\ncontent-length: 0\r\n\r\n", 0),
+            ),
+        ];
+        for ((status, length, body, head_only), expected) in cases {
+            assert_eq!(
+                encode(status, length, body, head_only),
+                (expected.0.to_owned(), expected.1),
+                "{status} {length:?} {body:?} {head_only}"
+            );
+        }
     }
 }

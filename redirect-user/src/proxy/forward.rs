@@ -11,18 +11,16 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{
     HeaderMap, Request, Response, StatusCode,
-    body::Incoming,
     header::{self, HeaderName, HeaderValue},
+    http::request::Parts,
 };
 
 use super::{
-    Body,
     exempt::ExemptSockets,
     ticker::Ticker,
-    upstream::{Limits, Upstream, UpstreamConnector, UpstreamError},
+    upstream::{Limits, Upstream, UpstreamConnector},
 };
 use crate::config::UpstreamSettings;
 
@@ -48,7 +46,8 @@ impl Forwarder {
         }
     }
 
-    pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    /// Not an `async fn`: one would keep `req` in its future beside the parts made of it.
+    pub fn forward(&self, req: Request<Bytes>) -> impl Future<Output = Response<Bytes>> + Send {
         let (mut parts, body) = req.into_parts();
         let long_poll = parts.uri.query().is_some_and(is_long_poll);
         if !parts.headers.contains_key(header::HOST) {
@@ -58,9 +57,13 @@ impl Forwarder {
             }
         }
         strip_hop_by_hop(&mut parts.headers);
-        // Answered by hyper when the body is first read, before the request goes upstream.
+        // Answered by the server side before it read the body.
         parts.headers.remove(header::EXPECT);
-        let request = self.upstream.send(&parts, body);
+        async move { self.exchange(&parts, &body, long_poll).await }
+    }
+
+    async fn exchange(&self, parts: &Parts, body: &[u8], long_poll: bool) -> Response<Bytes> {
+        let request = self.upstream.send(parts, body);
         let result = if long_poll {
             // GCE's wait_for_change holds the request open by design; its own timeout_sec
             // bounds it.
@@ -73,15 +76,10 @@ impl Forwarder {
             }
         };
         match result {
-            Some(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Full::new(body))
+            Some(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                resp
             }
-            Some(Err(e @ UpstreamError::RequestTooLarge(_))) => plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("redirect: {}\n", error_chain(&e)),
-            ),
             Some(Err(e)) => {
                 tracing::warn!("upstream {}: {}", self.settings.url, error_chain(&e));
                 plain(
@@ -128,8 +126,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn plain(status: StatusCode, text: String) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+fn plain(status: StatusCode, text: String) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(text));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -255,7 +253,7 @@ mod tests {
         )]])
         .await;
         let mut client = TcpStream::connect(proxy_to(up).await).await.unwrap();
-        let length = Limits::default().request_body + 1;
+        let length = crate::proxy::connection::MAX_REQUEST_BODY + 1;
         client
             .write_all(
                 format!("PUT /big HTTP/1.1\r\nhost: md\r\nexpect: 100-continue\r\ncontent-length: {length}\r\n\r\n")
@@ -267,6 +265,24 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
         assert!(!response.contains("100 Continue"), "{response}");
         assert!(seen.try_recv().is_err(), "nothing went upstream");
+    }
+
+    /// The forwarding future is one allocation per proxied request; kept small enough for
+    /// the allocator's per-thread cache, as the connection's (see `connection`'s tests).
+    #[tokio::test]
+    async fn the_forwarding_state_stays_small() {
+        let settings = UpstreamSettings {
+            url: "http://127.0.0.1:9".parse().unwrap(),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+        };
+        let forwarder = Forwarder::new(settings, None);
+        let forwarding = forwarder.forward(Request::new(Bytes::new()));
+        assert!(
+            size_of_val(&forwarding) <= 1024,
+            "forward: {}",
+            size_of_val(&forwarding)
+        );
     }
 
     #[test]

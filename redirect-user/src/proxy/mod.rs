@@ -1,6 +1,7 @@
 //! The HTTP/1.1 server that redirected connects land on, answering from the built-in mock or
 //! forwarding upstream.
 
+mod codec;
 mod connection;
 pub mod exempt;
 pub mod forward;
@@ -8,7 +9,6 @@ pub mod ticker;
 pub mod upstream;
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -16,9 +16,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -26,24 +23,12 @@ use crate::mock::ec2::Ec2Mock;
 use forward::Forwarder;
 use ticker::Ticker;
 
-/// Response bodies: always complete (upstream responses are buffered, see `upstream`).
-pub type Body = Full<Bytes>;
-
 /// What answers the requests.
 pub enum Backend {
     /// Shared by all workers: it holds no per-connection state.
     Ec2(Arc<Ec2Mock>),
     /// One per worker, so that each worker keeps its own upstream connections.
     Upstream(Forwarder),
-}
-
-impl Backend {
-    async fn respond(&self, req: Request<Incoming>) -> Response<Body> {
-        match self {
-            Backend::Ec2(mock) => mock.handle(&req).map(Full::new),
-            Backend::Upstream(forwarder) => forwarder.forward(req).await,
-        }
-    }
 }
 
 /// Counters shown by `redirect status`.
@@ -136,8 +121,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let sweep = Arc::new(Ticker::start(connection::IDLE_SWEEP));
-    let trimmer = connection::Trimmer::start(Arc::clone(&sweep));
+    let clock = Arc::new(Ticker::start(connection::DEADLINE_TICK));
     let connections = TaskTracker::new();
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
@@ -145,8 +129,7 @@ pub async fn serve(
             listener,
             Arc::clone(&backend),
             Arc::clone(&stats),
-            Arc::clone(&sweep),
-            Arc::clone(&trimmer),
+            Arc::clone(&clock),
             connections.clone(),
             shutdown.clone(),
         ));
@@ -169,8 +152,7 @@ async fn accept_loop(
     listener: TcpListener,
     backend: Arc<Backend>,
     stats: Arc<ProxyStats>,
-    sweep: Arc<Ticker>,
-    trimmer: Arc<connection::Trimmer>,
+    clock: Arc<Ticker>,
     connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -190,52 +172,15 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        let (backend, stats, sweep, trimmer, shutdown) = (
+        let (backend, stats, clock, shutdown) = (
             Arc::clone(&backend),
             Arc::clone(&stats),
-            Arc::clone(&sweep),
-            Arc::clone(&trimmer),
+            Arc::clone(&clock),
             shutdown.clone(),
         );
         connections.spawn(async move {
-            connection::serve(
-                stream,
-                peer,
-                backend,
-                Arc::clone(&stats),
-                sweep,
-                trimmer,
-                shutdown,
-            )
-            .await;
+            connection::serve(stream, peer, backend, Arc::clone(&stats), clock, shutdown).await;
             stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }
-}
-
-/// Whether the `Connection` header (all its lines) lists `token`, case-insensitively.
-fn connection_lists(headers: &hyper::HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(hyper::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-async fn handle(
-    backend: &Backend,
-    stats: &ProxyStats,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<Body> {
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    // One await point: each one keeps its own copy of the (large) backend future in this one.
-    let logged = tracing::enabled!(tracing::Level::DEBUG)
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let resp = backend.respond(req).await;
-    if let Some((method, path)) = logged {
-        tracing::debug!("{peer} {method} {path} {}", resp.status().as_u16());
-    }
-    resp
 }

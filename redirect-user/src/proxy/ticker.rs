@@ -6,25 +6,24 @@
 //!   even from the same thread: one more `write` and `epoll_wait` per proxied request, more
 //!   than the rest of the proxying cost on the benchmark VM (BENCHMARKS.md). Upstream timeouts
 //!   are seconds long, so a 100 ms clock does.
-//! - The idle sweep of client connections (see `connection`), once a second.
+//! - The read deadline of a client's request (see `connection`), on a one-second clock.
 
 use std::{
-    future::{Future, poll_fn},
-    pin::{Pin, pin},
+    future::Future,
+    pin::pin,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::sync::{Notify, futures::OwnedNotified};
+use tokio::sync::Notify;
 
 struct Shared {
     tick: AtomicU64,
-    /// Woken at every tick; its own `Arc` because an owned wait needs one.
-    ticked: Arc<Notify>,
+    /// Woken at every tick.
+    ticked: Notify,
     listeners: AtomicUsize,
     start_ticking: Notify,
 }
@@ -39,7 +38,7 @@ impl Ticker {
     pub fn start(period: Duration) -> Self {
         let shared = Arc::new(Shared {
             tick: AtomicU64::new(0),
-            ticked: Arc::new(Notify::new()),
+            ticked: Notify::new(),
             listeners: AtomicUsize::new(0),
             start_ticking: Notify::new(),
         });
@@ -58,24 +57,9 @@ impl Ticker {
         Ticker { period, shared }
     }
 
-    /// The current tick (it advances only while someone listens).
-    pub fn now(&self) -> u64 {
-        self.shared.tick.load(Ordering::Acquire)
-    }
-
-    /// A listener: the ticker runs while any exists.
-    pub fn subscribe(&self) -> Ticks {
-        let listening = self.listen();
-        Ticks {
-            seen: self.shared.tick.load(Ordering::Acquire),
-            listening,
-            waiting: None,
-        }
-    }
-
     /// Completes once `after` has passed, give or take one period (a deadline of `d` fires
-    /// after `d` to `d + period`). Dropping it early costs nothing more. Unlike a [`Ticks`],
-    /// it allocates nothing: one runs per proxied request.
+    /// after `d` to `d + period`). Dropping it early costs nothing more. It allocates
+    /// nothing: one runs per proxied request.
     pub fn expire(&self, after: Duration) -> impl Future<Output = ()> + Send + 'static {
         let listening = self.listen();
         let wait = after.as_nanos().div_ceil(self.period.as_nanos().max(1)) as u64;
@@ -111,52 +95,6 @@ impl Drop for Listening {
     }
 }
 
-/// A subscription to a [`Ticker`], starting at the tick current when it was made.
-pub struct Ticks {
-    listening: Listening,
-    /// The last tick returned.
-    seen: u64,
-    /// Registered for the next tick; kept across polls so that a pending wait costs nothing.
-    waiting: Option<Pin<Box<OwnedNotified>>>,
-}
-
-impl Ticks {
-    /// The current tick.
-    pub fn now(&self) -> u64 {
-        self.listening.0.tick.load(Ordering::Acquire)
-    }
-
-    /// Ready with the current tick once one has passed since the last returned (or since the
-    /// subscription); several passed ticks come as one.
-    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<u64> {
-        loop {
-            let now = self.now();
-            if now > self.seen {
-                self.seen = now;
-                self.waiting = None;
-                return Poll::Ready(now);
-            }
-            let waiting = self.waiting.get_or_insert_with(|| {
-                Box::pin(Arc::clone(&self.listening.0.ticked).notified_owned())
-            });
-            // Registered before the tick is read again, so a tick in between is not missed.
-            waiting.as_mut().enable();
-            if self.listening.0.tick.load(Ordering::Acquire) > self.seen {
-                continue;
-            }
-            match waiting.as_mut().poll(cx) {
-                Poll::Ready(()) => self.waiting = None,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    /// Waits for the next tick and returns it.
-    pub async fn next(&mut self) -> u64 {
-        poll_fn(|cx| self.poll_next(cx)).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,8 +123,9 @@ mod tests {
         // Fifty periods passed; at most the one tick the brief listener had asked for.
         let idle_ticks = ticker.shared.tick.load(Ordering::Acquire);
         assert!(idle_ticks <= 1, "{idle_ticks} ticks without listeners");
-        let mut ticks = ticker.subscribe();
-        assert_eq!(ticks.next().await, idle_ticks + 1);
-        assert_eq!(ticks.next().await, idle_ticks + 2);
+        // A listener starts it again.
+        ticker.expire(TICK * 2).await;
+        let ticks = ticker.shared.tick.load(Ordering::Acquire);
+        assert!(ticks >= idle_ticks + 2, "{idle_ticks} -> {ticks}");
     }
 }

@@ -1,0 +1,338 @@
+//! HTTP/1.1 message pieces shared by the server side (`connection`) and the upstream client
+//! (`upstream`): header sections that share the head's bytes, body framing headers and the
+//! chunked decoder (RFC 9112).
+
+use std::ops::Range;
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use hyper::{
+    HeaderMap,
+    header::{self, HeaderName, HeaderValue},
+};
+
+/// Heads larger than this are refused (nginx allows 1 KiB plus up to four 8 KiB buffers; hyper
+/// about 400 KiB).
+pub const MAX_HEAD: usize = 64 << 10;
+/// Header lines per head (hyper's default is 100).
+pub const MAX_HEADERS: usize = 128;
+/// A chunk-size line or trailer line longer than this is refused.
+const MAX_LINE: usize = 4 << 10;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// Where a parsed header's name and value lie in the head.
+pub type Span = (Range<usize>, Range<usize>);
+
+/// Records where each of `headers` (parsed out of `head`) lies in `head`, so that the values
+/// can later share the head's bytes instead of each being copied.
+pub fn record_spans(head: &[u8], headers: &[httparse::Header<'_>], spans: &mut Vec<Span>) {
+    let base = head.as_ptr() as usize;
+    let offset = |field: &[u8]| {
+        // An empty field may point anywhere.
+        let start = if field.is_empty() {
+            0
+        } else {
+            field.as_ptr() as usize - base
+        };
+        start..start + field.len()
+    };
+    spans.clear();
+    spans.extend(
+        headers
+            .iter()
+            .map(|h| (offset(h.name.as_bytes()), offset(h.value))),
+    );
+}
+
+/// The header section located by `spans` in `head`; the values share `head`'s bytes.
+pub fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, CodecError> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = &head[name.clone()];
+        let shown = || String::from_utf8_lossy(name);
+        let parsed = HeaderName::from_bytes(name)
+            .map_err(|_| CodecError::Invalid(format!("header name {:?}", shown())))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+            .map_err(|_| CodecError::Invalid(format!("value of header {:?}", shown())))?;
+        headers.append(parsed, value);
+    }
+    Ok(headers)
+}
+
+/// Whether the `Connection` header (all its lines) lists `token`, case-insensitively.
+pub fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `None` without `Transfer-Encoding`; otherwise whether chunked is the final coding (the last
+/// one of the last line), which is what frames the body (RFC 9112 §6.3).
+pub fn chunked(headers: &HeaderMap) -> Option<bool> {
+    if !headers.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let last = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').map(str::trim).rfind(|t| !t.is_empty()));
+    Some(last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked")))
+}
+
+/// The `Content-Length`, if any. A list of equal values is one length (RFC 9110 §8.6);
+/// anything else is an error.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, CodecError> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            let parsed =
+                (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
+                    .then(|| item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            match (parsed, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => {
+                    return Err(CodecError::Invalid(format!(
+                        "Content-Length {:?}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    )));
+                }
+            }
+        }
+    }
+    Ok(length)
+}
+
+/// An incremental decoder of a chunked body (RFC 9112 §7.1): consumes what has arrived,
+/// keeps its place between reads. Chunk extensions and trailer fields are read and dropped.
+pub struct Chunked {
+    state: ChunkState,
+    body: BytesMut,
+    limit: usize,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl Chunked {
+    /// A decoder that refuses bodies longer than `limit`.
+    pub fn new(limit: usize) -> Self {
+        Chunked {
+            state: ChunkState::Size,
+            body: BytesMut::new(),
+            limit,
+            trailer_bytes: 0,
+        }
+    }
+
+    /// Consumes bytes from the front of `buf`; true once the final chunk and the trailer
+    /// section are complete (what follows stays in `buf`).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<bool, CodecError> {
+        let invalid = |what: &str| CodecError::Invalid(format!("chunked body: {what}"));
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(false);
+                    };
+                    let digits = line
+                        .split(|&b| b == b';')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_ascii();
+                    if digits.is_empty() || digits.len() > 15 {
+                        return Err(invalid("chunk size"));
+                    }
+                    let mut size = 0u64;
+                    for &d in digits {
+                        let v = char::from(d)
+                            .to_digit(16)
+                            .ok_or_else(|| invalid("chunk size"))?;
+                        size = size * 16 + u64::from(v);
+                    }
+                    if size > (self.limit - self.body.len()) as u64 {
+                        return Err(CodecError::TooLarge(self.limit));
+                    }
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(false);
+                    }
+                    let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.body.extend_from_slice(&buf[..take]);
+                    buf.advance(take);
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::DataEnd => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(false);
+                    };
+                    if !line.is_empty() {
+                        return Err(invalid("no line end after a chunk's data"));
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(false);
+                    };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                    } else {
+                        self.trailer_bytes += line.len();
+                        if self.trailer_bytes > MAX_HEAD {
+                            return Err(invalid("trailer section too large"));
+                        }
+                    }
+                }
+                ChunkState::Done => return Ok(true),
+            }
+        }
+    }
+
+    /// The decoded body (complete once `decode` returned true).
+    pub fn into_body(self) -> Bytes {
+        self.body.freeze()
+    }
+}
+
+/// Takes one line (without its CRLF, or a bare LF) off the front of `buf`, if complete.
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1).freeze();
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err(CodecError::Invalid(
+            "chunked body: line too long".to_owned(),
+        )),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(lines: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in lines {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn chunked_decoding_survives_any_split() {
+        let wire = b"4;a=b\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\nt: 1\r\n\r\nNEXT";
+        for split in 0..wire.len() {
+            let mut decoder = Chunked::new(1 << 10);
+            let mut buf = BytesMut::from(&wire[..split]);
+            let mut done = decoder.decode(&mut buf).unwrap();
+            buf.extend_from_slice(&wire[split..]);
+            done = done || decoder.decode(&mut buf).unwrap();
+            assert!(done, "split at {split}");
+            assert_eq!(&buf[..], b"NEXT", "what follows is left, split at {split}");
+            assert_eq!(
+                &decoder.into_body()[..],
+                b"Wikipedia in\r\n\r\nchunks.",
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunked_decoding_refuses_bad_input() {
+        for (wire, error) in [
+            (&b"g\r\n"[..], "chunk size"),
+            (b"\r\n", "chunk size"),
+            (b"1234567890abcdef0\r\n", "chunk size"),
+            (b"3\r\nabcX\r\n", "no line end"),
+        ] {
+            let mut buf = BytesMut::from(wire);
+            let err = Chunked::new(1 << 10).decode(&mut buf).unwrap_err();
+            assert!(err.to_string().contains(error), "{wire:?}: {err}");
+        }
+        let mut buf = BytesMut::from(&b"3\r\nabc\r\n2\r\n"[..]);
+        assert_eq!(
+            Chunked::new(4).decode(&mut buf),
+            Err(CodecError::TooLarge(4))
+        );
+        let mut buf = BytesMut::from(&[b'1'; MAX_LINE + 1][..]);
+        assert!(
+            Chunked::new(4).decode(&mut buf).is_err(),
+            "endless size line"
+        );
+    }
+
+    #[test]
+    fn framing_headers() {
+        assert_eq!(chunked(&headers(&[])), None);
+        assert_eq!(
+            chunked(&headers(&[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "Chunked"),
+            ])),
+            Some(true)
+        );
+        assert_eq!(
+            chunked(&headers(&[("transfer-encoding", "chunked, gzip")])),
+            Some(false)
+        );
+        assert_eq!(
+            content_length(&headers(&[
+                ("content-length", "7"),
+                ("content-length", "7 , 7")
+            ])),
+            Ok(Some(7))
+        );
+        assert_eq!(content_length(&headers(&[])), Ok(None));
+        for bad in ["+7", "7 7", "", "7, 8", "99999999999999999999"] {
+            assert!(
+                content_length(&headers(&[("content-length", bad)])).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_tokens() {
+        let h = headers(&[("connection", "Upgrade, Close"), ("connection", "x")]);
+        assert!(connection_lists(&h, "close"));
+        assert!(connection_lists(&h, "upgrade"));
+        assert!(!connection_lists(&h, "keep-alive"));
+    }
+}
