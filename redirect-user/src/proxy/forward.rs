@@ -30,19 +30,19 @@ const DEADLINE_TICK: Duration = Duration::from_millis(100);
 pub struct Forwarder {
     upstream: Upstream,
     settings: UpstreamSettings,
-    /// 100 ms clock for the upstream timeout (see `ticker`).
-    deadlines: Ticker,
+    /// 100 ms clock for the upstream timeouts (see `ticker`), shared with the connector.
+    deadlines: Arc<Ticker>,
 }
 
 impl Forwarder {
-    /// `exempt` is `None` only where no programs are loaded (unit tests). Must be called
-    /// inside the runtime that will run the forwarding (it starts the deadline ticker there).
+    /// `exempt` is `None` only where no programs are loaded (unit tests).
     pub fn new(settings: UpstreamSettings, exempt: Option<Arc<ExemptSockets>>) -> Self {
-        let connector = UpstreamConnector::new(&settings, exempt);
+        let deadlines = Arc::new(Ticker::start(DEADLINE_TICK));
+        let connector = UpstreamConnector::new(&settings, exempt, Arc::clone(&deadlines));
         Forwarder {
             upstream: Upstream::new(connector, Limits::default()),
             settings,
-            deadlines: Ticker::start(DEADLINE_TICK),
+            deadlines,
         }
     }
 

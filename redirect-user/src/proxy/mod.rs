@@ -62,8 +62,9 @@ impl Workers {
         let mut threads = Vec::new();
         let mut stats = Vec::new();
         for (i, listeners) in listeners.into_iter().enumerate() {
+            // No time driver: see `ticker`.
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
                 .build()?;
             let worker_stats = Arc::new(ProxyStats::default());
             let backend = Arc::clone(&backend);
@@ -140,11 +141,11 @@ pub async fn serve(
     if open > 0 {
         tracing::info!("waiting up to {grace:?} for {open} open connection(s)");
     }
-    if tokio::time::timeout(grace, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still busy after {grace:?}; closing them");
+    tokio::select! {
+        () = connections.wait() => {}
+        () = ticker::sleep(grace) => {
+            tracing::warn!("connections still busy after {grace:?}; closing them");
+        }
     }
 }
 
@@ -164,7 +165,7 @@ async fn accept_loop(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    ticker::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },

@@ -39,6 +39,7 @@ use super::{
         content_length, header_map, record_spans,
     },
     exempt::ExemptSockets,
+    ticker::Ticker,
 };
 use crate::config::UpstreamSettings;
 
@@ -385,10 +386,16 @@ pub struct UpstreamConnector {
     port: u16,
     exempt: Option<Arc<ExemptSockets>>,
     connect_timeout: Duration,
+    /// Times the connect timeout (see `ticker`).
+    clock: Arc<Ticker>,
 }
 
 impl UpstreamConnector {
-    pub fn new(settings: &UpstreamSettings, exempt: Option<Arc<ExemptSockets>>) -> Self {
+    pub fn new(
+        settings: &UpstreamSettings,
+        exempt: Option<Arc<ExemptSockets>>,
+        clock: Arc<Ticker>,
+    ) -> Self {
         let authority = &settings.url.authority;
         UpstreamConnector {
             host: authority
@@ -399,6 +406,7 @@ impl UpstreamConnector {
             port: authority.port_u16().unwrap_or(80),
             exempt,
             connect_timeout: settings.connect_timeout,
+            clock,
         }
     }
 
@@ -411,12 +419,17 @@ impl UpstreamConnector {
         };
         let mut last_error = None;
         for addr in addrs {
-            match tokio::time::timeout(self.connect_timeout, self.connect_one(addr)).await {
-                Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(e)) => {
+            let connected = tokio::select! {
+                biased;
+                connected = self.connect_one(addr) => Some(connected),
+                () = self.clock.expire(self.connect_timeout) => None,
+            };
+            match connected {
+                Some(Ok(stream)) => return Ok(stream),
+                Some(Err(e)) => {
                     last_error = Some(io::Error::new(e.kind(), format!("connect to {addr}: {e}")))
                 }
-                Err(_) => {
+                None => {
                     last_error = Some(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!(
@@ -623,7 +636,8 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(5),
         };
-        Upstream::new(UpstreamConnector::new(&settings, None), limits)
+        let clock = Arc::new(Ticker::start(Duration::from_millis(100)));
+        Upstream::new(UpstreamConnector::new(&settings, None, clock), limits)
     }
 
     fn parts(method: &str, target: &str, headers: &[(&str, &str)]) -> Parts {
@@ -885,6 +899,28 @@ mod tests {
             let chain = format!("{err}: {:?}", std::error::Error::source(&err));
             assert!(chain.contains(expected), "{reply:?}: {chain}");
         }
+    }
+
+    /// A listener whose accept queue is full drops further SYNs, so a connect to it neither
+    /// succeeds nor fails: only the connect timeout (on the ticker) ends it.
+    #[tokio::test]
+    async fn a_connect_that_never_completes_times_out() {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A backlog of 0 queues one connection (Linux); it fills the queue.
+        let _queued = TcpStream::connect(addr).await.unwrap();
+        let settings = UpstreamSettings {
+            url: format!("http://{addr}").parse::<UpstreamUrl>().unwrap(),
+            connect_timeout: Duration::from_millis(200),
+            timeout: Duration::from_secs(5),
+        };
+        let clock = Arc::new(Ticker::start(Duration::from_millis(50)));
+        let connector = UpstreamConnector::new(&settings, None, clock);
+        let err = connector.connect().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("timed out after 200ms"), "{err}");
     }
 
     #[tokio::test]
