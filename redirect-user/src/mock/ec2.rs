@@ -14,7 +14,7 @@ use std::{
 use bytes::Bytes;
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
-    header::{self, HeaderValue},
+    header::{self, HeaderName, HeaderValue},
 };
 use serde::{Deserialize, Deserializer, de};
 
@@ -23,6 +23,8 @@ use super::token::{TokenIssuer, parse_ttl};
 pub const TOKEN_PATH: &str = "/latest/api/token";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+/// As a `HeaderName`: inserting a `&str` name allocates one for every response.
+const TOKEN_TTL_NAME: HeaderName = HeaderName::from_static(TOKEN_TTL_HEADER);
 
 /// API versions listed at `/`; each serves the same tree as `latest`.
 const VERSIONS: &[&str] = &[
@@ -201,7 +203,7 @@ impl Ec2Mock {
                     Some(ttl) => {
                         let mut resp = text(self.tokens.issue(ttl, now).into());
                         resp.headers_mut()
-                            .insert(TOKEN_TTL_HEADER, HeaderValue::from(ttl.as_secs()));
+                            .insert(TOKEN_TTL_NAME, HeaderValue::from(ttl.as_secs()));
                         resp
                     }
                     None => error(StatusCode::BAD_REQUEST),

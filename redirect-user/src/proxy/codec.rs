@@ -50,14 +50,39 @@ pub fn record_spans(head: &[u8], headers: &[httparse::Header<'_>], spans: &mut V
     );
 }
 
+/// Metadata headers outside `http`'s standard set. `HeaderName::from_bytes` allocates (and
+/// lower-cases) every other name on every message that carries it; these are shared instead.
+static METADATA_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("metadata"),
+    HeaderName::from_static("metadata-flavor"),
+    HeaderName::from_static("x-aws-ec2-metadata-token"),
+    HeaderName::from_static("x-aws-ec2-metadata-token-ttl-seconds"),
+];
+
+fn header_name(name: &[u8]) -> Option<HeaderName> {
+    // By length first: this runs for every header of every message.
+    let known = match name.len() {
+        8 => &METADATA_HEADERS[0],
+        15 => &METADATA_HEADERS[1],
+        24 => &METADATA_HEADERS[2],
+        36 => &METADATA_HEADERS[3],
+        _ => return HeaderName::from_bytes(name).ok(),
+    };
+    if known.as_str().as_bytes().eq_ignore_ascii_case(name) {
+        Some(known.clone())
+    } else {
+        HeaderName::from_bytes(name).ok()
+    }
+}
+
 /// The header section located by `spans` in `head`; the values share `head`'s bytes.
 pub fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, CodecError> {
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, value) in spans {
         let name = &head[name.clone()];
         let shown = || String::from_utf8_lossy(name);
-        let parsed = HeaderName::from_bytes(name)
-            .map_err(|_| CodecError::Invalid(format!("header name {:?}", shown())))?;
+        let parsed = header_name(name)
+            .ok_or_else(|| CodecError::Invalid(format!("header name {:?}", shown())))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
             .map_err(|_| CodecError::Invalid(format!("value of header {:?}", shown())))?;
         headers.append(parsed, value);
@@ -326,6 +351,17 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn metadata_header_names_are_shared_and_lower_case() {
+        let head = Bytes::from_static(b"X-aws-ec2-metadata-token: t\r\nX-Other: o\r\n");
+        let spans = [(0..24, 26..27), (29..36, 38..39)];
+        let map = header_map(&head, &spans).unwrap();
+        let names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-aws-ec2-metadata-token", "x-other"]);
+        assert_eq!(map["x-aws-ec2-metadata-token"], "t");
+        assert!(header_name(b"x y").is_none());
     }
 
     #[test]

@@ -49,8 +49,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use super::{
     Backend, ProxyStats,
     codec::{
-        Chunked, CodecError, MAX_HEAD, MAX_HEADERS, chunked, connection_lists, content_length,
-        header_map, record_spans,
+        Chunked, CodecError, MAX_HEAD, MAX_HEADERS, Span, chunked, connection_lists,
+        content_length, header_map, record_spans,
     },
     ticker::Ticker,
 };
@@ -533,12 +533,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parts, Framing, bool, bool)>
     let path = parsed.path.unwrap_or_default();
     let path_start = path.as_ptr() as usize - buf.as_ptr() as usize;
     let path = path_start..path_start + path.len();
-    let mut spans = Vec::with_capacity(parsed.headers.len());
-    record_spans(buf, parsed.headers, &mut spans);
+    SPANS.with_borrow_mut(|spans| record_spans(buf, parsed.headers, spans));
     let head = buf.split_to(parsed_len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path))
         .map_err(|e| bad(format!("request target: {e}")))?;
-    let mut headers = header_map(&head, &spans).map_err(|e| bad(e.to_string()))?;
+    let mut headers = SPANS
+        .with_borrow(|spans| header_map(&head, spans))
+        .map_err(|e| bad(e.to_string()))?;
 
     let mut close = wants_close(version, &headers);
     let keep_alive_10 = version == Version::HTTP_10 && !close;
@@ -615,8 +616,28 @@ fn wants_close(version: Version, headers: &HeaderMap) -> bool {
 thread_local! {
     /// The response being written, kept per thread so that each response does not allocate.
     static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Where a request head's headers lie, kept per thread so that each request does not
+    /// allocate.
+    static SPANS: RefCell<Vec<Span>> = const { RefCell::new(Vec::new()) };
     /// The `Date` value of the current second (formatting one costs more than a response).
     static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Seconds since the epoch from the coarse clock: it only has to tell when the second changes,
+/// and it is read for every response.
+fn unix_seconds() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) } == 0 {
+        u64::try_from(now.tv_sec).unwrap_or(0)
+    } else {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
 }
 
 /// Writes the status line and headers of `resp` into `out`; returns the body to send after
@@ -650,12 +671,10 @@ fn encode_response<'a>(
     if !headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         DATE.with_borrow_mut(|(second, text)| {
-            let now = SystemTime::now();
-            let s = now
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let s = unix_seconds();
             if s != *second {
-                let formatted = httpdate::fmt_http_date(now);
+                let formatted =
+                    httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
                 if formatted.len() == text.len() {
                     text.copy_from_slice(formatted.as_bytes());
                     *second = s;

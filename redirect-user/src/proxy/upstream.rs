@@ -18,7 +18,7 @@
 //! idle connections: no keying by host, no cross-thread contention.
 
 use std::{
-    io::{self, Write as _},
+    io,
     mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
@@ -488,8 +488,9 @@ fn encode_request(parts: &Parts, body: Option<&[u8]>, out: &mut Vec<u8>) {
         out.extend_from_slice(b"\r\n");
     }
     if let Some(body) = body {
-        // Writing to a Vec cannot fail.
-        let _ = write!(out, "content-length: {}\r\n\r\n", body.len());
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
         out.extend_from_slice(body);
     } else {
         out.extend_from_slice(b"\r\n");
