@@ -5,6 +5,8 @@
 //!   which forwards to the mock over pooled connections.
 //! - H2: wrk -> 169.254.169.254:80, redirected by our daemon (`--redirect-to`) to nginx
 //!   (127.0.0.1:8170), which forwards to the mock with upstream keepalive.
+//! - The machine reference: wrk -> nginx answering `return 200` itself (127.0.0.1:8171), in
+//!   the rounds of the 32-connection row.
 //!
 //! wrk runs in the cgroup the respective daemon redirects. For each row the three targets run
 //! back to back, so drift on a noisy machine hits them alike.
@@ -28,6 +30,8 @@ use crate::{
 const MOCK: &str = "127.0.0.1:8080";
 const OUR_PROXY: &str = "127.0.0.1:8169";
 const NGINX: &str = "127.0.0.1:8170";
+/// nginx answering by itself: the machine reference (see [`HttpResults::reference`]).
+const NGINX_STATIC: &str = "127.0.0.1:8171";
 const DIRECT_URL: &str = "http://127.0.0.1:8080/latest/meta-data/instance-id";
 const IMDS_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
 
@@ -36,6 +40,9 @@ pub const TARGETS: [(&str, &str); 3] = [
     ("H1", "redirect + our proxy"),
     ("H2", "redirect + nginx"),
 ];
+
+/// The row whose rounds also measure the machine reference.
+const REFERENCE_ROW: &str = "ka32";
 
 /// A row: (key, label, connections, script kind).
 const ROWS: [(&str, &str, u32, Script); 4] = [
@@ -101,6 +108,10 @@ pub struct Memory {
 pub struct HttpResults {
     pub rows: Vec<HttpRow>,
     pub memory: Memory,
+    /// nginx answering `return 200` itself (no proxying, one small body), keep-alive at 32
+    /// connections, run in the rounds of that row: what this machine allows a small HTTP
+    /// answer, for reading the absolute targets (H0's 100,000 requests/s) on it.
+    pub reference: HttpCell,
 }
 
 impl HttpResults {
@@ -136,7 +147,9 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
         path(&via_ours),
     ])?;
     let daemon_idle_kb = rss_kb(ours.pid())?;
-    let nginx = Nginx::start(&ns, NGINX, MOCK)?;
+    let nginx = Nginx::start(&ns, NGINX, Some(MOCK))?;
+    let _static = Nginx::start(&ns, NGINX_STATIC, None)?;
+    let static_url = format!("http://{NGINX_STATIC}/latest/meta-data/instance-id");
     let nginx_idle_kb = nginx.rss_kb()?;
     let _to_nginx = quiet(&["--redirect-to", NGINX, "--cgroup", path(&via_nginx)])?;
 
@@ -158,6 +171,16 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             dir.path(),
         )?;
     }
+    wrk(
+        &ns,
+        &plain,
+        &static_url,
+        32,
+        Duration::from_secs(1),
+        Script::Plain,
+        dir.path(),
+    )?;
+    let mut reference_runs = Vec::new();
     let mut rows = Vec::new();
     for (key, label, connections, script) in ROWS {
         eprintln!("bench: HTTP path, {label}");
@@ -173,6 +196,17 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
                     url,
                     connections,
                     duration,
+                    script,
+                    dir.path(),
+                )?);
+            }
+            if key == REFERENCE_ROW {
+                reference_runs.push(wrk(
+                    &ns,
+                    &plain,
+                    &static_url,
+                    connections,
+                    mode.http_duration,
                     script,
                     dir.path(),
                 )?);
@@ -214,6 +248,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             nginx_idle_kb,
             nginx_held_kb,
         },
+        reference: median_cell("nginx return 200", reference_runs),
     })
 }
 
@@ -340,16 +375,29 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(ns: &NetNs, listen: &str, upstream: &str) -> Result<Self> {
+    /// nginx proxying to `upstream`, or with `None` answering `return 200` with the mock's
+    /// instance id itself.
+    fn start(ns: &NetNs, listen: &str, upstream: Option<&str>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let d = dir.path().display();
+        let (upstream_block, location) = match upstream {
+            Some(upstream) => (
+                format!("  upstream metadata {{ server {upstream}; keepalive 64; }}\n"),
+                "proxy_pass http://metadata;\n      proxy_http_version 1.1;\n      \
+                 proxy_set_header Connection \"\";\n      proxy_set_header Host $host;"
+                    .to_owned(),
+            ),
+            None => (
+                String::new(),
+                "default_type text/plain;\n      return 200 \"i-0123456789abcdef0\";".to_owned(),
+            ),
+        };
         let conf = format!(
             "worker_processes auto;\nworker_rlimit_nofile 65536;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 32768; }}\n\
-             http {{\n  access_log off;\n  upstream metadata {{ server {upstream}; keepalive 64; }}\n\
+             http {{\n  access_log off;\n{upstream_block}\
                server {{\n    listen {listen};\n    keepalive_requests 1000000;\n    location / {{\n\
-                 proxy_pass http://metadata;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
-                 proxy_set_header Host $host;\n    }}\n  }}\n}}\n"
+                 {location}\n    }}\n  }}\n}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
