@@ -43,7 +43,10 @@ use hyper::{
     header::{self, HeaderValue},
     http::request::Parts,
 };
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::{
@@ -73,6 +76,9 @@ pub const DEADLINE_TICK: Duration = if cfg!(test) {
 } else {
     Duration::from_secs(1)
 };
+
+/// How long a refused client may go on sending before the connection is closed on it.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Room made in an empty read buffer: most requests are a few hundred bytes.
 const FIRST_READ: usize = 1 << 10;
@@ -195,7 +201,7 @@ impl Connection {
             Err(refusal) => {
                 tracing::debug!("{peer}: {} {}", refusal.status.as_u16(), refusal.reason);
                 // Boxed: rare, and it would enlarge every request's future.
-                Box::pin(self.refuse(&refusal)).await;
+                Box::pin(self.refuse(&refusal, clock)).await;
                 return false;
             }
         };
@@ -443,8 +449,12 @@ impl Connection {
         written
     }
 
-    /// Answers a refused request; the connection closes after it.
-    async fn refuse(&mut self, refusal: &Refusal) {
+    /// Answers a refused request; the connection closes after it. The client may still be
+    /// sending (a body over the limit, say): closing with its bytes unread would make the
+    /// kernel send a reset, which can destroy the answer before the client reads it. So, as
+    /// nginx's lingering close does, the write side is shut and what the client sends is read
+    /// and discarded until it closes its side, for at most [`LINGER`].
+    async fn refuse(&mut self, refusal: &Refusal, clock: &Ticker) {
         let mut resp = Response::new(Bytes::from(format!("redirect: {}\n", refusal.reason)));
         *resp.status_mut() = refusal.status;
         resp.headers_mut()
@@ -452,9 +462,18 @@ impl Connection {
         if self
             .write_response(&resp, false, ConnectionHeader::Close)
             .await
-            .is_ok()
+            .is_err()
+            || self.stream.shutdown().await.is_err()
         {
-            self.drain();
+            return;
+        }
+        let discard = async {
+            let mut sink = [0u8; 4096];
+            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        };
+        tokio::select! {
+            () = discard => {}
+            () = clock.expire(LINGER) => {}
         }
     }
 
@@ -1036,6 +1055,37 @@ mod tests {
             "{chunked_garbage}"
         );
         assert_eq!(server.stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    /// A client that sends a body over the limit in full, without waiting for an answer, gets
+    /// its 413 and a clean close: the server lingers, reading what comes, instead of closing
+    /// with bytes unread, which makes the kernel reset the connection (and, off loopback, can
+    /// destroy the answer in flight).
+    #[tokio::test]
+    async fn an_oversized_body_sent_in_full_gets_its_answer_and_no_reset() {
+        let server = start().await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        // More than the socket buffers hold, so that the body is still coming when the
+        // server has answered.
+        let length = MAX_REQUEST_BODY * 32;
+        let head = format!("PUT /latest/api/token HTTP/1.1\r\ncontent-length: {length}\r\n\r\n");
+        let (mut read, mut write) = c.split();
+        let send = async {
+            write.write_all(head.as_bytes()).await?;
+            write.write_all(&vec![b'x'; length]).await?;
+            write.shutdown().await
+        };
+        let receive = async {
+            let mut all = Vec::new();
+            read.read_to_end(&mut all).await.map(|_| all)
+        };
+        let (sent, received) = tokio::join!(send, receive);
+        sent.expect("the whole body was taken");
+        let response = String::from_utf8(received.expect("a clean close, not a reset")).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{response:?}"
+        );
     }
 
     #[tokio::test]
