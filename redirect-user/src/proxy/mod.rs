@@ -138,9 +138,10 @@ pub async fn serve(
     accept_loops.join_all().await;
     connections.close();
     let open = connections.len();
-    if open > 0 {
-        tracing::info!("waiting up to {grace:?} for {open} open connection(s)");
+    if open == 0 {
+        return;
     }
+    tracing::info!("waiting up to {grace:?} for {open} open connection(s)");
     tokio::select! {
         () = connections.wait() => {}
         () = ticker::sleep(grace) => {

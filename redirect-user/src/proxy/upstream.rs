@@ -5,8 +5,9 @@
 //! of the proxy's user time, and what kept it behind nginx at one connection (BENCHMARKS.md). Here
 //! the task that serves the client's request also writes the upstream request and reads the
 //! whole response, as nginx does with its default `proxy_buffering on`: both bodies are
-//! buffered (metadata documents are small; [`Limits`] bounds them), and the connection goes
-//! back to the idle list as soon as the response has been read, before the client has it.
+//! buffered (metadata documents are small; the server side bounds the request's, [`Limits`]
+//! the response's), and the connection goes back to the idle list as soon as the response has
+//! been read, before the client has it.
 //!
 //! Responses are delimited as RFC 9112 §6.3 says: no body for HEAD, 1xx, 204 and 304; chunked
 //! when chunked is the final transfer coding; otherwise read until the upstream closes, unless
