@@ -100,6 +100,23 @@ pub fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Writes one header line in wire form.
+pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes every header of `headers` that `skip` does not name, in wire form.
+pub fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap, skip: impl Fn(&HeaderName) -> bool) {
+    for (name, value) in headers {
+        if !skip(name) {
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+}
+
 /// `None` without `Transfer-Encoding`; otherwise whether chunked is the final coding (the last
 /// one of the last line), which is what frames the body (RFC 9112 §6.3).
 pub fn chunked(headers: &HeaderMap) -> Option<bool> {
@@ -113,6 +130,18 @@ pub fn chunked(headers: &HeaderMap) -> Option<bool> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(',').map(str::trim).rfind(|t| !t.is_empty()));
     Some(last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked")))
+}
+
+/// Whether every transfer coding listed is `chunked` (with [`chunked`]: whether the body is
+/// chunked and nothing else).
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .all(|t| t.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// The `Content-Length`, if any. A list of equal values is one length (RFC 9110 §8.6);

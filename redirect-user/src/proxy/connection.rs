@@ -55,7 +55,7 @@ use super::{
     Backend, ProxyStats,
     codec::{
         Chunked, CodecError, MAX_HEAD, MAX_HEADERS, Span, chunked, connection_lists,
-        content_length, header_map, record_spans,
+        content_length, header_map, only_chunked, put_header, put_headers, record_spans,
     },
     ticker::Ticker,
 };
@@ -620,17 +620,6 @@ fn too_large_head(buf: &[u8]) -> Refusal {
     }
 }
 
-/// Whether every transfer coding listed is `chunked`.
-fn only_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-        .all(|t| t.eq_ignore_ascii_case(b"chunked"))
-}
-
 /// Whether the client wants the connection closed after this exchange.
 fn wants_close(version: Version, headers: &HeaderMap) -> bool {
     match version {
@@ -681,21 +670,14 @@ fn encode_response<'a>(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let headers = resp.headers();
-    for (name, value) in headers {
-        // Framing and connection management are this side's.
-        if matches!(
+    // Framing and connection management are this side's.
+    put_headers(out, headers, |name| {
+        matches!(
             *name,
             header::CONTENT_LENGTH | header::CONNECTION | header::TRANSFER_ENCODING
-        ) {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+        )
+    });
     if !headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
         DATE.with_borrow_mut(|(second, text)| {
             let s = unix_seconds();
             if s != *second {
@@ -706,16 +688,17 @@ fn encode_response<'a>(
                     *second = s;
                 }
             }
-            out.extend_from_slice(text);
+            put_header(out, b"date", text);
         });
-        out.extend_from_slice(b"\r\n");
     }
     let body = resp.body();
     let no_body = status.is_informational() || status == StatusCode::NO_CONTENT;
+    // Answers that describe a representation without sending it.
+    let without_body = head_only || status == StatusCode::NOT_MODIFIED;
     let mut digits = itoa::Buffer::new();
     let length: Option<&[u8]> = if no_body {
         None
-    } else if head_only || status == StatusCode::NOT_MODIFIED {
+    } else if without_body {
         // The length of what a GET would have had, if the backend gave it.
         headers
             .get(header::CONTENT_LENGTH)
@@ -725,9 +708,7 @@ fn encode_response<'a>(
         Some(digits.format(body.len()).as_bytes())
     };
     if let Some(length) = length {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(length);
-        out.extend_from_slice(b"\r\n");
+        put_header(out, b"content-length", length);
     }
     match connection {
         ConnectionHeader::None => {}
@@ -735,11 +716,7 @@ fn encode_response<'a>(
         ConnectionHeader::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-    if no_body || head_only || status == StatusCode::NOT_MODIFIED {
-        &[]
-    } else {
-        body
-    }
+    if no_body || without_body { &[] } else { body }
 }
 
 #[cfg(test)]
@@ -1200,9 +1177,7 @@ mod tests {
     }
 
     /// An idle connection's task is the `serve` future; a request's state is one allocation
-    /// of the `exchange` future, small enough for the allocator's per-thread cache (glibc's
-    /// tcache takes up to 1032 bytes; a larger one costs some 300 more instructions per
-    /// request, BENCHMARKS.md). Sizes, not speed: they change only with the code.
+    /// of the `exchange` future, small enough for the allocator's per-thread cache.
     #[tokio::test]
     async fn connection_state_stays_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1228,11 +1203,7 @@ mod tests {
         };
         let mut cancelled = pin!(shutdown.cancelled());
         let exchange = conn.exchange(&backend, &stats, cancelled.as_mut(), &clock, &shutdown);
-        assert!(
-            size_of_val(&exchange) <= 1024,
-            "exchange: {}",
-            size_of_val(&exchange)
-        );
+        super::super::assert_fits_allocator_cache("exchange", size_of_val(&exchange));
     }
 
     /// Whatever arrives, parsing answers or refuses and never panics: valid requests with

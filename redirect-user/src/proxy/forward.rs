@@ -267,8 +267,7 @@ mod tests {
         assert!(seen.try_recv().is_err(), "nothing went upstream");
     }
 
-    /// The forwarding future is one allocation per proxied request; kept small enough for
-    /// the allocator's per-thread cache, as the connection's (see `connection`'s tests).
+    /// The forwarding future is one allocation per proxied request.
     #[tokio::test]
     async fn the_forwarding_state_stays_small() {
         let settings = UpstreamSettings {
@@ -278,11 +277,7 @@ mod tests {
         };
         let forwarder = Forwarder::new(settings, None);
         let forwarding = forwarder.forward(Request::new(Bytes::new()));
-        assert!(
-            size_of_val(&forwarding) <= 1024,
-            "forward: {}",
-            size_of_val(&forwarding)
-        );
+        crate::proxy::assert_fits_allocator_cache("forward", size_of_val(&forwarding));
     }
 
     #[test]

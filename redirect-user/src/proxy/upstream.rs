@@ -37,7 +37,7 @@ use tokio::{
 use super::{
     codec::{
         Chunked, CodecError, MAX_HEAD, MAX_HEADERS, Span, chunked, connection_lists,
-        content_length, header_map, record_spans,
+        content_length, header_map, put_header, put_headers, record_spans,
     },
     exempt::ExemptSockets,
     ticker::Ticker,
@@ -479,23 +479,16 @@ fn encode_request(parts: &Parts, body: Option<&[u8]>, out: &mut Vec<u8>) {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    put_headers(out, &parts.headers, |name| name == header::CONTENT_LENGTH);
     if let Some(body) = body {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(body);
-    } else {
-        out.extend_from_slice(b"\r\n");
+        put_header(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
     }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.unwrap_or_default());
 }
 
 /// The response head as a `Response<()>`, and whether the upstream keeps the connection open:
