@@ -19,19 +19,21 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, MAX_TARGETS, ORIGINAL_SLOTS, OriginalDest, SockAddr4,
-    SockAddr6, V4_MAPPED_PREFIX,
+    Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, ORIGINAL_SLOTS, OriginalDest, SockAddr4, SockAddr6,
+    TARGET_SLOTS, TargetSlot, TargetSlot4, TargetSlot6, V4_MAPPED_PREFIX,
 };
 
 /// Return value that lets the (possibly rewritten) syscall proceed. 0 would fail it with EPERM.
 const PROCEED: i32 = 1;
 const IPPROTO_TCP: u32 = 6;
 
+// Open-addressed tables, not hash maps: array reads are inlined by the verifier, a hash-map
+// lookup is a helper call (see `TargetSlot`).
 #[map]
-static TARGETS4: HashMap<SockAddr4, SockAddr4> = HashMap::with_max_entries(MAX_TARGETS, 0);
+static TARGETS4: Array<TargetSlot4> = Array::with_max_entries(TARGET_SLOTS, 0);
 
 #[map]
-static TARGETS6: HashMap<SockAddr6, SockAddr6> = HashMap::with_max_entries(MAX_TARGETS, 0);
+static TARGETS6: Array<TargetSlot6> = Array::with_max_entries(TARGET_SLOTS, 0);
 
 /// Socket cookies of the proxy's own upstream sockets. The daemon inserts a cookie just before
 /// connect() and removes it right after, so its upstream connection to the real metadata service
@@ -43,7 +45,7 @@ static EXEMPT_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_EXEMPT_S
 static EXEMPT_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Ports some target uses (index: port in host byte order). An array lookup is inlined by the
-/// verifier, so a connect to any other port costs no hash lookup at all.
+/// verifier, so a connect to any other port costs one memory read.
 #[map]
 static TARGET_PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
@@ -65,13 +67,19 @@ static PROXIES6: HashMap<SockAddr6, u8> = HashMap::with_max_entries(MAX_PROXIES,
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect4(&ctx);
+    // One counter update per connect: the rewrite counts itself.
+    if try_connect4(&ctx).is_none() {
+        count(Counter::Connect4Passed);
+    }
     PROCEED
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect6(&ctx);
+    // One counter update per connect: the rewrite counts itself.
+    if try_connect6(&ctx).is_none() {
+        count(Counter::Connect6Passed);
+    }
     PROCEED
 }
 
@@ -89,7 +97,6 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// `None` means "left alone", which is the common case, not an error.
 fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
-    count(Counter::Connect4Seen);
     let sa = ctx.sock_addr;
     if read(sa, |s| &raw const s.protocol) != IPPROTO_TCP {
         return None;
@@ -103,8 +110,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
         port,
         _pad: 0,
     };
-    // SAFETY: the value is copied out before any other map operation.
-    let proxy = *unsafe { TARGETS4.get(dialled) }?;
+    let proxy = target4(&dialled)?;
     let cookie = socket_cookie(ctx);
     if is_exempt(cookie) {
         count(Counter::Exempted);
@@ -126,7 +132,6 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
-    count(Counter::Connect6Seen);
     let sa = ctx.sock_addr;
     if read(sa, |s| &raw const s.protocol) != IPPROTO_TCP {
         return None;
@@ -148,8 +153,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
             port: dialled.port,
             _pad: 0,
         };
-        // SAFETY: copied out at once.
-        let proxy4 = *unsafe { TARGETS4.get(key) }?;
+        let proxy4 = target4(&key)?;
         SockAddr6 {
             addr: [
                 V4_MAPPED_PREFIX[0],
@@ -161,8 +165,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
             _pad: 0,
         }
     } else {
-        // SAFETY: copied out at once.
-        *unsafe { TARGETS6.get(dialled) }?
+        TargetSlot::lookup(&dialled, |i| TARGETS6.get(i))?
     };
     let cookie = socket_cookie(ctx);
     if is_exempt(cookie) {
@@ -234,6 +237,11 @@ fn try_getpeername6(ctx: &SockAddrContext) -> Option<()> {
 /// The slot is written like a seqlock: cookie 0 first, then the addresses, then the cookie,
 /// each a volatile store so that they happen in this order; `original_dest` checks the cookie
 /// before and after copying. A reader never takes a half-written entry for its own.
+#[inline(always)]
+fn target4(dialled: &SockAddr4) -> Option<SockAddr4> {
+    TargetSlot::lookup(dialled, |i| TARGETS4.get(i))
+}
+
 #[inline(always)]
 fn remember(cookie: u64, dialled: SockAddr6, rewritten: SockAddr6) {
     let Some(slot) = ORIGINAL_DEST.get_ptr_mut(slot_of(cookie)) else {

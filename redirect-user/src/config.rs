@@ -532,6 +532,13 @@ impl Settings {
                     .to_owned(),
             );
         }
+        let max = redirect_common::MAX_TARGETS as usize;
+        for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+            let n = targets.iter().filter(|t| t.0.is_ipv4() == v4).count();
+            if n > max {
+                return Err(format!("{n} {family} targets: at most {max} are supported"));
+            }
+        }
         Ok(Settings {
             backend,
             proxy,
@@ -713,6 +720,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("IPv4 targets need an IPv4 proxy address"), "{e}");
+        let too_many = (0..=redirect_common::MAX_TARGETS)
+            .map(|i| format!("\"10.{}.{}.1:80\"", i / 256, i % 256))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let file = parse(&format!("mock = \"ec2\"\ntargets = [{too_many}]\n")).unwrap();
+        let e = Settings::resolve(file, Overrides::default()).unwrap_err();
+        assert_eq!(e, "16385 IPv4 targets: at most 16384 are supported");
     }
 
     #[test]

@@ -295,7 +295,7 @@ fn build_status(
             Vec::new()
         })
         .into_iter()
-        .map(|(c, v)| (c.name().to_owned(), v))
+        .map(|(name, v)| (name.to_owned(), v))
         .collect();
     let programs = redirector
         .program_stats()

@@ -25,7 +25,9 @@ use aya::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
     },
 };
-use redirect_common::{Counter, SockAddr4, SockAddr6, names};
+use redirect_common::{
+    Counter, PlaceError, SockAddr4, SockAddr6, TARGET_SLOTS, TableKey, TargetSlot, names,
+};
 
 use crate::cgroup::Cgroup;
 
@@ -75,6 +77,11 @@ pub enum EbpfError {
     },
     #[error("the eBPF object has no map `{0}`")]
     MissingMap(&'static str),
+    #[error("target {dialled}: {reason}")]
+    Target {
+        dialled: SocketAddr,
+        reason: &'static str,
+    },
 }
 
 /// One program attached to one cgroup.
@@ -113,6 +120,9 @@ pub struct ProgramStats {
 pub struct Redirector {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
+    /// The target-table slots [`Redirector::set_routes`] filled, IPv4 then IPv6, so that
+    /// [`Redirector::routes`] reads back only those.
+    filled: (Vec<u32>, Vec<u32>),
 }
 
 impl Redirector {
@@ -154,6 +164,7 @@ impl Redirector {
         Ok(Redirector {
             ebpf,
             attached: Vec::new(),
+            filled: (Vec::new(), Vec::new()),
         })
     }
 
@@ -163,39 +174,48 @@ impl Redirector {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
-    /// Fills the target maps: connects to `route.dialled` are sent to `route.proxy`.
+    /// Fills the target tables: connects to `route.dialled` are sent to `route.proxy`. Called
+    /// once, before the programs are attached (lookups in the kernel rely on the tables not
+    /// changing under them, see [`TargetSlot`]).
     ///
     /// An IPv6 target may route to an IPv6 proxy address or to an IPv4-mapped one; IPv4
     /// targets route to IPv4 addresses (connect4 cannot change the address family).
     pub fn set_routes(&mut self, routes: &[Route]) -> Result<(), EbpfError> {
+        let mut v4 = Table::new();
+        let mut v6 = Table::new();
         for route in routes {
-            match (route.dialled, route.proxy) {
+            let placed = match (route.dialled, route.proxy) {
                 (SocketAddr::V4(dialled), SocketAddr::V4(proxy)) => {
-                    let mut map: HashMap<_, SockAddr4, SockAddr4> =
-                        map_mut(&mut self.ebpf, names::TARGETS4)?;
-                    map.insert(SockAddr4::from(dialled), SockAddr4::from(proxy), 0)
-                        .map_err(map_err(names::TARGETS4))?;
+                    v4.place(SockAddr4::from(dialled), SockAddr4::from(proxy))
                 }
                 (SocketAddr::V6(dialled), proxy) => {
                     let proxy = match proxy {
                         SocketAddr::V6(p) => SockAddr6::from(p),
                         SocketAddr::V4(p) => SockAddr6::v4_mapped(SockAddr4::from(p)),
                     };
-                    let mut map: HashMap<_, SockAddr6, SockAddr6> =
-                        map_mut(&mut self.ebpf, names::TARGETS6)?;
-                    map.insert(SockAddr6::from(dialled), proxy, 0)
-                        .map_err(map_err(names::TARGETS6))?;
+                    v6.place(SockAddr6::from(dialled), proxy)
                 }
                 (SocketAddr::V4(_), SocketAddr::V6(_)) => {
                     unreachable!("config validation pairs IPv4 targets with an IPv4 listener")
                 }
-            }
+            };
+            placed.map_err(|e| EbpfError::Target {
+                dialled: route.dialled,
+                reason: match e {
+                    PlaceError::PortZero => "port 0 is never dialled",
+                    PlaceError::Full => "the target table has no free slot near its home slot",
+                },
+            })?;
             self.add_proxy(route.proxy)?;
             let mut ports: Array<_, u8> = map_mut(&mut self.ebpf, names::TARGET_PORTS)?;
             ports
                 .set(u32::from(route.dialled.port()), 1, 0)
                 .map_err(map_err(names::TARGET_PORTS))?;
         }
+        self.filled = (
+            v4.write(map_mut(&mut self.ebpf, names::TARGETS4)?, names::TARGETS4)?,
+            v6.write(map_mut(&mut self.ebpf, names::TARGETS6)?, names::TARGETS6)?,
+        );
         Ok(())
     }
 
@@ -218,23 +238,23 @@ impl Redirector {
         Ok(())
     }
 
-    /// The routes as the kernel sees them, read back from the maps.
+    /// The routes as the kernel sees them, read back from the target tables.
     pub fn routes(&self) -> Result<Vec<Route>, EbpfError> {
         let mut routes = Vec::new();
-        let v4: HashMap<_, SockAddr4, SockAddr4> = map_ref(&self.ebpf, names::TARGETS4)?;
-        for entry in v4.iter() {
-            let (dialled, proxy) = entry.map_err(map_err(names::TARGETS4))?;
+        let v4: Array<_, TargetSlot<SockAddr4>> = map_ref(&self.ebpf, names::TARGETS4)?;
+        for &index in &self.filled.0 {
+            let slot = v4.get(&index, 0).map_err(map_err(names::TARGETS4))?;
             routes.push(Route {
-                dialled: SocketAddrV4::from(dialled).into(),
-                proxy: SocketAddrV4::from(proxy).into(),
+                dialled: SocketAddrV4::from(slot.dialled).into(),
+                proxy: SocketAddrV4::from(slot.proxy).into(),
             });
         }
-        let v6: HashMap<_, SockAddr6, SockAddr6> = map_ref(&self.ebpf, names::TARGETS6)?;
-        for entry in v6.iter() {
-            let (dialled, proxy) = entry.map_err(map_err(names::TARGETS6))?;
+        let v6: Array<_, TargetSlot<SockAddr6>> = map_ref(&self.ebpf, names::TARGETS6)?;
+        for &index in &self.filled.1 {
+            let slot = v6.get(&index, 0).map_err(map_err(names::TARGETS6))?;
             routes.push(Route {
-                dialled: SocketAddrV6::from(dialled).into(),
-                proxy: SocketAddrV6::from(proxy).into(),
+                dialled: SocketAddrV6::from(slot.dialled).into(),
+                proxy: SocketAddrV6::from(slot.proxy).into(),
             });
         }
         routes.sort_by_key(|r| (r.dialled.is_ipv6(), r.dialled));
@@ -301,18 +321,24 @@ impl Redirector {
         })
     }
 
-    /// Every counter, summed over CPUs.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
+    /// Every counter by name, summed over CPUs, and the connects seen by each program
+    /// (`connect4_seen`, `connect6_seen`: passed plus rewritten).
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
         let array: PerCpuArray<_, u64> = map_ref(&self.ebpf, names::COUNTERS)?;
-        Counter::ALL
+        let mut counters = Counter::ALL
             .iter()
             .map(|&c| {
                 let values = array
                     .get(&(c as u32), 0)
                     .map_err(map_err(names::COUNTERS))?;
-                Ok((c, values.iter().sum()))
+                Ok((c.name(), values.iter().sum()))
             })
-            .collect()
+            .collect::<Result<Vec<_>, EbpfError>>()?;
+        let value = |c: Counter| counters[c as usize].1;
+        let seen4 = value(Counter::Connect4Passed) + value(Counter::Connect4Rewritten);
+        let seen6 = value(Counter::Connect6Passed) + value(Counter::Connect6Rewritten);
+        counters.extend([("connect4_seen", seen4), ("connect6_seen", seen6)]);
+        Ok(counters)
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
@@ -329,6 +355,43 @@ impl Redirector {
                 })
             })
             .collect()
+    }
+}
+
+/// A target table built in memory, then written to its map slot by slot.
+struct Table<A> {
+    slots: Vec<TargetSlot<A>>,
+}
+
+impl<A: TableKey + Default + aya::Pod> Table<A>
+where
+    TargetSlot<A>: aya::Pod,
+{
+    fn new() -> Self {
+        Table {
+            slots: vec![TargetSlot::default(); TARGET_SLOTS as usize],
+        }
+    }
+
+    fn place(&mut self, dialled: A, proxy: A) -> Result<u32, PlaceError> {
+        TargetSlot::place(&mut self.slots, dialled, proxy)
+    }
+
+    /// Writes the filled slots (the map starts zeroed, i.e. all unused) and returns their
+    /// indices.
+    fn write(
+        self,
+        mut map: Array<&mut MapData, TargetSlot<A>>,
+        name: &'static str,
+    ) -> Result<Vec<u32>, EbpfError> {
+        let mut filled = Vec::new();
+        for (index, slot) in (0..).zip(&self.slots) {
+            if !slot.dialled.is_unused() {
+                map.set(index, *slot, 0).map_err(map_err(name))?;
+                filled.push(index);
+            }
+        }
+        Ok(filled)
     }
 }
 

@@ -69,6 +69,10 @@ const TESTS: &[(&str, TestFn)] = &[
         "connect6_mapped_and_getpeername",
         connect6_mapped_and_getpeername,
     ),
+    (
+        "thousands_of_targets_each_redirected",
+        thousands_of_targets_each_redirected,
+    ),
     ("ipv6_listener", ipv6_listener),
     (
         "config_file_and_flag_overrides",
@@ -774,6 +778,62 @@ fn connect6_mapped_and_getpeername() -> Result<()> {
     assert_eq!(status["counters"]["connect6_rewritten"], 2, "{status:#}");
     assert_eq!(status["counters"]["connect4_rewritten"], 1, "{status:#}");
     assert_eq!(status["counters"]["getpeername_restored"], 3, "{status:#}");
+    Ok(())
+}
+
+/// The target tables are open-addressed arrays that the daemon fills and the programs probe
+/// with the same code: with thousands of targets, many sit away from their home slot, and
+/// every one must still be found by the kernel, and nothing else.
+fn thousands_of_targets_each_redirected() -> Result<()> {
+    const V4: u32 = 3_000;
+    const V6: u32 = 500;
+    let v4 = |i: u32| format!("10.1.{}.{}:80", i / 256, i % 256);
+    let v6 = |i: u32| format!("[fd00:1::{:x}]:80", i + 1);
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("redirect.toml");
+    let targets: Vec<String> = (0..V4)
+        .map(v4)
+        .chain((0..V6).map(v6))
+        .map(|t| format!("{t:?}"))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "mock = \"ec2\"\ncgroups = [{:?}]\ntargets = [{}]\n",
+            client.to_str().unwrap(),
+            targets.join(", ")
+        ),
+    )?;
+    let daemon = Daemon::start(&["--config", config.to_str().unwrap()], &ns, None)?;
+    let status = daemon.status(&ns)?;
+    let redirects = status["redirects"].as_array().context("redirects")?;
+    assert_eq!(
+        redirects.len(),
+        (V4 + V6) as usize,
+        "read back from the tables"
+    );
+
+    let sample = |n: u32| (0..n).step_by(61).chain([n - 1]);
+    for addr in sample(V4).map(v4).chain(sample(V6).map(v6)) {
+        let r = child_role(&client, &ns, "connect", &[&addr])?;
+        assert_eq!(r["ok"], true, "{addr}: {r}");
+        assert_eq!(r["peer"], addr, "getpeername shows what was dialled");
+        assert_eq!(r["body"], INSTANCE_ID, "{addr}");
+    }
+    // Neighbours of targets are not targets: no route in this namespace.
+    for addr in [
+        "10.1.0.0:81".to_owned(),
+        v4(V4),
+        "169.254.169.254:80".to_owned(),
+        "[fd00:1::1]:81".to_owned(),
+        v6(V6),
+    ] {
+        let r = child_role(&client, &ns, "connect", &[&addr])?;
+        assert_eq!(r["errno"], ENETUNREACH, "{addr}: {r}");
+    }
     Ok(())
 }
 

@@ -159,6 +159,14 @@ pub async fn serve(
     }
 }
 
+/// Turns Nagle's algorithm off for every socket `listener` accepts: on Linux accepted sockets
+/// inherit TCP_NODELAY from the listener, so this is one setsockopt instead of one per
+/// connection. Responses go out whole, but a 100 Continue followed by the response, or
+/// pipelined answers, must not wait for an ACK.
+fn nodelay_for_accepted(listener: &TcpListener) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+}
+
 async fn accept_loop(
     listener: TcpListener,
     backend: Arc<Backend>,
@@ -167,6 +175,9 @@ async fn accept_loop(
     connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    if let Err(e) = nodelay_for_accepted(&listener) {
+        tracing::warn!("TCP_NODELAY on the listener: {e}");
+    }
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -180,7 +191,6 @@ async fn accept_loop(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
         let (backend, stats, clock, shutdown) = (
@@ -193,5 +203,26 @@ async fn accept_loop(
             connection::serve(stream, peer, backend, Arc::clone(&stats), clock, shutdown).await;
             stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What saves the per-connection setsockopt: the kernel copies TCP_NODELAY from the
+    /// listener into each accepted socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (before, _) = listener.accept().await.unwrap();
+        assert!(!before.nodelay().unwrap(), "off by default");
+
+        nodelay_for_accepted(&listener).unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (after, _) = listener.accept().await.unwrap();
+        assert!(after.nodelay().unwrap());
     }
 }
