@@ -70,6 +70,11 @@ pub struct ConnectResults {
     /// The same figure for an empty connect4 program (`r0 = 1; exit`) measured alongside: what
     /// the stats themselves (two clock reads and the call) cost on this machine.
     pub empty_program_ns: f64,
+    /// For scale, measured alongside too: a program making one helper call
+    /// (`bpf_get_socket_cookie`, as connect4 does per rewrite), and one doing one hash-map
+    /// lookup. Both include the empty program's cost.
+    pub helper_call_ns: f64,
+    pub hash_lookup_ns: f64,
 }
 
 impl ConnectResults {
@@ -196,7 +201,10 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
         cg.child("ebpf1k")?,
         cg.child("ebpf10k")?,
     ];
-    let empty_cgroup = cg.child("empty")?;
+    let reference_cgroups = Reference::ALL
+        .iter()
+        .map(|r| cg.child(r.key()))
+        .collect::<Result<Vec<_>>>()?;
     // Daemons live in the plain namespace; with --redirect-to they serve nothing themselves.
     let plain = &beds[Net::Plain as usize].ns;
     let daemons = [
@@ -251,30 +259,52 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
         .filter(|r| r.key == "L1" || r.key == "L2")
         .cloned()
         .collect();
-    let empty_row = PlanRow {
-        key: "empty".to_owned(),
-        cgroup: empty_cgroup.clone(),
-        ..l1_l2[0].clone()
+    let references = Reference::ALL
+        .iter()
+        .zip(&reference_cgroups)
+        .map(|(&r, cgroup)| ReferenceProgram::attach(r, cgroup))
+        .collect::<Result<Vec<_>>>()?;
+    let reference_rows = Reference::ALL
+        .iter()
+        .zip(&reference_cgroups)
+        .map(|(r, cgroup)| PlanRow {
+            key: r.key().to_owned(),
+            cgroup: cgroup.clone(),
+            ..l1_l2[0].clone()
+        });
+    let with_references = |row: &PlanRow| -> Vec<PlanRow> {
+        [row.clone()]
+            .into_iter()
+            .chain(reference_rows.clone())
+            .collect()
     };
-    let empty = EmptyProgram::attach(&empty_cgroup)?;
     let stats = BpfStats::enable()?;
     let per_row = (mode.connect_samples / 2).max(BATCH);
-    // The empty program's connects alternate batch by batch with ours, so that both figures
+    // The reference programs' connects alternate batch by batch with ours, so that all figures
     // come from the same moments: on a VM the cost of a run drifts by more than the program
     // costs (measured apart, the floor once came out above our bystander path).
-    let empty_before = empty.stats()?;
+    let references_before = references
+        .iter()
+        .map(ReferenceProgram::stats)
+        .collect::<Result<Vec<_>>>()?;
     let before = connect4_stats(&daemons[0], plain)?;
-    measure(&[l1_l2[1].clone(), empty_row.clone()], per_row, 0)?;
+    measure(&with_references(&l1_l2[1]), per_row, 0)?;
     let after_rewrites = connect4_stats(&daemons[0], plain)?;
-    measure(&[l1_l2[0].clone(), empty_row], per_row, 0)?;
+    measure(&with_references(&l1_l2[0]), per_row, 0)?;
     let after_bystanders = connect4_stats(&daemons[0], plain)?;
-    let empty_after = empty.stats()?;
+    let reference_ns = references
+        .iter()
+        .zip(references_before)
+        .map(|(r, before)| average(before, r.stats()?))
+        .collect::<Result<Vec<_>>>()?;
     drop(stats);
     Ok(ConnectResults {
         rows,
         connect4_rewrite_ns: average(before, after_rewrites)?,
         connect4_bystander_ns: average(after_rewrites, after_bystanders)?,
-        empty_program_ns: average(empty_before, empty_after)?,
+        empty_program_ns: reference_ns[Reference::Empty as usize],
+        helper_call_ns: reference_ns[Reference::HelperCall as usize],
+        hash_lookup_ns: reference_ns[Reference::HashLookup as usize],
     })
 }
 
@@ -597,48 +627,123 @@ fn average((count0, time0): (u64, u64), (count1, time1): (u64, u64)) -> Result<f
     Ok((time1 - time0) as f64 / (count1 - count0) as f64)
 }
 
-/// An empty cgroup/connect4 program (`r0 = 1; exit`), loaded and attached with raw bpf(2)
-/// calls: the calibration for the kernel's BPF run-time stats. Detached and unloaded on drop
-/// (closing its descriptors).
-struct EmptyProgram {
+/// What a reference program does: the scale for connect4's run time on this machine.
+#[derive(Clone, Copy)]
+enum Reference {
+    /// `r0 = 1; exit`: what the stats themselves (two clock reads and the call) cost.
+    Empty,
+    /// One helper call, `bpf_get_socket_cookie(ctx)`, which connect4 makes once per rewrite.
+    HelperCall,
+    /// One lookup (a hit) in a hash map of 16,384 entries, the lookup connect4 made before
+    /// its target tables became arrays.
+    HashLookup,
+}
+
+impl Reference {
+    const ALL: [Reference; 3] = [
+        Reference::Empty,
+        Reference::HelperCall,
+        Reference::HashLookup,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Reference::Empty => "empty",
+            Reference::HelperCall => "helper",
+            Reference::HashLookup => "hash",
+        }
+    }
+}
+
+/// A reference cgroup/connect4 program, loaded and attached with raw bpf(2) calls so that it
+/// depends on nothing of ours. Detached and unloaded on drop (closing its descriptors).
+struct ReferenceProgram {
+    name: String,
+    _map: Option<std::os::fd::OwnedFd>,
     _prog: std::os::fd::OwnedFd,
     _link: std::os::fd::OwnedFd,
 }
 
 // From include/uapi/linux/bpf.h.
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-const EMPTY_PROGRAM_NAME: &str = "rd_bench_empty";
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
 
-impl EmptyProgram {
-    fn attach(cgroup: &Path) -> Result<Self> {
-        // r0 = 1 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
-        let insns: [u64; 2] = [
-            u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
-            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-        ];
+/// One eBPF instruction: opcode, dst and src registers, offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    let mut b = [0u8; 8];
+    b[0] = code;
+    b[1] = (src << 4) | dst;
+    b[2..4].copy_from_slice(&off.to_le_bytes());
+    b[4..8].copy_from_slice(&imm.to_le_bytes());
+    u64::from_le_bytes(b)
+}
+
+impl ReferenceProgram {
+    fn attach(kind: Reference, cgroup: &Path) -> Result<Self> {
+        const MOV64_IMM: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+        const MOV64_REG: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+        const ADD64_IMM: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+        const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
+        const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW, two slots
+        const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+        const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
+        const PSEUDO_MAP_FD: u8 = 1;
+        let ret = [insn(MOV64_IMM, 0, 0, 0, 1), insn(EXIT, 0, 0, 0, 0)];
+        let key: u64 = 0x0050_0101_0101;
+        let (map, body) = match kind {
+            Reference::Empty => (None, Vec::new()),
+            Reference::HelperCall => (None, vec![insn(CALL, 0, 0, 0, BPF_FUNC_GET_SOCKET_COOKIE)]),
+            Reference::HashLookup => {
+                let map = hash_map_with(key)?;
+                let fd = map.as_raw_fd();
+                let body = vec![
+                    // r1 = key (64-bit immediate), *(u64 *)(r10 - 8) = r1, r2 = r10 - 8
+                    insn(LD_IMM64, 1, 0, 0, key as u32 as i32),
+                    insn(0, 0, 0, 0, (key >> 32) as i32),
+                    insn(STX_DW, 10, 1, -8, 0),
+                    insn(MOV64_REG, 2, 10, 0, 0),
+                    insn(ADD64_IMM, 2, 0, 0, -8),
+                    // r1 = the map, call bpf_map_lookup_elem
+                    insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, fd),
+                    insn(0, 0, 0, 0, 0),
+                    insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+                ];
+                (Some(map), body)
+            }
+        };
+        let insns: Vec<u64> = body.into_iter().chain(ret).collect();
+        let name = format!("rd_bench_{}", kind.key());
         let license = c"GPL";
         // union bpf_attr for BPF_PROG_LOAD: prog_type @0, insn_cnt @4, insns @8, license @16,
         // log_level, log_size, log_buf, kern_version, prog_flags, prog_name[16] @48,
         // prog_ifindex @64, expected_attach_type @68.
         let mut attr = [0u8; 128];
         attr[0..4].copy_from_slice(&BPF_PROG_TYPE_CGROUP_SOCK_ADDR.to_ne_bytes());
-        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
         attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
         attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-        attr[48..48 + EMPTY_PROGRAM_NAME.len()].copy_from_slice(EMPTY_PROGRAM_NAME.as_bytes());
+        attr[48..48 + name.len()].copy_from_slice(name.as_bytes());
         attr[68..72].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
-        let prog = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
+        let prog = bpf(BPF_PROG_LOAD, &mut attr)
+            .with_context(|| format!("loading the reference program {name}"))?;
         let cgroup_dir = File::open(cgroup)?;
         // BPF_LINK_CREATE: prog_fd @0, target_fd @4, attach_type @8, flags @12.
         let mut attr = [0u8; 128];
         attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
         attr[4..8].copy_from_slice(&(cgroup_dir.as_raw_fd() as u32).to_ne_bytes());
         attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
-        let link = bpf(BPF_LINK_CREATE, &mut attr).context("attaching the empty program")?;
-        Ok(EmptyProgram {
+        let link = bpf(BPF_LINK_CREATE, &mut attr)
+            .with_context(|| format!("attaching the reference program {name}"))?;
+        Ok(ReferenceProgram {
+            name,
+            _map: map,
             _prog: prog,
             _link: link,
         })
@@ -648,10 +753,42 @@ impl EmptyProgram {
     fn stats(&self) -> Result<(u64, u64)> {
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)
-            .find(|p| p.name_as_str() == Some(EMPTY_PROGRAM_NAME))
-            .context("the empty program is not loaded")?;
+            .find(|p| p.name_as_str() == Some(&self.name))
+            .with_context(|| format!("the reference program {} is not loaded", self.name))?;
         Ok((info.run_count(), info.run_time().as_nanos() as u64))
     }
+}
+
+/// A hash map (u64 -> u64) of 16,384 entries holding `key`.
+fn hash_map_with(key: u64) -> Result<std::os::fd::OwnedFd> {
+    // BPF_MAP_CREATE: map_type @0, key_size @4, value_size @8, max_entries @12.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_MAP_TYPE_HASH.to_ne_bytes());
+    attr[4..8].copy_from_slice(&8u32.to_ne_bytes());
+    attr[8..12].copy_from_slice(&8u32.to_ne_bytes());
+    attr[12..16].copy_from_slice(&16_384u32.to_ne_bytes());
+    let map = bpf(BPF_MAP_CREATE, &mut attr).context("creating the reference hash map")?;
+    let value = 1u64;
+    // BPF_MAP_UPDATE_ELEM: map_fd @0, key @8, value @16, flags @24.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(&raw const key as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(&raw const value as u64).to_ne_bytes());
+    // SAFETY: `attr` is a zero-padded bpf_attr; the key and value it points to outlive the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    ensure!(
+        r == 0,
+        "filling the reference hash map: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(map)
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<std::os::fd::OwnedFd> {
