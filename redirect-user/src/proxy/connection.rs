@@ -392,27 +392,35 @@ impl Connection {
         }
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         poll_fn(|cx| {
-            if !started {
-                if cancelled.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Waited::Shutdown);
-                }
-            } else if let Some(deadline) = deadline.as_mut()
+            if started
+                && let Some(deadline) = deadline.as_mut()
                 && deadline.as_mut().poll(cx).is_ready()
             {
                 return Poll::Ready(Waited::TimedOut);
             }
-            if buf.capacity() == buf.len() {
+            let read = if buf.capacity() == buf.len() {
                 // The buffer is made only once there is something to read: an idle
                 // connection waits without one.
                 match stream.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => buf.reserve(FIRST_READ),
-                    Poll::Ready(Err(_)) => return Poll::Ready(Waited::Gone),
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {
+                        buf.reserve(FIRST_READ);
+                        tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf)
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
                 }
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf) {
+            } else {
+                tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf)
+            };
+            match read {
                 Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(Waited::Gone),
                 Poll::Ready(Ok(_)) => Poll::Ready(Waited::Read),
+                // The shutdown is looked at only when there is nothing to read, which spares
+                // a poll of it per request; a request that arrives with the shutdown is
+                // answered, with `Connection: close`.
+                Poll::Pending if !started && cancelled.as_mut().poll(cx).is_ready() => {
+                    Poll::Ready(Waited::Shutdown)
+                }
                 Poll::Pending => Poll::Pending,
             }
         })
