@@ -54,8 +54,8 @@ const FULL: Mode = Mode {
     name: "full",
     connect_samples: 40_000,
     connect_warmup: 1_000,
-    // Many short runs rather than a few long ones: each run opens its connections anew, and
-    // which worker (of ours, of nginx's, of the mock's) and CPU a connection lands on moves a
+    // Many short runs rather than a few long ones: each run opens its client connections
+    // anew, and which worker (ours or nginx's) and CPU a connection lands on moves a
     // one-connection cell by up to 10 %; fifteen placements give a steadier median than five.
     http_duration: Duration::from_secs(1),
     http_rounds: 15,
