@@ -124,14 +124,14 @@ pub fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap, skip: impl Fn(&Header
 /// `None` without `Transfer-Encoding`; otherwise whether chunked is the final coding (the last
 /// one of the last line), which is what frames the body (RFC 9112 §6.3).
 pub fn chunked(headers: &HeaderMap) -> Option<bool> {
-    if !headers.contains_key(header::TRANSFER_ENCODING) {
-        return None;
-    }
-    let last = headers
+    // One lookup: a header that is present has at least one line.
+    let last_line = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
+        .next_back()?;
+    let last = last_line
+        .to_str()
+        .ok()
         .and_then(|v| v.split(',').map(str::trim).rfind(|t| !t.is_empty()));
     Some(last.is_some_and(|coding| coding.eq_ignore_ascii_case("chunked")))
 }

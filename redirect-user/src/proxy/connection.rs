@@ -57,6 +57,7 @@ use super::{
         Chunked, CodecError, MAX_HEAD, MAX_HEADERS, Span, chunked, connection_lists,
         content_length, header_map, only_chunked, put_header, put_headers, record_spans,
     },
+    forward::plain,
     ticker::Ticker,
 };
 
@@ -273,22 +274,18 @@ impl Connection {
                 }
             }
         };
-        let body = match framing {
-            Framing::None => Bytes::new(),
+        let (parts, body) = match framing {
+            Framing::None => (parts, Bytes::new()),
             // Most bodies (most requests have none) arrive with their head.
-            Framing::Length(len) if self.buf.len() >= len => self.buf.split_to(len).freeze(),
+            Framing::Length(len) if self.buf.len() >= len => {
+                (parts, self.buf.split_to(len).freeze())
+            }
             framing => {
                 // Boxed: the waits for a body would enlarge every request's future.
-                let Some((parts, body)) =
-                    Box::pin(self.read_body(parts, framing, cancelled, deadline, clock)).await?
-                else {
-                    return Ok(None);
-                };
-                return Ok(Some(Incoming {
-                    request: Request::from_parts(parts, body),
-                    close,
-                    keep_alive_10,
-                }));
+                match Box::pin(self.read_body(parts, framing, cancelled, deadline, clock)).await? {
+                    Some(read) => read,
+                    None => return Ok(None),
+                }
             }
         };
         Ok(Some(Incoming {
@@ -465,10 +462,7 @@ impl Connection {
     /// nginx's lingering close does, the write side is shut and what the client sends is read
     /// and discarded until it closes its side, for at most [`LINGER`].
     async fn refuse(&mut self, refusal: &Refusal, clock: &Ticker) {
-        let mut resp = Response::new(Bytes::from(format!("redirect: {}\n", refusal.reason)));
-        *resp.status_mut() = refusal.status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let resp = plain(refusal.status, format!("redirect: {}\n", refusal.reason));
         if self
             .write_response(&resp, false, ConnectionHeader::Close)
             .await

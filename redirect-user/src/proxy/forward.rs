@@ -126,7 +126,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn plain(status: StatusCode, text: String) -> Response<Bytes> {
+/// A `text/plain` answer of the proxy's own (its upstream's failures; the server side's
+/// refusals).
+pub(super) fn plain(status: StatusCode, text: String) -> Response<Bytes> {
     let mut resp = Response::new(Bytes::from(text));
     *resp.status_mut() = status;
     resp.headers_mut()

@@ -270,18 +270,19 @@ impl Conn {
             }
         };
         let head_only = request.parts.method == Method::HEAD;
-        let framing =
-            framing(head.status(), head_only, head.headers()).map_err(|error| Failure {
-                error,
-                stale: false,
-            })?;
-        if head.headers().contains_key(header::TRANSFER_ENCODING)
-            && head.headers_mut().remove(header::CONTENT_LENGTH).is_some()
+        let transfer_coding = chunked(head.headers());
+        if transfer_coding.is_some() && head.headers_mut().remove(header::CONTENT_LENGTH).is_some()
         {
             // Both: a smuggling attempt or a broken upstream (RFC 9112 §6.3 item 3). The
             // transfer coding wins and the connection is not trusted again.
             reusable = false;
         }
+        let framing = framing(head.status(), head_only, transfer_coding, head.headers()).map_err(
+            |error| Failure {
+                error,
+                stale: false,
+            },
+        )?;
         let body = self
             .read_body(framing, limits.response_body)
             .await
@@ -516,9 +517,11 @@ fn build_head(
     Ok((resp, keep_alive))
 }
 
+/// `transfer_coding`: [`chunked`] of the response's headers.
 fn framing(
     status: StatusCode,
     head_only: bool,
+    transfer_coding: Option<bool>,
     headers: &HeaderMap,
 ) -> Result<Framing, UpstreamError> {
     if head_only
@@ -528,7 +531,7 @@ fn framing(
     {
         return Ok(Framing::Empty);
     }
-    Ok(match chunked(headers) {
+    Ok(match transfer_coding {
         Some(true) => Framing::Chunked,
         Some(false) => Framing::UntilClose,
         None => content_length(headers)?.map_or(Framing::UntilClose, Framing::Length),
@@ -935,6 +938,15 @@ mod tests {
         }
     }
 
+    /// [`framing`] as `exchange` calls it.
+    fn framing_of(
+        status: StatusCode,
+        head_only: bool,
+        headers: &HeaderMap,
+    ) -> Result<Framing, UpstreamError> {
+        framing(status, head_only, chunked(headers), headers)
+    }
+
     #[test]
     fn framing_follows_rfc_9112() {
         let headers = |lines: &[(&'static str, &'static str)]| {
@@ -965,20 +977,24 @@ mod tests {
         ];
         for (lines, expected) in cases {
             assert_eq!(
-                framing(ok, false, &headers(&lines)).unwrap(),
+                framing_of(ok, false, &headers(&lines)).unwrap(),
                 expected,
                 "{lines:?}"
             );
         }
         let seven = headers(&[("content-length", "7")]);
-        assert_eq!(framing(ok, true, &seven).unwrap(), Framing::Empty, "HEAD");
         assert_eq!(
-            framing(StatusCode::NO_CONTENT, false, &seven).unwrap(),
+            framing_of(ok, true, &seven).unwrap(),
+            Framing::Empty,
+            "HEAD"
+        );
+        assert_eq!(
+            framing_of(StatusCode::NO_CONTENT, false, &seven).unwrap(),
             Framing::Empty
         );
         for bad in ["+7", "7 7", "", "99999999999999999999"] {
             assert!(
-                framing(ok, false, &headers(&[("content-length", bad)])).is_err(),
+                framing_of(ok, false, &headers(&[("content-length", bad)])).is_err(),
                 "{bad:?}"
             );
         }
