@@ -353,9 +353,21 @@ fn de_redirect_to<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ProxyAddrs>,
         .map_err(de::Error::custom)
 }
 
-/// One proxy worker per CPU, as nginx's `worker_processes auto`.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Worker threads when neither flag nor file says.
+///
+/// A forwarding proxy runs one per CPU, as nginx's `worker_processes auto`: each waits on its
+/// upstream for most of a request. The built-in mock answers from memory in a few microseconds
+/// and serves processes on the same host, so it runs one: that thread answers well over
+/// 100,000 requests/s, while a second worker on a small machine mostly takes CPU time from the
+/// clients it serves (BENCHMARKS.md: on 2 CPUs, 148,000 requests/s with two workers against
+/// 188,000 with one).
+pub fn default_workers(backend: &Backend) -> usize {
+    match backend {
+        Backend::MockEc2(_) => 1,
+        Backend::Upstream(_) | Backend::External => {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
 }
 
 /// A worker count: 1 to 1024.
@@ -539,6 +551,10 @@ impl Settings {
                 return Err(format!("{n} {family} targets: at most {max} are supported"));
             }
         }
+        let workers = flags
+            .workers
+            .or(file.workers)
+            .unwrap_or_else(|| default_workers(&backend));
         Ok(Settings {
             backend,
             proxy,
@@ -555,10 +571,7 @@ impl Settings {
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
-            workers: flags
-                .workers
-                .or(file.workers)
-                .unwrap_or_else(default_workers),
+            workers,
             ebpf_object: flags.ebpf_object,
         })
     }
@@ -660,6 +673,25 @@ mod tests {
         assert_eq!(ec2.http_tokens, HttpTokens::Required);
         assert_eq!(s.proxy.v4, Some("127.0.0.2:2".parse().unwrap()));
         assert_eq!(s.cgroups, vec![PathBuf::from("/b"), PathBuf::from("/c")]);
+    }
+
+    #[test]
+    fn worker_defaults_follow_the_backend() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = |text: &str, flag: Option<usize>| {
+            let flags = Overrides {
+                workers: flag,
+                ..Default::default()
+            };
+            Settings::resolve(parse(text).unwrap(), flags)
+                .unwrap()
+                .workers
+        };
+        assert_eq!(workers("mock = \"ec2\"", None), 1);
+        assert_eq!(workers("upstream = \"http://10.0.0.1\"", None), cpus);
+        assert_eq!(workers("mock = \"ec2\"\nworkers = 3", None), 3);
+        assert_eq!(workers("mock = \"ec2\"\nworkers = 3", Some(2)), 2);
+        assert_eq!(workers("upstream = \"http://10.0.0.1\"", Some(5)), 5);
     }
 
     #[test]

@@ -108,7 +108,7 @@ struct RunArgs {
     #[arg(long, value_enum, value_name = "MODE")]
     http_tokens: Option<HttpTokens>,
     /// Proxy worker threads, each with its own listening socket (SO_REUSEPORT) and upstream
-    /// connections. [default: the number of CPUs]
+    /// connections. [default: the number of CPUs with --upstream, 1 with --mock]
     #[arg(long, value_name = "N", value_parser = config::parse_workers)]
     workers: Option<usize>,
     /// Turn on the eBPF programs' debug logs (one line per rewritten connect).
