@@ -232,16 +232,17 @@ fn try_getpeername6(ctx: &SockAddrContext) -> Option<()> {
     Some(())
 }
 
-/// Stores what the socket dialled and what it now dials, for getpeername.
-///
-/// The slot is written like a seqlock: cookie 0 first, then the addresses, then the cookie,
-/// each a volatile store so that they happen in this order; `original_dest` checks the cookie
-/// before and after copying. A reader never takes a half-written entry for its own.
+/// Where an IPv4 target sends its connects, if `dialled` is one.
 #[inline(always)]
 fn target4(dialled: &SockAddr4) -> Option<SockAddr4> {
     TargetSlot::lookup(dialled, |i| TARGETS4.get(i))
 }
 
+/// Stores what the socket dialled and what it now dials, for getpeername.
+///
+/// The slot is written like a seqlock: cookie 0 first, then the addresses, then the cookie,
+/// each a volatile store so that they happen in this order; `original_dest` checks the cookie
+/// before and after copying. A reader never takes a half-written entry for its own.
 #[inline(always)]
 fn remember(cookie: u64, dialled: SockAddr6, rewritten: SockAddr6) {
     let Some(slot) = ORIGINAL_DEST.get_ptr_mut(slot_of(cookie)) else {

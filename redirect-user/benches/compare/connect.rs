@@ -62,9 +62,15 @@ pub struct ConnectRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectResults {
     pub rows: Vec<ConnectRow>,
-    /// Average run time of connect4 per invocation from the kernel's BPF stats, when it
-    /// rewrites (a target) and when it does not (any other destination). The stats include
-    /// their own clock reads, so a bystander run is close to what any program costs here.
+    /// Run time of connect4 per invocation from the kernel's BPF stats, when it rewrites (a
+    /// target) and when it does not (any other destination). The stats include their own
+    /// clock reads, so a bystander run is close to what any program costs here.
+    ///
+    /// Each of these run-time figures is the median over batches of the batch's mean (the
+    /// stats are read before and after every batch of 100 connects): the kernel only keeps a
+    /// sum, and a single vCPU preemption inside one run adds tens of microseconds to it, which
+    /// moved the plain mean of a quick run by over 100 ns from one run to the next. The plain
+    /// means are in [`ConnectResults::run_time_means_ns`].
     pub connect4_rewrite_ns: f64,
     pub connect4_bystander_ns: f64,
     /// The same figure for an empty connect4 program (`r0 = 1; exit`) measured alongside: what
@@ -75,6 +81,9 @@ pub struct ConnectResults {
     /// lookup. Both include the empty program's cost.
     pub helper_call_ns: f64,
     pub hash_lookup_ns: f64,
+    /// The plain mean over all runs of each program above (keys: `connect4_rewrite`,
+    /// `connect4_bystander`, `empty`, `helper`, `hash`), outliers included.
+    pub run_time_means_ns: BTreeMap<String, f64>,
 }
 
 impl ConnectResults {
@@ -229,6 +238,7 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
             netns: beds[net as usize].ns.path(),
             cgroup: cgroups[attached as usize].clone(),
             dest: dest.parse().expect("constant addresses"),
+            program: None,
         })
         .collect();
     eprintln!(
@@ -254,24 +264,33 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
 
     // The run time per invocation, with the kernel's BPF stats on only for this part (they
     // cost two clock reads per run and would skew the rows above).
+    let connect4 = connect4_id(&daemons[0], plain)?;
     let l1_l2: Vec<PlanRow> = plan
         .iter()
         .filter(|r| r.key == "L1" || r.key == "L2")
-        .cloned()
+        .map(|r| PlanRow {
+            program: Some(connect4),
+            ..r.clone()
+        })
         .collect();
     let references = Reference::ALL
         .iter()
         .zip(&reference_cgroups)
         .map(|(&r, cgroup)| ReferenceProgram::attach(r, cgroup))
         .collect::<Result<Vec<_>>>()?;
-    let reference_rows = Reference::ALL
+    let reference_rows = references
         .iter()
+        .zip(Reference::ALL)
         .zip(&reference_cgroups)
-        .map(|(r, cgroup)| PlanRow {
-            key: r.key().to_owned(),
-            cgroup: cgroup.clone(),
-            ..l1_l2[0].clone()
-        });
+        .map(|((program, r), cgroup)| {
+            Ok(PlanRow {
+                key: r.key().to_owned(),
+                cgroup: cgroup.clone(),
+                program: Some(program.id()?),
+                ..l1_l2[0].clone()
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let with_references = |row: &PlanRow| -> Vec<PlanRow> {
         [row.clone()]
             .into_iter()
@@ -283,29 +302,58 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
     // The reference programs' connects alternate batch by batch with ours, so that all figures
     // come from the same moments: on a VM the cost of a run drifts by more than the program
     // costs (measured apart, the floor once came out above our bystander path).
-    let references_before = references
-        .iter()
-        .map(ReferenceProgram::stats)
-        .collect::<Result<Vec<_>>>()?;
-    let before = connect4_stats(&daemons[0], plain)?;
-    measure(&with_references(&l1_l2[1]), per_row, 0)?;
-    let after_rewrites = connect4_stats(&daemons[0], plain)?;
-    measure(&with_references(&l1_l2[0]), per_row, 0)?;
-    let after_bystanders = connect4_stats(&daemons[0], plain)?;
-    let reference_ns = references
-        .iter()
-        .zip(references_before)
-        .map(|(r, before)| average(before, r.stats()?))
-        .collect::<Result<Vec<_>>>()?;
+    let mut rewrites = measure(&with_references(&l1_l2[1]), per_row, 0)?;
+    let mut bystanders = measure(&with_references(&l1_l2[0]), per_row, 0)?;
     drop(stats);
+    // The reference programs ran in both halves.
+    for (key, m) in &mut rewrites {
+        if let Some(more) = bystanders.get_mut(key) {
+            m.program_batches.append(&mut more.program_batches);
+        }
+    }
+    let mut means = BTreeMap::new();
+    let mut run_time = |key: &str, m: Option<&Measured>, name: &str| -> Result<f64> {
+        let batches = &m
+            .with_context(|| format!("{key} not measured"))?
+            .program_batches;
+        let (median, mean) = run_time_per_invocation(batches)
+            .with_context(|| format!("no runs of {name} were counted"))?;
+        means.insert(name.to_owned(), mean);
+        Ok(median)
+    };
     Ok(ConnectResults {
         rows,
-        connect4_rewrite_ns: average(before, after_rewrites)?,
-        connect4_bystander_ns: average(after_rewrites, after_bystanders)?,
-        empty_program_ns: reference_ns[Reference::Empty as usize],
-        helper_call_ns: reference_ns[Reference::HelperCall as usize],
-        hash_lookup_ns: reference_ns[Reference::HashLookup as usize],
+        connect4_rewrite_ns: run_time("L2", rewrites.get("L2"), "connect4_rewrite")?,
+        connect4_bystander_ns: run_time("L1", bystanders.get("L1"), "connect4_bystander")?,
+        empty_program_ns: run_time("empty", rewrites.get("empty"), "empty")?,
+        helper_call_ns: run_time("helper", rewrites.get("helper"), "helper")?,
+        hash_lookup_ns: run_time("hash", rewrites.get("hash"), "hash")?,
+        run_time_means_ns: means,
     })
+}
+
+/// (median over batches of the batch's mean, mean over all runs) of (runs, ns) per batch;
+/// `None` without runs.
+fn run_time_per_invocation(batches: &[(u64, u64)]) -> Option<(f64, f64)> {
+    let mut per_batch: Vec<f64> = batches
+        .iter()
+        .filter(|&&(runs, _)| runs > 0)
+        .map(|&(runs, ns)| ns as f64 / runs as f64)
+        .collect();
+    let (runs, ns) = batches
+        .iter()
+        .fold((0, 0), |(r, t), &(runs, ns)| (r + runs, t + ns));
+    if runs == 0 {
+        return None;
+    }
+    per_batch.sort_unstable_by(f64::total_cmp);
+    let n = per_batch.len();
+    let median = if n % 2 == 1 {
+        per_batch[n / 2]
+    } else {
+        (per_batch[n / 2 - 1] + per_batch[n / 2]) / 2.0
+    };
+    Some((median, ns as f64 / runs as f64))
 }
 
 /// One row as the client needs it.
@@ -315,6 +363,8 @@ struct PlanRow {
     netns: PathBuf,
     cgroup: PathBuf,
     dest: SocketAddr,
+    /// A BPF program (by id) whose run-time stats the client reads around each batch.
+    program: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -323,6 +373,9 @@ struct Measured {
     /// Median of each batch, in measurement order (one per round).
     batch_medians_ns: Vec<u64>,
     elapsed_ns: u64,
+    /// With [`PlanRow::program`]: (runs, run time in ns) the kernel counted during each batch.
+    #[serde(default)]
+    program_batches: Vec<(u64, u64)>,
 }
 
 /// Runs the client (role `connect-loop`) over `plan`: `per_row` timed connects per row after
@@ -406,6 +459,7 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
         let batch = BATCH.min(per_row - done);
         for ((row, place), result) in plan.iter().zip(&places).zip(&mut results) {
             enter(place)?;
+            let program_before = row.program.map(program_stats).transpose()?;
             let start = Instant::now();
             let first = result.samples_ns.len();
             for _ in 0..batch {
@@ -414,6 +468,12 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
                 result.samples_ns.push(t0.elapsed().as_nanos() as u64);
             }
             result.elapsed_ns += start.elapsed().as_nanos() as u64;
+            if let (Some(id), Some((runs, ns))) = (row.program, program_before) {
+                let (runs_after, ns_after) = program_stats(id)?;
+                result
+                    .program_batches
+                    .push((runs_after - runs, ns_after - ns));
+            }
             let mut this_batch = result.samples_ns[first..].to_vec();
             this_batch.sort_unstable();
             result
@@ -432,6 +492,7 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
                     "samples_ns": m.samples_ns,
                     "batch_medians_ns": m.batch_medians_ns,
                     "elapsed_ns": m.elapsed_ns,
+                    "program_batches": m.program_batches,
                 }),
             )
         })
@@ -609,22 +670,24 @@ impl Drop for BpfStats {
     }
 }
 
-/// (runs, total ns) of the daemon's connect4 program.
-fn connect4_stats(daemon: &Daemon, ns: &NetNs) -> Result<(u64, u64)> {
+/// The id of the daemon's connect4 program, from its status.
+fn connect4_id(daemon: &Daemon, ns: &NetNs) -> Result<u32> {
     let status = daemon.status(ns)?;
-    let p = status["programs"]
+    status["programs"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
-        .context("no connect4 in status")?;
-    Ok((
-        p["run_count"].as_u64().unwrap_or(0),
-        p["run_time_ns"].as_u64().unwrap_or(0),
-    ))
+        .and_then(|p| p["id"].as_u64())
+        .and_then(|id| u32::try_from(id).ok())
+        .context("no connect4 id in the daemon's status")
 }
 
-fn average((count0, time0): (u64, u64), (count1, time1): (u64, u64)) -> Result<f64> {
-    ensure!(count1 > count0, "no connect4 runs were counted");
-    Ok((time1 - time0) as f64 / (count1 - count0) as f64)
+/// (runs, total ns) of a loaded program, from the kernel's program info.
+fn program_stats(id: u32) -> Result<(u64, u64)> {
+    let info = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .with_context(|| format!("BPF program {id} is not loaded"))?;
+    Ok((info.run_count(), info.run_time().as_nanos() as u64))
 }
 
 /// What a reference program does: the scale for connect4's run time on this machine.
@@ -749,13 +812,13 @@ impl ReferenceProgram {
         })
     }
 
-    /// (runs, total ns) from the kernel's program info.
-    fn stats(&self) -> Result<(u64, u64)> {
+    /// The kernel's id of the program.
+    fn id(&self) -> Result<u32> {
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)
             .find(|p| p.name_as_str() == Some(&self.name))
             .with_context(|| format!("the reference program {} is not loaded", self.name))?;
-        Ok((info.run_count(), info.run_time().as_nanos() as u64))
+        Ok(info.id())
     }
 }
 
