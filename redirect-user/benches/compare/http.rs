@@ -14,6 +14,7 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -44,23 +45,71 @@ pub const TARGETS: [(&str, &str); 3] = [
 /// The row whose rounds also measure the machine reference.
 const REFERENCE_ROW: &str = "ka32";
 
-/// A row: (key, label, connections, script kind).
-const ROWS: [(&str, &str, u32, Script); 4] = [
-    ("ka1", "keep-alive, 1 connection", 1, Script::Plain),
-    ("ka32", "keep-alive, 32 connections", 32, Script::Plain),
+/// A row: (key, label, connections, script kind, placement).
+const ROWS: [(&str, &str, u32, Script, Placement); 6] = [
+    (
+        "ka1",
+        "keep-alive, 1 connection, one CPU",
+        1,
+        Script::Plain,
+        Placement::OneCpu,
+    ),
+    (
+        "ka32",
+        "keep-alive, 32 connections",
+        32,
+        Script::Plain,
+        Placement::Scheduler,
+    ),
     (
         "close32",
         "new connection per request, 32",
         32,
         Script::Close,
+        Placement::Scheduler,
     ),
     (
         "flow1",
-        "IMDSv2 PUT+GET flow, 1 connection",
+        "IMDSv2 PUT+GET flow, 1 connection, one CPU",
         1,
         Script::TokenFlow,
+        Placement::OneCpu,
+    ),
+    (
+        "ka1s",
+        "keep-alive, 1 connection, CPUs left to the scheduler",
+        1,
+        Script::Plain,
+        Placement::Scheduler,
+    ),
+    (
+        "flow1s",
+        "IMDSv2 flow, 1 connection, CPUs left to the scheduler",
+        1,
+        Script::TokenFlow,
+        Placement::Scheduler,
     ),
 ];
+
+/// Where the processes of a row run.
+///
+/// With one connection a request is a chain of wakeups (wrk, proxy, mock, proxy, wrk) with
+/// nothing else to run, and on a VM a wakeup on another CPU costs tens of microseconds more
+/// than one on the same CPU (the woken vCPU was halted): wrk and the mock alone made 93,000
+/// requests/s on one CPU and 11,400 on two. Left to the scheduler, where the four parties land
+/// decides such a row, differently on each run, for both proxies alike. On one CPU the row
+/// measures what each proxy does per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Every process of the row (wrk, the mock, both proxies) pinned to [`ONE_CPU`].
+    OneCpu,
+    /// As the scheduler places them.
+    Scheduler,
+}
+
+/// The CPU of [`Placement::OneCpu`].
+const ONE_CPU: usize = 0;
 
 #[derive(Clone, Copy)]
 enum Script {
@@ -85,6 +134,7 @@ pub struct HttpRow {
     pub key: String,
     pub label: String,
     pub connections: u32,
+    pub placement: Placement,
     pub cells: Vec<HttpCell>,
 }
 
@@ -137,7 +187,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     );
     let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info");
     // The mock is attached to an empty cgroup: it only serves.
-    let _mock = quiet(&["--mock", "--listen", MOCK, "--cgroup", path(&unused)])?;
+    let mock = quiet(&["--mock", "--listen", MOCK, "--cgroup", path(&unused)])?;
     let ours = quiet(&[
         "--upstream",
         &format!("http://{MOCK}"),
@@ -148,6 +198,11 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     ])?;
     let daemon_idle_kb = rss_kb(ours.pid())?;
     let nginx = Nginx::start(&ns, NGINX, Some(MOCK))?;
+    // What serves the rows' requests, for `Placement`.
+    let servers: Vec<u32> = [mock.pid(), ours.pid()]
+        .into_iter()
+        .chain(nginx.pids())
+        .collect();
     let _static = Nginx::start(&ns, NGINX_STATIC, None)?;
     let static_url = format!("http://{NGINX_STATIC}/latest/meta-data/instance-id");
     let nginx_idle_kb = nginx.rss_kb()?;
@@ -168,6 +223,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             32,
             Duration::from_secs(1),
             Script::Plain,
+            None,
             dir.path(),
         )?;
     }
@@ -178,12 +234,18 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
         32,
         Duration::from_secs(1),
         Script::Plain,
+        None,
         dir.path(),
     )?;
     let mut reference_runs = Vec::new();
     let mut rows = Vec::new();
-    for (key, label, connections, script) in ROWS {
+    for (key, label, connections, script, placement) in ROWS {
         eprintln!("bench: HTTP path, {label}");
+        let cpu = match placement {
+            Placement::OneCpu => Some(ONE_CPU),
+            Placement::Scheduler => None,
+        };
+        place(&servers, cpu)?;
         let mut runs: Vec<Vec<HttpCell>> = vec![Vec::new(); TARGETS.len()];
         for round in 0..mode.http_rounds {
             // Rotate the order so that no target always runs first (or last).
@@ -197,6 +259,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
                     connections,
                     duration,
                     script,
+                    cpu,
                     dir.path(),
                 )?);
             }
@@ -208,6 +271,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
                     connections,
                     mode.http_duration,
                     script,
+                    cpu,
                     dir.path(),
                 )?);
             }
@@ -221,9 +285,11 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             key: key.to_owned(),
             label: label.to_owned(),
             connections,
+            placement,
             cells,
         });
     }
+    place(&servers, None)?;
 
     eprintln!("bench: holding {} connections", mode.held_connections);
     let (daemon_held_kb, daemon_peak_kb) = {
@@ -288,7 +354,12 @@ response = function(status, headers, body)
 end
 "#;
 
-/// One wrk run (one thread; `connections` connections) from inside `cgroup`.
+/// One wrk run (one thread; `connections` connections) from inside `cgroup`, on `cpu` if
+/// given.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per row and target, all named"
+)]
 fn wrk(
     ns: &NetNs,
     cgroup: &Path,
@@ -296,6 +367,7 @@ fn wrk(
     connections: u32,
     duration: Duration,
     script: Script,
+    cpu: Option<usize>,
     dir: &Path,
 ) -> Result<HttpCell> {
     let body = match script {
@@ -305,9 +377,21 @@ fn wrk(
     };
     let script_path = dir.join("bench.lua");
     std::fs::write(&script_path, format!("{body}\n{DONE}"))?;
+    let mut cmd = command_in(host_program("wrk")?, Some(cgroup), Some(ns))?;
+    if let Some(cpu) = cpu {
+        let set = cpu_set(Some(cpu))?;
+        // SAFETY: sched_setaffinity is async-signal-safe; `set` is a plain copied value.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let out = crate::support::sh(
-        command_in(host_program("wrk")?, Some(cgroup), Some(ns))?
-            .args(["-t1", "-c", &connections.to_string()])
+        cmd.args(["-t1", "-c", &connections.to_string()])
             .args(["-d", &format!("{}s", duration.as_secs().max(1))])
             .args(["--timeout", "5s", "-s", path(&script_path), url]),
     )?;
@@ -327,6 +411,49 @@ fn wrk(
         requests,
         errors: v["errors"].as_u64().context("errors")?,
     })
+}
+
+/// Pins every thread of `pids` to `cpu`, or with `None` gives them back every CPU this
+/// benchmark may use.
+fn place(pids: &[u32], cpu: Option<usize>) -> Result<()> {
+    let set = cpu_set(cpu)?;
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Some(tid) = task?
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: a valid cpu_set_t of the size passed.
+            let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) };
+            // A thread that just exited is not an error.
+            let err = std::io::Error::last_os_error();
+            ensure!(
+                rc == 0 || err.raw_os_error() == Some(libc::ESRCH),
+                "pinning thread {tid} of {pid}: {err}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `{cpu}`, or with `None` the CPUs this process may run on.
+fn cpu_set(cpu: Option<usize>) -> Result<libc::cpu_set_t> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls write inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        match cpu {
+            Some(cpu) => libc::CPU_SET(cpu, &mut set),
+            None => ensure!(
+                libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) == 0,
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            ),
+        }
+        Ok(set)
+    }
 }
 
 /// How long held connections idle before their memory is measured.
@@ -429,9 +556,17 @@ impl Nginx {
 
     /// Master and workers.
     fn rss_kb(&self) -> Result<u64> {
+        self.pids().into_iter().map(rss_kb).sum()
+    }
+
+    /// The master's pid and its workers'.
+    fn pids(&self) -> Vec<u32> {
         let master = self.child.id();
-        let mut total = rss_kb(master)?;
-        for entry in std::fs::read_dir("/proc")?.flatten() {
+        let mut pids = vec![master];
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in entries.flatten() {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
@@ -443,10 +578,10 @@ impl Nginx {
             if parent == Some(master)
                 && let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok())
             {
-                total += rss_kb(pid)?;
+                pids.push(pid);
             }
         }
-        Ok(total)
+        pids
     }
 }
 
