@@ -494,7 +494,7 @@ fn chart(json: &Path, png: &Path) -> Result<()> {
 }
 
 const CHART_PY: &str = r#"
-import json, sys
+import json, sys, textwrap
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -522,7 +522,7 @@ for ax, part in zip(axes[0], parts):
             ax.bar([j + i * width for j in range(len(http))],
                    [row["cells"][i]["requests_per_sec"] for row in http], width, label=t)
         ax.set_xticks([j + width for j in range(len(http))])
-        ax.set_xticklabels([row["label"] for row in http], rotation=15, fontsize=8)
+        ax.set_xticklabels([textwrap.fill(row["label"], 14) for row in http], fontsize=7)
         ax.set_ylabel("requests per second")
         ax.set_title("HTTP path (higher is better)\nH0 mock direct, H1 redirect + our proxy, H2 redirect + nginx", fontsize=10)
         ax.legend()
