@@ -102,14 +102,12 @@ const ROWS: [(&str, &str, u32, Script, Placement); 6] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
-    /// Every process of the row (wrk, the mock, both proxies) pinned to [`ONE_CPU`].
+    /// Every process of the row (wrk, the mock, both proxies) pinned to one CPU: the first
+    /// this benchmark may use (see [`one_cpu`]).
     OneCpu,
     /// As the scheduler places them.
     Scheduler,
 }
-
-/// The CPU of [`Placement::OneCpu`].
-const ONE_CPU: usize = 0;
 
 #[derive(Clone, Copy)]
 enum Script {
@@ -242,7 +240,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     for (key, label, connections, script, placement) in ROWS {
         eprintln!("bench: HTTP path, {label}");
         let cpu = match placement {
-            Placement::OneCpu => Some(ONE_CPU),
+            Placement::OneCpu => Some(one_cpu()?),
             Placement::Scheduler => None,
         };
         place(&servers, cpu)?;
@@ -437,6 +435,16 @@ fn place(pids: &[u32], cpu: Option<usize>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CPU of [`Placement::OneCpu`]: the lowest-numbered one this process may run on (a
+/// cpuset need not include CPU 0).
+fn one_cpu() -> Result<usize> {
+    let allowed = cpu_set(None)?;
+    // SAFETY: CPU_ISSET reads inside the set.
+    (0..libc::CPU_SETSIZE as usize)
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
+        .context("this process may run on no CPU")
 }
 
 /// `{cpu}`, or with `None` the CPUs this process may run on.
