@@ -837,29 +837,24 @@ fn hash_map_with(key: u64) -> Result<std::os::fd::OwnedFd> {
     attr[0..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
     attr[8..16].copy_from_slice(&(&raw const key as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(&raw const value as u64).to_ne_bytes());
-    // SAFETY: `attr` is a zero-padded bpf_attr; the key and value it points to outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            attr.as_mut_ptr(),
-            attr.len(),
-        )
-    };
-    ensure!(
-        r == 0,
-        "filling the reference hash map: {}",
-        std::io::Error::last_os_error()
-    );
+    sys_bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("filling the reference hash map")?;
     Ok(map)
 }
 
+/// A bpf(2) command that returns a new descriptor.
 fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
-    // SAFETY: `attr` is a zero-padded bpf_attr of the size passed; the pointers in it outlive
-    // the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    ensure!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    let fd = sys_bpf(cmd, attr)?;
     // SAFETY: the kernel returned a new descriptor that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// bpf(2): its non-negative result, or the error. `attr` is a zero-padded `union bpf_attr`
+/// whose pointers must outlive the call.
+fn sys_bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded bpf_attr of the size passed; the pointers in it outlive
+    // the call (the callers' contract).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    ensure!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    Ok(r)
 }

@@ -212,8 +212,8 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
         (&via_ours, IMDS_URL),
         (&via_nginx, IMDS_URL),
     ];
-    // Warm caches and connection pools; not recorded.
-    for (cgroup, url) in targets {
+    // Warm caches and connection pools, the machine reference's too; not recorded.
+    for (cgroup, url) in targets.into_iter().chain([(&plain, static_url.as_str())]) {
         wrk(
             &ns,
             cgroup,
@@ -225,16 +225,6 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             dir.path(),
         )?;
     }
-    wrk(
-        &ns,
-        &plain,
-        &static_url,
-        32,
-        Duration::from_secs(1),
-        Script::Plain,
-        None,
-        dir.path(),
-    )?;
     let mut reference_runs = Vec::new();
     let mut rows = Vec::new();
     for (key, label, connections, script, placement) in ROWS {
