@@ -30,9 +30,11 @@ pub mod names {
     /// `Array<OriginalDest>` of [`crate::ORIGINAL_SLOTS`] slots: what a rewritten socket dialled,
     /// in the slot its socket cookie selects, for getpeername.
     pub const ORIGINAL_DEST: &str = "ORIGINAL_DEST";
-    /// `HashMap<SockAddr4, u8>` and `HashMap<SockAddr6, u8>`: the proxy endpoints as a socket
-    /// of that family sees them (IPv6 sockets see IPv4 proxies in IPv4-mapped form). Lets
-    /// getpeername pass by every socket that is not connected to a proxy at once.
+    /// `HashMap<SockAddr4, SockAddr4>` and `HashMap<SockAddr6, SockAddr6>`: the proxy
+    /// endpoints as a socket of that family sees them (IPv6 sockets see IPv4 proxies in
+    /// IPv4-mapped form), each with the address to report for a socket connected to it: the
+    /// one target of a dedicated endpoint, or port 0 for a shared one, whose sockets are
+    /// looked up in [`ORIGINAL_DEST`]. Lets getpeername pass by every other socket at once.
     pub const PROXIES4: &str = "PROXIES4";
     pub const PROXIES6: &str = "PROXIES6";
 
@@ -58,8 +60,13 @@ pub const MAX_EXEMPT_SOCKETS: u32 = 4_096;
 /// entry survives until another rewritten socket's cookie selects the same slot, i.e. for the
 /// next 65,535 rewritten connects at least (cookies are handed out in sequence). 3 MB.
 pub const ORIGINAL_SLOTS: u32 = 65_536;
-/// Capacity of each proxy-endpoint set.
-pub const MAX_PROXIES: u32 = 64;
+/// Capacity of each proxy-endpoint map: the IPv6 map holds every IPv4 endpoint in its
+/// mapped form as well as the IPv6 ones.
+pub const MAX_PROXIES: u32 = 256;
+/// A listener gives each of its targets a port of its own (a dedicated endpoint, see
+/// [`TargetSlot::record`]) when it serves at most this many; beyond that they share its port.
+/// Two listeners (IPv4, IPv6) of up to this many endpoints each fit [`MAX_PROXIES`].
+pub const MAX_DEDICATED: u32 = 64;
 
 /// An IPv4 socket address as `bpf_sock_addr` carries it: both fields in network byte order.
 #[repr(C)]
@@ -86,7 +93,8 @@ pub struct SockAddr6 {
     pub _pad: u16,
 }
 
-/// One slot of a target table: connects to `dialled` go to `proxy`.
+/// One slot of a target table: connects to `dialled` go to `proxy`, and `record` says how
+/// getpeername will find `dialled` again.
 ///
 /// The tables are open-addressed arrays rather than kernel hash maps because an array lookup
 /// is inlined into the program by the verifier, while a hash-map lookup is a helper call: on
@@ -103,6 +111,13 @@ pub struct TargetSlot<A> {
     pub dialled: A,
     /// Where the connect goes instead.
     pub proxy: A,
+    /// Non-zero when `proxy` is shared (by several targets, or with connects made to it
+    /// directly): connect4 then stores each rewritten socket's dialled address under its
+    /// socket cookie, for getpeername. Zero when `proxy` is this target's dedicated endpoint,
+    /// reached only by these rewrites: getpeername restores `dialled` from the peer address
+    /// alone, and connect4 stores nothing, which spares it the cookie helper call and a store
+    /// into a cold cache line (about 100 ns per rewrite, BENCHMARKS.md).
+    pub record: u32,
 }
 
 pub type TargetSlot4 = TargetSlot<SockAddr4>;
@@ -157,10 +172,10 @@ impl<A: TableKey> TargetSlot<A> {
         (home + step) & (TARGET_SLOTS - 1)
     }
 
-    /// Where connects to `dialled` go, if it is a target. `slot` reads one slot of the table
-    /// (a map read in the kernel, a slice index in tests).
+    /// The slot of `dialled`, if it is a target. `slot` reads one slot of the table (a map
+    /// read in the kernel, a slice index in tests).
     #[inline(always)]
-    pub fn lookup<'a>(dialled: &A, slot: impl Fn(u32) -> Option<&'a Self>) -> Option<A>
+    pub fn lookup<'a>(dialled: &A, slot: impl Fn(u32) -> Option<&'a Self>) -> Option<Self>
     where
         A: 'a,
     {
@@ -173,16 +188,17 @@ impl<A: TableKey> TargetSlot<A> {
                 return None;
             }
             if s.dialled == *dialled {
-                return Some(s.proxy);
+                return Some(*s);
             }
             step += 1;
         }
         None
     }
 
-    /// Puts `dialled -> proxy` into `table` (of [`TARGET_SLOTS`] slots) and returns the slot
-    /// index. A key already present has its proxy replaced.
-    pub fn place(table: &mut [Self], dialled: A, proxy: A) -> Result<u32, PlaceError> {
+    /// Puts `entry` into `table` (of [`TARGET_SLOTS`] slots) and returns the slot index. A
+    /// key already present is replaced.
+    pub fn place(table: &mut [Self], entry: Self) -> Result<u32, PlaceError> {
+        let dialled = entry.dialled;
         if dialled.is_unused() {
             return Err(PlaceError::PortZero);
         }
@@ -191,7 +207,7 @@ impl<A: TableKey> TargetSlot<A> {
             let index = Self::probe(home, step);
             let s = table.get_mut(index as usize).ok_or(PlaceError::Full)?;
             if s.dialled.is_unused() || s.dialled == dialled {
-                *s = TargetSlot { dialled, proxy };
+                *s = entry;
                 return Ok(index);
             }
         }
@@ -283,8 +299,9 @@ const _: () = assert!(size_of::<SockAddr6>() == 20);
 const _: () = assert!(size_of::<OriginalDest>() == 48);
 const _: () = assert!(align_of::<OriginalDest>() == 8);
 const _: () = assert!(ORIGINAL_SLOTS.is_power_of_two());
-const _: () = assert!(size_of::<TargetSlot4>() == 16);
-const _: () = assert!(size_of::<TargetSlot6>() == 40);
+const _: () = assert!(size_of::<TargetSlot4>() == 20);
+const _: () = assert!(size_of::<TargetSlot6>() == 44);
+const _: () = assert!(2 * MAX_DEDICATED + 2 <= MAX_PROXIES);
 const _: () = assert!(TARGET_SLOTS.is_power_of_two() && TARGET_SLOTS >= 2 * MAX_TARGETS);
 
 #[cfg(feature = "user")]
@@ -299,7 +316,7 @@ mod user {
     unsafe impl aya::Pod for SockAddr6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OriginalDest {}
-    // SAFETY: as above: two padding-free addresses.
+    // SAFETY: as above: two padding-free addresses and a u32.
     unsafe impl aya::Pod for super::TargetSlot4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TargetSlot6 {}
@@ -425,6 +442,14 @@ mod tests {
         }
     }
 
+    fn entry<A>(dialled: A, proxy: A) -> TargetSlot<A> {
+        TargetSlot {
+            dialled,
+            proxy,
+            record: 0,
+        }
+    }
+
     /// Fills a table with `keys`, checks every one is found with its own proxy, and returns
     /// the longest distance from a home slot.
     fn fill_and_find<A: TableKey + Default + core::fmt::Debug>(
@@ -434,12 +459,12 @@ mod tests {
         let mut table = vec![TargetSlot::<A>::default(); TARGET_SLOTS as usize];
         let mut longest = 0;
         for (i, key) in keys.iter().enumerate() {
-            let index = TargetSlot::place(&mut table, *key, proxy_of(i)).expect("placed");
+            let index = TargetSlot::place(&mut table, entry(*key, proxy_of(i))).expect("placed");
             longest = longest.max(index.wrapping_sub(key.home_slot()) & (TARGET_SLOTS - 1));
         }
         for (i, key) in keys.iter().enumerate() {
             let found = TargetSlot::lookup(key, |s| table.get(s as usize));
-            assert_eq!(found, Some(proxy_of(i)), "{key:?}");
+            assert_eq!(found, Some(entry(*key, proxy_of(i))), "{key:?}");
         }
         longest
     }
@@ -470,7 +495,7 @@ mod tests {
     fn absent_keys_are_not_found() {
         let mut table = vec![TargetSlot4::default(); TARGET_SLOTS as usize];
         for i in 0..1_000 {
-            TargetSlot::place(&mut table, v4(0x0a00_0000 + i, 80), v4(1, 1)).unwrap();
+            TargetSlot::place(&mut table, entry(v4(0x0a00_0000 + i, 80), v4(1, 1))).unwrap();
         }
         for i in 1_000..5_000 {
             let key = v4(0x0a00_0000 + i, 80);
@@ -492,12 +517,17 @@ mod tests {
     fn placing_a_key_again_replaces_it() {
         let mut table = vec![TargetSlot4::default(); TARGET_SLOTS as usize];
         let key = v4(0xa9fe_a9fe, 80);
-        let first = TargetSlot::place(&mut table, key, v4(1, 1)).unwrap();
-        let again = TargetSlot::place(&mut table, key, v4(2, 2)).unwrap();
+        let first = TargetSlot::place(&mut table, entry(key, v4(1, 1))).unwrap();
+        let shared = TargetSlot {
+            dialled: key,
+            proxy: v4(2, 2),
+            record: 1,
+        };
+        let again = TargetSlot::place(&mut table, shared).unwrap();
         assert_eq!(first, again);
         assert_eq!(
             TargetSlot::lookup(&key, |s| table.get(s as usize)),
-            Some(v4(2, 2))
+            Some(shared)
         );
     }
 
@@ -505,7 +535,7 @@ mod tests {
     fn placement_refuses_port_zero_and_long_probes() {
         let mut table = vec![TargetSlot4::default(); TARGET_SLOTS as usize];
         assert_eq!(
-            TargetSlot::place(&mut table, v4(1, 0), v4(1, 1)),
+            TargetSlot::place(&mut table, entry(v4(1, 0), v4(1, 1))),
             Err(PlaceError::PortZero)
         );
         // Occupy the whole probe sequence of one key with other keys.
@@ -515,7 +545,7 @@ mod tests {
             table[TargetSlot4::probe(home, step) as usize].dialled = v4(step + 1, 1);
         }
         assert_eq!(
-            TargetSlot::place(&mut table, key, v4(1, 1)),
+            TargetSlot::place(&mut table, entry(key, v4(1, 1))),
             Err(PlaceError::Full)
         );
         // A lookup gives up after the same number of probes instead of walking on.

@@ -4,7 +4,14 @@
 //!
 //! Every program returns 1 ("proceed"): a program here may rewrite a destination, never refuse a
 //! connect. The daemon fills `TARGETS4`/`TARGETS6`; nothing outside those (address, port) pairs is
-//! touched. When several cgroups on a path carry these programs, each runs in turn; a rewritten
+//! touched.
+//!
+//! getpeername finds the dialled address one of two ways. A target with a dedicated proxy
+//! endpoint (a port nothing else is sent to, which the daemon's own listener gives each target)
+//! is restored from the peer address alone: connect4 stores nothing. A target whose endpoint is
+//! shared (`--redirect-to`, or more targets than dedicated ports) has each rewritten socket's
+//! dialled address stored under its cookie, so that direct connects to the same endpoint are
+//! told apart. When several cgroups on a path carry these programs, each runs in turn; a rewritten
 //! address is not itself a target, so the later runs leave it alone.
 #![no_std]
 #![no_main]
@@ -59,11 +66,13 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 #[map]
 static ORIGINAL_DEST: Array<OriginalDest> = Array::with_max_entries(ORIGINAL_SLOTS, 0);
 
+/// Proxy endpoints, each with the dialled address to report for a dedicated one (port 0 for a
+/// shared one: see the socket's `ORIGINAL_DEST` entry).
 #[map]
-static PROXIES4: HashMap<SockAddr4, u8> = HashMap::with_max_entries(MAX_PROXIES, 0);
+static PROXIES4: HashMap<SockAddr4, SockAddr4> = HashMap::with_max_entries(MAX_PROXIES, 0);
 
 #[map]
-static PROXIES6: HashMap<SockAddr6, u8> = HashMap::with_max_entries(MAX_PROXIES, 0);
+static PROXIES6: HashMap<SockAddr6, SockAddr6> = HashMap::with_max_entries(MAX_PROXIES, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
@@ -110,13 +119,15 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
         port,
         _pad: 0,
     };
-    let proxy = target4(&dialled)?;
-    let cookie = socket_cookie(ctx);
-    if is_exempt(cookie) {
+    let target = target4(&dialled)?;
+    let proxy = target.proxy;
+    if is_exempt(ctx) {
         count(Counter::Exempted);
         return None;
     }
-    remember(cookie, widen(dialled), widen(proxy));
+    if target.record != 0 {
+        remember(socket_cookie(ctx), widen(dialled), widen(proxy));
+    }
     write(sa, |s| &raw mut s.user_ip4, proxy.addr);
     write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
     count(Counter::Connect4Rewritten);
@@ -145,7 +156,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
         port,
         _pad: 0,
     };
-    let proxy = if dialled.addr[..3] == V4_MAPPED_PREFIX {
+    let (proxy, record) = if dialled.addr[..3] == V4_MAPPED_PREFIX {
         // A dual-stack socket dialling ::ffff:a.b.c.d: an IPv4 connect in disguise, so the IPv4
         // targets apply and the proxy's IPv4 address is dialled in its mapped form.
         let key = SockAddr4 {
@@ -153,26 +164,29 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
             port: dialled.port,
             _pad: 0,
         };
-        let proxy4 = target4(&key)?;
-        SockAddr6 {
+        let target = target4(&key)?;
+        let proxy = SockAddr6 {
             addr: [
                 V4_MAPPED_PREFIX[0],
                 V4_MAPPED_PREFIX[1],
                 V4_MAPPED_PREFIX[2],
-                proxy4.addr,
+                target.proxy.addr,
             ],
-            port: proxy4.port,
+            port: target.proxy.port,
             _pad: 0,
-        }
+        };
+        (proxy, target.record)
     } else {
-        TargetSlot::lookup(&dialled, |i| TARGETS6.get(i))?
+        let target = TargetSlot::lookup(&dialled, |i| TARGETS6.get(i))?;
+        (target.proxy, target.record)
     };
-    let cookie = socket_cookie(ctx);
-    if is_exempt(cookie) {
+    if is_exempt(ctx) {
         count(Counter::Exempted);
         return None;
     }
-    remember(cookie, dialled, proxy);
+    if record != 0 {
+        remember(socket_cookie(ctx), dialled, proxy);
+    }
     set_user_ip6(sa, proxy.addr);
     write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
     count(Counter::Connect6Rewritten);
@@ -190,21 +204,26 @@ fn try_getpeername4(ctx: &SockAddrContext) -> Option<()> {
         port: user_port(ctx.sock_addr),
         _pad: 0,
     };
-    // SAFETY: only presence is used.
-    unsafe { PROXIES4.get(peer) }?;
-    let original = original_dest(ctx)?;
-    if widen(peer) != original.rewritten {
-        return None;
-    }
-    write(
-        ctx.sock_addr,
-        |s| &raw mut s.user_ip4,
-        original.dialled.addr[0],
-    );
+    // SAFETY: the value is copied out at once; the daemon never changes it once attached.
+    let dedicated = *unsafe { PROXIES4.get(peer) }?;
+    let dialled = if dedicated.port != 0 {
+        dedicated
+    } else {
+        let original = original_dest(ctx)?;
+        if widen(peer) != original.rewritten {
+            return None;
+        }
+        SockAddr4 {
+            addr: original.dialled.addr[0],
+            port: original.dialled.port,
+            _pad: 0,
+        }
+    };
+    write(ctx.sock_addr, |s| &raw mut s.user_ip4, dialled.addr);
     write(
         ctx.sock_addr,
         |s| &raw mut s.user_port,
-        u32::from(original.dialled.port),
+        u32::from(dialled.port),
     );
     count(Counter::PeernameRestored);
     Some(())
@@ -216,25 +235,30 @@ fn try_getpeername6(ctx: &SockAddrContext) -> Option<()> {
         port: user_port(ctx.sock_addr),
         _pad: 0,
     };
-    // SAFETY: only presence is used.
-    unsafe { PROXIES6.get(peer) }?;
-    let original = original_dest(ctx)?;
-    if peer != original.rewritten {
-        return None;
-    }
-    set_user_ip6(ctx.sock_addr, original.dialled.addr);
+    // SAFETY: as in `try_getpeername4`.
+    let dedicated = *unsafe { PROXIES6.get(peer) }?;
+    let dialled = if dedicated.port != 0 {
+        dedicated
+    } else {
+        let original = original_dest(ctx)?;
+        if peer != original.rewritten {
+            return None;
+        }
+        original.dialled
+    };
+    set_user_ip6(ctx.sock_addr, dialled.addr);
     write(
         ctx.sock_addr,
         |s| &raw mut s.user_port,
-        u32::from(original.dialled.port),
+        u32::from(dialled.port),
     );
     count(Counter::PeernameRestored);
     Some(())
 }
 
-/// Where an IPv4 target sends its connects, if `dialled` is one.
+/// The target-table slot of `dialled`, if it is an IPv4 target.
 #[inline(always)]
-fn target4(dialled: &SockAddr4) -> Option<SockAddr4> {
+fn target4(dialled: &SockAddr4) -> Option<TargetSlot4> {
     TargetSlot::lookup(dialled, |i| TARGETS4.get(i))
 }
 
@@ -280,20 +304,22 @@ fn slot_of(cookie: u64) -> u32 {
 }
 
 /// The kernel's id of the socket (what SO_COOKIE returns). The first call on a socket creates
-/// it, which costs more than a map lookup, so a connect computes it once.
+/// it (an atomic exchange), which is why a rewrite to a dedicated endpoint avoids it.
 #[inline(always)]
 fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the socket behind the context.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
-/// Whether the proxy exempted this socket. The exemption map is only looked up while some
-/// exemption exists (the proxy is connecting upstream), which is rare: pooled connections.
+/// Whether the proxy exempted this socket. The cookie and the exemption map are only looked up
+/// while some exemption exists (the proxy is connecting upstream), which is rare: pooled
+/// connections. During such a window a recorded rewrite asks for the cookie twice; the second
+/// call only reads it.
 #[inline(always)]
-fn is_exempt(cookie: u64) -> bool {
+fn is_exempt(ctx: &SockAddrContext) -> bool {
     EXEMPT_ACTIVE.get(0).is_some_and(|&active| active != 0)
         // SAFETY: only the presence of the key is used.
-        && unsafe { EXEMPT_SOCKETS.get(cookie) }.is_some()
+        && unsafe { EXEMPT_SOCKETS.get(socket_cookie(ctx)) }.is_some()
 }
 
 /// `port` in network byte order.

@@ -402,8 +402,9 @@ fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub backend: Backend,
-    /// Where redirected connects go: the addresses the built-in proxy listens on, or, with
-    /// [`Backend::External`], the other program's proxy.
+    /// The addresses the built-in proxy listens on (redirected connects go to the ports after
+    /// them, see `daemon::plan_endpoints`), or, with [`Backend::External`], the other
+    /// program's proxy, where redirected connects go.
     pub proxy: ProxyAddrs,
     /// As given; resolved against the cgroup v2 mount at start. Empty means the mount's root.
     pub cgroups: Vec<PathBuf>,

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use redirect_common::MAX_DEDICATED;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -38,12 +39,19 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
     let mut control = ControlSocket::bind(&settings.control_socket)?;
-    let (listeners, proxy_addrs) = if settings.backend.serves() {
-        bind_listeners(&settings.proxy, settings.workers)?
+    let plan = plan_endpoints(
+        &settings.targets,
+        &settings.proxy,
+        settings.backend.serves(),
+    )?;
+    let (listeners, endpoints) = if settings.backend.serves() {
+        bind_listeners(&plan.addrs, settings.workers)?
     } else {
-        (Vec::new(), settings.proxy)
+        (Vec::new(), plan.addrs.clone())
     };
-    let routes = routes(&settings.targets, &proxy_addrs);
+    let routes = plan.routes(&endpoints);
+    // The addresses to name in messages: the listen addresses (or --redirect-to) as bound.
+    let proxy_addrs = &endpoints[..plan.listen];
 
     let mut redirector = Redirector::load(settings.ebpf_object.as_deref(), settings.ebpf_log)?;
     redirector.set_routes(&routes)?;
@@ -74,13 +82,11 @@ pub async fn run(settings: Settings) -> Result<()> {
             join(proxy_addrs.iter())
         ),
     };
-    let listen: Vec<String> = listeners
-        .first()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
+    let listen: Vec<String> = if settings.backend.serves() {
+        proxy_addrs.iter().map(|a| a.to_string()).collect()
+    } else {
+        Vec::new()
+    };
     let stop_proxy = CancellationToken::new();
     let grace = settings.shutdown_grace;
     let workers = match settings.backend {
@@ -162,22 +168,20 @@ fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgr
 }
 
 /// Binds the proxy's listening sockets, `workers` per address (SO_REUSEPORT), and returns
-/// them per worker with the addresses actually bound: port 0 becomes the port the kernel chose,
-/// which is what the programs must redirect to and where the other workers bind.
+/// them per worker with the addresses actually bound, in the order of `addrs`: port 0 becomes
+/// the port the kernel chose, which is what the programs must redirect to and where the other
+/// workers bind.
 fn bind_listeners(
-    listen: &ProxyAddrs,
+    addrs: &[SocketAddr],
     workers: usize,
-) -> Result<(Vec<Vec<std::net::TcpListener>>, ProxyAddrs)> {
+) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
         (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = ProxyAddrs::default();
-    for addr in listen.iter() {
+    let mut bound = Vec::new();
+    for &addr in addrs {
         let first = bind_one(addr).with_context(|| format!("cannot listen on {addr}"))?;
         let actual = first.local_addr()?;
-        match actual {
-            SocketAddr::V4(a) => bound.v4 = Some(a),
-            SocketAddr::V6(a) => bound.v6 = Some(a),
-        }
+        bound.push(actual);
         per_worker[0].push(first);
         for sockets in &mut per_worker[1..] {
             sockets.push(bind_one(actual).with_context(|| format!("cannot listen on {actual}"))?);
@@ -197,22 +201,89 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// IPv4 targets go to the IPv4 listener; IPv6 targets to the IPv6 listener if there is one,
-/// else to the IPv4 listener in its IPv4-mapped form (reachable from dual-stack sockets).
-fn routes(targets: &[Target], listen: &ProxyAddrs) -> Vec<Route> {
-    targets
+/// The proxy's endpoints before binding, and which one each target is sent to.
+#[derive(Debug, PartialEq)]
+struct EndpointPlan {
+    /// The listen (or --redirect-to) addresses first, then the dedicated ports.
+    addrs: Vec<SocketAddr>,
+    /// How many of `addrs` are listen addresses.
+    listen: usize,
+    /// (dialled, index into `addrs`, dedicated).
+    targets: Vec<(SocketAddr, usize, bool)>,
+}
+
+impl EndpointPlan {
+    /// The routes, given `addrs` as bound (a port 0 replaced by the kernel's choice).
+    fn routes(&self, bound: &[SocketAddr]) -> Vec<Route> {
+        self.targets
+            .iter()
+            .map(|&(dialled, index, dedicated)| Route {
+                dialled,
+                proxy: bound[index],
+                dedicated,
+            })
+            .collect()
+    }
+}
+
+/// Where each target is sent. IPv4 targets go to the IPv4 address; IPv6 targets to the IPv6
+/// address if there is one, else to the IPv4 one in its IPv4-mapped form (reachable from
+/// dual-stack sockets).
+///
+/// With `dedicate` (the daemon serves, so it can open ports), each target of a listen address
+/// that serves at most [`MAX_DEDICATED`] targets gets a port of its own on that address: the
+/// ports after the listen port, in target order (or ports the kernel picks, when the listen
+/// port is 0). Nothing but the rewrite sends connects there, so getpeername can be restored
+/// from the address alone, which saves connect4 a per-socket record (see [`Route::dedicated`]).
+/// The listen address itself stays for requests made to it directly. Beyond that many targets,
+/// they share the listen address.
+fn plan_endpoints(targets: &[Target], listen: &ProxyAddrs, dedicate: bool) -> Result<EndpointPlan> {
+    let mut addrs: Vec<SocketAddr> = listen.iter().collect();
+    let index_of = |addr: Option<SocketAddr>| addr.and_then(|a| addrs.iter().position(|&x| x == a));
+    let v4 = index_of(listen.v4.map(SocketAddr::V4));
+    let v6 = index_of(listen.v6.map(SocketAddr::V6));
+    let mut planned: Vec<(SocketAddr, usize, bool)> = targets
         .iter()
         .filter_map(|&Target(dialled)| {
-            let proxy = match dialled {
-                SocketAddr::V4(_) => listen.v4.map(SocketAddr::V4),
-                SocketAddr::V6(_) => listen
-                    .v6
-                    .map(SocketAddr::V6)
-                    .or(listen.v4.map(SocketAddr::V4)),
+            let index = match dialled {
+                SocketAddr::V4(_) => v4,
+                SocketAddr::V6(_) => v6.or(v4),
             }?;
-            Some(Route { dialled, proxy })
+            Some((dialled, index, false))
         })
-        .collect()
+        .collect();
+    if dedicate {
+        for index in 0..addrs.len() {
+            let listener = addrs[index];
+            let count = planned.iter().filter(|t| t.1 == index).count();
+            if count > MAX_DEDICATED as usize {
+                continue;
+            }
+            let mut next = 0u32;
+            for target in planned.iter_mut().filter(|t| t.1 == index) {
+                next += 1;
+                let port = if listener.port() == 0 {
+                    0
+                } else {
+                    u16::try_from(u32::from(listener.port()) + next).map_err(|_| {
+                        anyhow::anyhow!(
+                            "listen address {listener}: no port left after it for target {} (each target gets the next port)",
+                            target.0
+                        )
+                    })?
+                };
+                let mut own = listener;
+                own.set_port(port);
+                addrs.push(own);
+                *target = (target.0, addrs.len() - 1, true);
+            }
+        }
+    }
+    Ok(EndpointPlan {
+        listen: listen.iter().count(),
+        addrs,
+        targets: planned,
+    })
 }
 
 struct Signals {
@@ -286,6 +357,7 @@ fn build_status(
         .map(|r| status::Redirect {
             dialled: r.dialled.to_string(),
             to: r.proxy.to_string(),
+            dedicated: r.dedicated,
         })
         .collect();
     let counters: BTreeMap<String, u64> = redirector
@@ -358,31 +430,134 @@ mod tests {
         );
     }
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The routes as planned, without binding.
+    fn planned(targets: &[Target], listen: &ProxyAddrs, dedicate: bool) -> Vec<Route> {
+        let plan = plan_endpoints(targets, listen, dedicate).unwrap();
+        plan.routes(&plan.addrs)
+    }
+
     #[test]
     fn routes_pick_the_listener_of_the_right_family() {
         let targets = crate::config::default_targets();
         let v4: SocketAddrV4 = "127.0.0.1:8169".parse().unwrap();
         let v6: SocketAddrV6 = "[::1]:8169".parse().unwrap();
-        let only_v4 = routes(
-            &targets,
-            &ProxyAddrs {
-                v4: Some(v4),
-                v6: None,
-            },
-        );
-        assert_eq!(only_v4[0].proxy, SocketAddr::V4(v4));
+        let only_v4 = ProxyAddrs {
+            v4: Some(v4),
+            v6: None,
+        };
+        let shared = planned(&targets, &only_v4, false);
+        assert_eq!(shared[0].proxy, SocketAddr::V4(v4));
         assert_eq!(
-            only_v4[1].proxy,
+            shared[1].proxy,
             SocketAddr::V4(v4),
             "v6 target via the v4 listener (mapped)"
         );
-        let both = routes(
-            &targets,
-            &ProxyAddrs {
-                v4: Some(v4),
-                v6: Some(v6),
-            },
+        assert!(shared.iter().all(|r| !r.dedicated));
+        let both = ProxyAddrs {
+            v4: Some(v4),
+            v6: Some(v6),
+        };
+        assert_eq!(planned(&targets, &both, false)[1].proxy, SocketAddr::V6(v6));
+    }
+
+    #[test]
+    fn a_serving_daemon_gives_each_target_the_next_port() {
+        let targets = crate::config::default_targets();
+        let only_v4 = ProxyAddrs {
+            v4: Some("127.0.0.1:8169".parse().unwrap()),
+            v6: None,
+        };
+        let plan = plan_endpoints(&targets, &only_v4, true).unwrap();
+        assert_eq!(plan.listen, 1);
+        assert_eq!(
+            plan.addrs,
+            [
+                addr("127.0.0.1:8169"),
+                addr("127.0.0.1:8170"),
+                addr("127.0.0.1:8171")
+            ]
         );
-        assert_eq!(both[1].proxy, SocketAddr::V6(v6));
+        let routes = plan.routes(&plan.addrs);
+        assert_eq!(
+            routes,
+            [
+                Route {
+                    dialled: addr("169.254.169.254:80"),
+                    proxy: addr("127.0.0.1:8170"),
+                    dedicated: true
+                },
+                Route {
+                    dialled: addr("[fd00:ec2::254]:80"),
+                    proxy: addr("127.0.0.1:8171"),
+                    dedicated: true
+                },
+            ]
+        );
+        // Bound ports replace the planned ones by position (port 0: the kernel's choice).
+        let any = ProxyAddrs {
+            v4: Some("127.0.0.1:0".parse().unwrap()),
+            v6: Some("[::1]:0".parse().unwrap()),
+        };
+        let plan = plan_endpoints(&targets, &any, true).unwrap();
+        assert_eq!(plan.addrs.len(), 4);
+        assert!(plan.addrs.iter().all(|a| a.port() == 0));
+        let bound = [
+            addr("127.0.0.1:1000"),
+            addr("[::1]:1001"),
+            addr("127.0.0.1:1002"),
+            addr("[::1]:1003"),
+        ];
+        let routes = plan.routes(&bound);
+        assert_eq!(
+            (routes[0].proxy, routes[1].proxy),
+            (bound[2], bound[3]),
+            "each target on its own family's address, not on the listen ports"
+        );
+    }
+
+    #[test]
+    fn many_targets_share_the_listen_port() {
+        let many: Vec<Target> = (0..=MAX_DEDICATED)
+            .map(|i| Target(SocketAddr::from(([10, 0, 0, i as u8], 80))))
+            .chain(crate::config::default_targets().into_iter().skip(1))
+            .collect();
+        let listen = ProxyAddrs {
+            v4: Some("127.0.0.1:8169".parse().unwrap()),
+            v6: Some("[::1]:8169".parse().unwrap()),
+        };
+        let routes = planned(&many, &listen, true);
+        let (v4, v6): (Vec<&Route>, Vec<&Route>) = routes.iter().partition(|r| r.dialled.is_ipv4());
+        assert!(
+            v4.iter()
+                .all(|r| !r.dedicated && r.proxy == addr("127.0.0.1:8169")),
+            "{v4:?}"
+        );
+        assert_eq!(
+            v6,
+            [&Route {
+                dialled: addr("[fd00:ec2::254]:80"),
+                proxy: addr("[::1]:8170"),
+                dedicated: true
+            }],
+            "the other listener still dedicates"
+        );
+    }
+
+    #[test]
+    fn dedicated_ports_stop_at_65535() {
+        let listen = ProxyAddrs {
+            v4: Some("127.0.0.1:65535".parse().unwrap()),
+            v6: None,
+        };
+        let e = plan_endpoints(&crate::config::default_targets(), &listen, true).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no port left after it for target 169.254.169.254:80"),
+            "{e}"
+        );
     }
 }

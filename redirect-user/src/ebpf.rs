@@ -82,6 +82,11 @@ pub enum EbpfError {
         dialled: SocketAddr,
         reason: &'static str,
     },
+    #[error("proxy endpoint {proxy} is dedicated to one target but {dialled} is sent there too")]
+    SharedDedicated {
+        proxy: SocketAddr,
+        dialled: SocketAddr,
+    },
 }
 
 /// One program attached to one cgroup.
@@ -97,6 +102,11 @@ pub struct Attachment {
 pub struct Route {
     pub dialled: SocketAddr,
     pub proxy: SocketAddr,
+    /// `proxy` is this route's own endpoint: no other route goes there and nothing dials it
+    /// directly (the daemon's listener gives each target a port of its own). getpeername then
+    /// restores `dialled` from the peer address alone, and connect4 records nothing per
+    /// socket. Otherwise each rewritten socket is recorded under its cookie.
+    pub dedicated: bool,
 }
 
 /// The maps by which the proxy exempts its own upstream sockets from the redirect.
@@ -179,21 +189,43 @@ impl Redirector {
     /// changing under them, see [`TargetSlot`]).
     ///
     /// An IPv6 target may route to an IPv6 proxy address or to an IPv4-mapped one; IPv4
-    /// targets route to IPv4 addresses (connect4 cannot change the address family).
+    /// targets route to IPv4 addresses (connect4 cannot change the address family). A
+    /// dedicated route's proxy must not appear in any other route.
     pub fn set_routes(&mut self, routes: &[Route]) -> Result<(), EbpfError> {
         let mut v4 = Table::new();
         let mut v6 = Table::new();
+        let mut peers = Peers::default();
         for route in routes {
+            let record = u32::from(!route.dedicated);
             let placed = match (route.dialled, route.proxy) {
                 (SocketAddr::V4(dialled), SocketAddr::V4(proxy)) => {
-                    v4.place(SockAddr4::from(dialled), SockAddr4::from(proxy))
+                    let (dialled, proxy) = (SockAddr4::from(dialled), SockAddr4::from(proxy));
+                    peers.add4(proxy, dialled, route)?;
+                    // Dual-stack sockets dial it as ::ffff:a.b.c.d and reach the proxy's
+                    // mapped form (connect6 uses this table for them).
+                    peers.add6(
+                        SockAddr6::v4_mapped(proxy),
+                        SockAddr6::v4_mapped(dialled),
+                        route,
+                    )?;
+                    v4.place(TargetSlot {
+                        dialled,
+                        proxy,
+                        record,
+                    })
                 }
                 (SocketAddr::V6(dialled), proxy) => {
                     let proxy = match proxy {
                         SocketAddr::V6(p) => SockAddr6::from(p),
                         SocketAddr::V4(p) => SockAddr6::v4_mapped(SockAddr4::from(p)),
                     };
-                    v6.place(SockAddr6::from(dialled), proxy)
+                    let dialled = SockAddr6::from(dialled);
+                    peers.add6(proxy, dialled, route)?;
+                    v6.place(TargetSlot {
+                        dialled,
+                        proxy,
+                        record,
+                    })
                 }
                 (SocketAddr::V4(_), SocketAddr::V6(_)) => {
                     unreachable!("config validation pairs IPv4 targets with an IPv4 listener")
@@ -206,7 +238,6 @@ impl Redirector {
                     PlaceError::Full => "the target table has no free slot near its home slot",
                 },
             })?;
-            self.add_proxy(route.proxy)?;
             let mut ports: Array<_, u8> = map_mut(&mut self.ebpf, names::TARGET_PORTS)?;
             ports
                 .set(u32::from(route.dialled.port()), 1, 0)
@@ -216,24 +247,15 @@ impl Redirector {
             v4.write(map_mut(&mut self.ebpf, names::TARGETS4)?, names::TARGETS4)?,
             v6.write(map_mut(&mut self.ebpf, names::TARGETS6)?, names::TARGETS6)?,
         );
-        Ok(())
-    }
-
-    /// Records a proxy endpoint as each socket family sees it: an IPv4 proxy is also reached by
-    /// IPv6 sockets in its IPv4-mapped form.
-    fn add_proxy(&mut self, proxy: SocketAddr) -> Result<(), EbpfError> {
-        let mut v6: HashMap<_, SockAddr6, u8> = map_mut(&mut self.ebpf, names::PROXIES6)?;
-        match proxy {
-            SocketAddr::V4(p) => {
-                v6.insert(SockAddr6::v4_mapped(SockAddr4::from(p)), 1, 0)
-                    .map_err(map_err(names::PROXIES6))?;
-                let mut v4: HashMap<_, SockAddr4, u8> = map_mut(&mut self.ebpf, names::PROXIES4)?;
-                v4.insert(SockAddr4::from(p), 1, 0)
-                    .map_err(map_err(names::PROXIES4))?;
-            }
-            SocketAddr::V6(p) => v6
-                .insert(SockAddr6::from(p), 1, 0)
-                .map_err(map_err(names::PROXIES6))?,
+        let mut map: HashMap<_, SockAddr4, SockAddr4> = map_mut(&mut self.ebpf, names::PROXIES4)?;
+        for (proxy, peer) in peers.v4 {
+            map.insert(proxy, peer.report(), 0)
+                .map_err(map_err(names::PROXIES4))?;
+        }
+        let mut map: HashMap<_, SockAddr6, SockAddr6> = map_mut(&mut self.ebpf, names::PROXIES6)?;
+        for (proxy, peer) in peers.v6 {
+            map.insert(proxy, peer.report(), 0)
+                .map_err(map_err(names::PROXIES6))?;
         }
         Ok(())
     }
@@ -247,6 +269,7 @@ impl Redirector {
             routes.push(Route {
                 dialled: SocketAddrV4::from(slot.dialled).into(),
                 proxy: SocketAddrV4::from(slot.proxy).into(),
+                dedicated: slot.record == 0,
             });
         }
         let v6: Array<_, TargetSlot<SockAddr6>> = map_ref(&self.ebpf, names::TARGETS6)?;
@@ -255,6 +278,7 @@ impl Redirector {
             routes.push(Route {
                 dialled: SocketAddrV6::from(slot.dialled).into(),
                 proxy: SocketAddrV6::from(slot.proxy).into(),
+                dedicated: slot.record == 0,
             });
         }
         routes.sort_by_key(|r| (r.dialled.is_ipv6(), r.dialled));
@@ -373,8 +397,8 @@ where
         }
     }
 
-    fn place(&mut self, dialled: A, proxy: A) -> Result<u32, PlaceError> {
-        TargetSlot::place(&mut self.slots, dialled, proxy)
+    fn place(&mut self, entry: TargetSlot<A>) -> Result<u32, PlaceError> {
+        TargetSlot::place(&mut self.slots, entry)
     }
 
     /// Writes the filled slots (the map starts zeroed, i.e. all unused) and returns their
@@ -392,6 +416,73 @@ where
             }
         }
         Ok(filled)
+    }
+}
+
+/// The proxy endpoints as each socket family sees them, and what getpeername reports for a
+/// socket connected to each (`PROXIES4`, `PROXIES6`).
+#[derive(Default)]
+struct Peers {
+    v4: std::collections::HashMap<SockAddr4, Peer<SockAddr4>>,
+    v6: std::collections::HashMap<SockAddr6, Peer<SockAddr6>>,
+}
+
+#[derive(Clone, Copy)]
+enum Peer<A> {
+    /// Only `A` is rewritten to this endpoint: report it.
+    Dedicated(A),
+    /// Look the socket up in `ORIGINAL_DEST`.
+    Shared,
+}
+
+impl<A: Default> Peer<A> {
+    /// The map value: the dialled address, or port 0 (all zeros) for a shared endpoint.
+    fn report(self) -> A {
+        match self {
+            Peer::Dedicated(dialled) => dialled,
+            Peer::Shared => A::default(),
+        }
+    }
+}
+
+impl Peers {
+    fn add4(
+        &mut self,
+        proxy: SockAddr4,
+        dialled: SockAddr4,
+        route: &Route,
+    ) -> Result<(), EbpfError> {
+        add_peer(&mut self.v4, proxy, dialled, route)
+    }
+
+    fn add6(
+        &mut self,
+        proxy: SockAddr6,
+        dialled: SockAddr6,
+        route: &Route,
+    ) -> Result<(), EbpfError> {
+        add_peer(&mut self.v6, proxy, dialled, route)
+    }
+}
+
+fn add_peer<A: std::hash::Hash + Eq + Copy>(
+    peers: &mut std::collections::HashMap<A, Peer<A>>,
+    proxy: A,
+    dialled: A,
+    route: &Route,
+) -> Result<(), EbpfError> {
+    let this = if route.dedicated {
+        Peer::Dedicated(dialled)
+    } else {
+        Peer::Shared
+    };
+    match peers.insert(proxy, this) {
+        None | Some(Peer::Shared) if !route.dedicated => Ok(()),
+        None => Ok(()),
+        Some(_) => Err(EbpfError::SharedDedicated {
+            proxy: route.proxy,
+            dialled: route.dialled,
+        }),
     }
 }
 
@@ -421,4 +512,76 @@ fn map_ref<'a, T: TryFrom<&'a aya::maps::Map, Error = MapError>>(
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dialled: &str, proxy: &str, dedicated: bool) -> Route {
+        Route {
+            dialled: dialled.parse().unwrap(),
+            proxy: proxy.parse().unwrap(),
+            dedicated,
+        }
+    }
+
+    fn add(peers: &mut Peers, r: &Route) -> Result<(), EbpfError> {
+        let (SocketAddr::V4(d), SocketAddr::V4(p)) = (r.dialled, r.proxy) else {
+            unreachable!("IPv4 routes in these tests")
+        };
+        peers.add4(SockAddr4::from(p), SockAddr4::from(d), r)
+    }
+
+    #[test]
+    fn a_dedicated_endpoint_reports_its_target_and_a_shared_one_defers() {
+        let mut peers = Peers::default();
+        let own = route("169.254.169.254:80", "127.0.0.1:8170", true);
+        let shared = [
+            route("169.254.170.2:80", "127.0.0.1:9000", false),
+            route("100.100.100.200:80", "127.0.0.1:9000", false),
+        ];
+        for r in [&own, &shared[0], &shared[1]] {
+            add(&mut peers, r).unwrap();
+        }
+        let report = |proxy: &str| {
+            let p: std::net::SocketAddrV4 = proxy.parse().unwrap();
+            peers.v4[&SockAddr4::from(p)].report()
+        };
+        assert_eq!(
+            report("127.0.0.1:8170"),
+            SockAddr4::from(
+                "169.254.169.254:80"
+                    .parse::<std::net::SocketAddrV4>()
+                    .unwrap()
+            )
+        );
+        assert_eq!(
+            report("127.0.0.1:9000").port,
+            0,
+            "port 0: look the socket up"
+        );
+    }
+
+    #[test]
+    fn a_dedicated_endpoint_takes_no_second_route() {
+        for (first, second) in [(true, false), (false, true), (true, true)] {
+            let mut peers = Peers::default();
+            add(
+                &mut peers,
+                &route("169.254.169.254:80", "127.0.0.1:8170", first),
+            )
+            .unwrap();
+            let e = add(
+                &mut peers,
+                &route("169.254.170.2:80", "127.0.0.1:8170", second),
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("127.0.0.1:8170 is dedicated to one target"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -78,9 +78,10 @@ struct RunArgs {
     /// [default: the root of the cgroup v2 hierarchy, i.e. every process]
     #[arg(long = "cgroup", value_name = "PATH")]
     cgroups: Vec<PathBuf>,
-    /// Where the proxy listens and where redirected connects are sent. Use an address the
-    /// callers can reach (a bridge address for containers in their own network namespace).
-    /// At most one IPv4 and one IPv6 address; port 0 picks a free port. [default: 127.0.0.1:8169]
+    /// Where the proxy listens. Redirected connects go to the next ports on the same address,
+    /// one per target (8170, 8171, ...). Use an address the callers can reach (a bridge address
+    /// for containers in their own network namespace). At most one IPv4 and one IPv6 address;
+    /// port 0 picks free ports. [default: 127.0.0.1:8169]
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<ListenAddr>,
     /// A metadata endpoint to redirect. Repeatable; replaces the defaults.

@@ -33,6 +33,9 @@ pub struct AttachedCgroup {
 pub struct Redirect {
     pub dialled: String,
     pub to: String,
+    /// `to` is this target's own port: getpeername is restored from the address alone.
+    /// Otherwise `to` is shared and each rewritten socket is recorded (see README).
+    pub dedicated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,8 +72,14 @@ impl Status {
             .map(|r| r.dialled.len())
             .max()
             .unwrap_or(0);
+        let to_width = self.redirects.iter().map(|r| r.to.len()).max().unwrap_or(0);
         for r in &self.redirects {
-            let _ = writeln!(s, "  {:width$}  ->  {}", r.dialled, r.to);
+            let port = if r.dedicated { "dedicated" } else { "shared" };
+            let _ = writeln!(
+                s,
+                "  {:width$}  ->  {:to_width$}  ({port})",
+                r.dialled, r.to
+            );
         }
         let _ = writeln!(s, "attached to:");
         for cg in &self.cgroups {

@@ -70,6 +70,10 @@ const TESTS: &[(&str, TestFn)] = &[
         connect6_mapped_and_getpeername,
     ),
     (
+        "dedicated_ports_need_no_record_and_direct_connects_stay_true",
+        dedicated_ports_need_no_record_and_direct_connects_stay_true,
+    ),
+    (
         "thousands_of_targets_each_redirected",
         thousands_of_targets_each_redirected,
     ),
@@ -205,21 +209,22 @@ fn mock_end_to_end_with_curl_and_status() -> Result<()> {
     let redirects = status["redirects"].as_array().context("redirects")?;
     assert!(
         redirects.contains(
-            &serde_json::json!({"dialled": "169.254.169.254:80", "to": "127.0.0.1:8169"})
+            &serde_json::json!({"dialled": "169.254.169.254:80", "to": "127.0.0.1:8170", "dedicated": true})
         ),
         "{redirects:?}"
     );
     assert!(
         redirects.contains(
-            &serde_json::json!({"dialled": "[fd00:ec2::254]:80", "to": "[::ffff:127.0.0.1]:8169"})
+            &serde_json::json!({"dialled": "[fd00:ec2::254]:80", "to": "[::ffff:127.0.0.1]:8171", "dedicated": true})
         ),
         "{redirects:?}"
     );
+    assert_eq!(status["listen"], serde_json::json!(["127.0.0.1:8169"]));
     let text = sh(command_in(DAEMON, None, Some(&s.ns))?
         .args(["status", "--control-socket"])
         .arg(&s.daemon.control_socket))?;
     assert!(
-        text.contains("169.254.169.254:80  ->  127.0.0.1:8169"),
+        text.contains("169.254.169.254:80  ->  127.0.0.1:8170           (dedicated)"),
         "{text}"
     );
     assert!(text.contains(s.client.to_str().unwrap()), "{text}");
@@ -703,6 +708,17 @@ fn redirect_to_a_proxy_served_elsewhere() -> Result<()> {
     let r = child_role(&client, &ns, "connect", &["[fd00:ec2::254]:80"])?;
     assert_eq!(r["peer"], "[fd00:ec2::254]:80", "{r}");
     let status = daemon.status(&ns)?;
+    // The address is shared (anything may dial 127.0.0.1:9000), so each rewrite is recorded.
+    assert_eq!(
+        recorded_sockets(&status)?,
+        2,
+        "curl's socket and the connect role's"
+    );
+    let r = child_role(&client, &ns, "connect", &["127.0.0.1:9000"])?;
+    assert_eq!(
+        r["peer"], "127.0.0.1:9000",
+        "a direct connect is reported as it is: {r}"
+    );
     assert_eq!(status["listen"], serde_json::json!([]), "{status:#}");
     assert!(
         status["serving"]
@@ -714,7 +730,7 @@ fn redirect_to_a_proxy_served_elsewhere() -> Result<()> {
     let redirects = status["redirects"].as_array().context("redirects")?;
     assert!(
         redirects.contains(
-            &serde_json::json!({"dialled": "169.254.169.254:80", "to": "127.0.0.1:9000"})
+            &serde_json::json!({"dialled": "169.254.169.254:80", "to": "127.0.0.1:9000", "dedicated": false})
         ),
         "{redirects:?}"
     );
@@ -781,6 +797,67 @@ fn connect6_mapped_and_getpeername() -> Result<()> {
     Ok(())
 }
 
+/// The built-in proxy gives each target a port of its own, so getpeername is restored from the
+/// address and connect4 records nothing; the listen port itself serves direct requests, which
+/// getpeername reports truthfully.
+fn dedicated_ports_need_no_record_and_direct_connects_stay_true() -> Result<()> {
+    let s = mock_setup(&[])?;
+    for addr in [
+        "169.254.169.254:80",
+        "[::ffff:169.254.169.254]:80",
+        "[fd00:ec2::254]:80",
+    ] {
+        let r = child_role(&s.client, &s.ns, "connect", &[addr])?;
+        assert_eq!(
+            (&r["peer"], &r["body"]),
+            (&addr.into(), &INSTANCE_ID.into()),
+            "{r}"
+        );
+    }
+    let r = child_role(&s.client, &s.ns, "connect", &["127.0.0.1:8169"])?;
+    assert_eq!(
+        (&r["peer"], &r["body"]),
+        (&"127.0.0.1:8169".into(), &INSTANCE_ID.into()),
+        "the listen port, dialled directly: {r}"
+    );
+    // Nothing but the rewrite is meant to dial a dedicated port; whoever does is told the
+    // target's address (README, "How getpeername is restored").
+    let r = child_role(&s.client, &s.ns, "connect", &["127.0.0.1:8170"])?;
+    assert_eq!(r["peer"], "169.254.169.254:80", "{r}");
+    let status = s.daemon.status(&s.ns)?;
+    assert_eq!(status["counters"]["connect4_rewritten"], 1, "{status:#}");
+    assert_eq!(status["counters"]["connect6_rewritten"], 2, "{status:#}");
+    assert_eq!(status["counters"]["getpeername_restored"], 4, "{status:#}");
+    assert_eq!(recorded_sockets(&status)?, 0, "no socket needed a record");
+    Ok(())
+}
+
+/// How many sockets the daemon's programs hold a getpeername record for: the used slots of its
+/// `ORIGINAL_DEST` map, found through its connect4 program's maps.
+fn recorded_sockets(status: &serde_json::Value) -> Result<usize> {
+    use aya::maps::{Array, Map, MapData};
+    let id = status["programs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
+        .and_then(|p| p["id"].as_u64())
+        .context("no connect4 id in the status")?;
+    let program = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| u64::from(p.id()) == id)
+        .context("connect4 is not loaded")?;
+    for map_id in program.map_ids()?.unwrap_or_default() {
+        let map = MapData::from_id(map_id)?;
+        if map.info()?.name_as_str() == Some(redirect_common::names::ORIGINAL_DEST) {
+            let slots: Array<_, redirect_common::OriginalDest> = Array::try_from(Map::Array(map))?;
+            return Ok(slots
+                .iter()
+                .filter(|slot| slot.as_ref().is_ok_and(|s| s.cookie != 0))
+                .count());
+        }
+    }
+    anyhow::bail!("connect4 has no ORIGINAL_DEST map")
+}
+
 /// The target tables are open-addressed arrays that the daemon fills and the programs probe
 /// with the same code: with thousands of targets, many sit away from their home slot, and
 /// every one must still be found by the kernel, and nothing else.
@@ -815,6 +892,12 @@ fn thousands_of_targets_each_redirected() -> Result<()> {
         (V4 + V6) as usize,
         "read back from the tables"
     );
+    assert!(
+        redirects
+            .iter()
+            .all(|r| r["to"] == "127.0.0.1:8169" || r["to"] == "[::ffff:127.0.0.1]:8169"),
+        "more targets than dedicated ports: all share the listen port"
+    );
 
     let sample = |n: u32| (0..n).step_by(61).chain([n - 1]);
     for addr in sample(V4).map(v4).chain(sample(V6).map(v6)) {
@@ -842,8 +925,9 @@ fn ipv6_listener() -> Result<()> {
     let status = s.daemon.status(&s.ns)?;
     let redirects = status["redirects"].as_array().context("redirects")?;
     assert!(
-        redirects
-            .contains(&serde_json::json!({"dialled": "[fd00:ec2::254]:80", "to": "[::1]:8170"})),
+        redirects.contains(
+            &serde_json::json!({"dialled": "[fd00:ec2::254]:80", "to": "[::1]:8171", "dedicated": true})
+        ),
         "{redirects:?}"
     );
     let r = child_role(&s.client, &s.ns, "connect", &["[fd00:ec2::254]:80"])?;
@@ -941,7 +1025,7 @@ fn ebpf_log_reports_rewrites() -> Result<()> {
     for _ in 0..100 {
         if s.daemon
             .log()
-            .contains("connect4 169.254.169.254:80 -> 127.0.0.1:8169")
+            .contains("connect4 169.254.169.254:80 -> 127.0.0.1:8170")
         {
             return Ok(());
         }

@@ -14,6 +14,10 @@
 //!   A route for 169.254.169.254 via `lo` exists everywhere: iptables only sees packets that
 //!   could be routed, while our program rewrites before routing.
 //! - The client closes with SO_LINGER 0 (RST): no TIME_WAIT piles up.
+//! - The table's daemons only redirect (`redirect_to`, a shared address: each rewrite records
+//!   the socket for getpeername). The program's run time is also measured for the daemon as
+//!   users run it, with its own listener, which gives the target a dedicated port and records
+//!   nothing; those connects are closed without an exchange (the proxy speaks HTTP).
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +40,8 @@ use crate::{
 };
 
 const PROXY: &str = "10.255.0.1:9000";
+/// The listen address of the daemon with its own proxy (the target then goes to port 9101).
+const OWN_LISTEN: &str = "10.255.0.1:9100";
 const IMDS: &str = "169.254.169.254:80";
 /// The client's CPU (the echo servers take the one before it, see [`placement`]).
 const CPU: usize = 1;
@@ -71,7 +77,12 @@ pub struct ConnectResults {
     /// sum, and a single vCPU preemption inside one run adds tens of microseconds to it, which
     /// moved the plain mean of a quick run by over 100 ns from one run to the next. The plain
     /// means are in [`ConnectResults::run_time_means_ns`].
+    ///
+    /// `connect4_rewrite_ns` is a rewrite to a dedicated port (the daemon's own listener, the
+    /// default), `connect4_rewrite_shared_ns` one to a shared address (`redirect_to`, as in
+    /// the table's rows), which also records the socket.
     pub connect4_rewrite_ns: f64,
+    pub connect4_rewrite_shared_ns: f64,
     pub connect4_bystander_ns: f64,
     /// The same figure for an empty connect4 program (`r0 = 1; exit`) measured alongside: what
     /// the stats themselves (two clock reads and the call) cost on this machine.
@@ -82,7 +93,8 @@ pub struct ConnectResults {
     pub helper_call_ns: f64,
     pub hash_lookup_ns: f64,
     /// The plain mean over all runs of each program above (keys: `connect4_rewrite`,
-    /// `connect4_bystander`, `empty`, `helper`, `hash`), outliers included.
+    /// `connect4_rewrite_shared`, `connect4_bystander`, `empty`, `helper`, `hash`), outliers
+    /// included.
     pub run_time_means_ns: BTreeMap<String, f64>,
 }
 
@@ -210,6 +222,7 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
         cg.child("ebpf1k")?,
         cg.child("ebpf10k")?,
     ];
+    let own_cgroup = cg.child("own")?;
     let reference_cgroups = Reference::ALL
         .iter()
         .map(|r| cg.child(r.key()))
@@ -239,6 +252,7 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
             cgroup: cgroups[attached as usize].clone(),
             dest: dest.parse().expect("constant addresses"),
             program: None,
+            exchange: true,
         })
         .collect();
     eprintln!(
@@ -273,6 +287,14 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
             ..r.clone()
         })
         .collect();
+    let own = own_proxy(plain, &own_cgroup)?;
+    let own_row = PlanRow {
+        key: "L2own".to_owned(),
+        cgroup: own_cgroup.clone(),
+        program: Some(connect4_id(&own, plain)?),
+        exchange: false,
+        ..l1_l2[1].clone()
+    };
     let references = Reference::ALL
         .iter()
         .zip(&reference_cgroups)
@@ -302,7 +324,9 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
     // The reference programs' connects alternate batch by batch with ours, so that all figures
     // come from the same moments: on a VM the cost of a run drifts by more than the program
     // costs (measured apart, the floor once came out above our bystander path).
-    let mut rewrites = measure(&with_references(&l1_l2[1]), per_row, 0)?;
+    let mut rewrite_rows = with_references(&l1_l2[1]);
+    rewrite_rows.push(own_row);
+    let mut rewrites = measure(&rewrite_rows, per_row, 0)?;
     let mut bystanders = measure(&with_references(&l1_l2[0]), per_row, 0)?;
     drop(stats);
     // The reference programs ran in both halves.
@@ -323,7 +347,8 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
     };
     Ok(ConnectResults {
         rows,
-        connect4_rewrite_ns: run_time("L2", rewrites.get("L2"), "connect4_rewrite")?,
+        connect4_rewrite_ns: run_time("L2own", rewrites.get("L2own"), "connect4_rewrite")?,
+        connect4_rewrite_shared_ns: run_time("L2", rewrites.get("L2"), "connect4_rewrite_shared")?,
         connect4_bystander_ns: run_time("L1", bystanders.get("L1"), "connect4_bystander")?,
         empty_program_ns: run_time("empty", rewrites.get("empty"), "empty")?,
         helper_call_ns: run_time("helper", rewrites.get("helper"), "helper")?,
@@ -365,6 +390,8 @@ struct PlanRow {
     dest: SocketAddr,
     /// A BPF program (by id) whose run-time stats the client reads around each batch.
     program: Option<u32>,
+    /// Exchange a byte before closing (with the echo servers); otherwise only connect.
+    exchange: bool,
 }
 
 #[derive(Default, Deserialize)]
@@ -451,7 +478,7 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
     for (row, place) in plan.iter().zip(&places) {
         enter(place)?;
         for _ in 0..warmup {
-            exchange(row.dest)?;
+            exchange(row.dest, row.exchange)?;
         }
     }
     let mut done = 0;
@@ -464,7 +491,7 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
             let first = result.samples_ns.len();
             for _ in 0..batch {
                 let t0 = Instant::now();
-                exchange(row.dest)?;
+                exchange(row.dest, row.exchange)?;
                 result.samples_ns.push(t0.elapsed().as_nanos() as u64);
             }
             result.elapsed_ns += start.elapsed().as_nanos() as u64;
@@ -501,8 +528,8 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// connect, send one byte, read it back, close with RST.
-fn exchange(dest: SocketAddr) -> Result<()> {
+/// connect, send one byte and read it back (with `byte`), close with RST.
+fn exchange(dest: SocketAddr, byte: bool) -> Result<()> {
     let mut stream = TcpStream::connect(dest).with_context(|| format!("connect {dest}"))?;
     let linger = libc::linger {
         l_onoff: 1,
@@ -519,6 +546,9 @@ fn exchange(dest: SocketAddr) -> Result<()> {
         )
     };
     ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    if !byte {
+        return Ok(());
+    }
     stream.write_all(&[1])?;
     let mut byte = [0u8];
     stream.read_exact(&mut byte)?;
@@ -616,6 +646,31 @@ fn redirect_only(ns: &NetNs, cgroup: &Path, others: usize, dir: &Path) -> Result
         args.extend(["--ebpf-object", object]);
     }
     Daemon::start_logging(&args, ns, None, "info")
+}
+
+/// A daemon with its own proxy (the mock, one worker), as users run it: the target goes to
+/// a port of its own.
+fn own_proxy(ns: &NetNs, cgroup: &Path) -> Result<Daemon> {
+    let mut args = vec![
+        "--mock",
+        "--listen",
+        OWN_LISTEN,
+        "--target",
+        IMDS,
+        "--cgroup",
+        cgroup.to_str().unwrap(),
+    ];
+    let object = std::env::var("REDIRECT_BENCH_EBPF_OBJECT").ok();
+    if let Some(object) = &object {
+        args.extend(["--ebpf-object", object]);
+    }
+    let daemon = Daemon::start_logging(&args, ns, None, "info")?;
+    let status = daemon.status(ns)?;
+    ensure!(
+        status["redirects"][0]["dedicated"] == true,
+        "the own-proxy daemon's target has no dedicated port: {status}"
+    );
+    Ok(daemon)
 }
 
 /// Distinct addresses in 10.0.0.0/8 (outside 10.255.0.0/16, where the proxy lives).
