@@ -545,16 +545,12 @@ mod tests {
             add(&mut peers, r).unwrap();
         }
         let report = |proxy: &str| {
-            let p: std::net::SocketAddrV4 = proxy.parse().unwrap();
+            let p: SocketAddrV4 = proxy.parse().unwrap();
             peers.v4[&SockAddr4::from(p)].report()
         };
         assert_eq!(
             report("127.0.0.1:8170"),
-            SockAddr4::from(
-                "169.254.169.254:80"
-                    .parse::<std::net::SocketAddrV4>()
-                    .unwrap()
-            )
+            SockAddr4::from("169.254.169.254:80".parse::<SocketAddrV4>().unwrap())
         );
         assert_eq!(
             report("127.0.0.1:9000").port,
