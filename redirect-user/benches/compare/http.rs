@@ -1,12 +1,16 @@
 //! HTTP path: `GET /latest/meta-data/instance-id` with wrk, in one benchmark namespace.
 //!
 //! - H0: wrk -> our built-in mock (127.0.0.1:8080), no redirect.
-//! - H1: wrk -> 169.254.169.254:80, redirected by our daemon to its proxy (127.0.0.1:8169),
-//!   which forwards to the mock over pooled connections.
+//! - H1: wrk -> 169.254.169.254:80, redirected by our daemon to its proxy (listening on
+//!   127.0.0.1:8169; the target's dedicated port is 8170), which forwards to the mock over
+//!   pooled connections.
 //! - H2: wrk -> 169.254.169.254:80, redirected by our daemon (`--redirect-to`) to nginx
-//!   (127.0.0.1:8170), which forwards to the mock with upstream keepalive.
-//! - The machine reference: wrk -> nginx answering `return 200` itself (127.0.0.1:8171), in
+//!   (127.0.0.1:8180), which forwards to the mock with upstream keepalive.
+//! - The machine reference: wrk -> nginx answering `return 200` itself (127.0.0.1:8181), in
 //!   the rounds of the 32-connection row.
+//!
+//! Our daemons take the ports after their listen ports for their targets (8081-8082,
+//! 8170-8171), so nginx stays clear of those.
 //!
 //! wrk runs in the cgroup the respective daemon redirects. For each row the three targets run
 //! back to back, so drift on a noisy machine hits them alike.
@@ -30,9 +34,9 @@ use crate::{
 
 const MOCK: &str = "127.0.0.1:8080";
 const OUR_PROXY: &str = "127.0.0.1:8169";
-const NGINX: &str = "127.0.0.1:8170";
+const NGINX: &str = "127.0.0.1:8180";
 /// nginx answering by itself: the machine reference (see [`HttpResults::reference`]).
-const NGINX_STATIC: &str = "127.0.0.1:8171";
+const NGINX_STATIC: &str = "127.0.0.1:8181";
 const DIRECT_URL: &str = "http://127.0.0.1:8080/latest/meta-data/instance-id";
 const IMDS_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
 
@@ -496,7 +500,7 @@ fn median_cell(target: &str, runs: Vec<HttpCell>) -> HttpCell {
 /// many workers as CPUs (our daemon's runtime has as many threads). Stopped on drop.
 struct Nginx {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Nginx {
@@ -536,20 +540,27 @@ impl Nginx {
             .stdout(Stdio::null())
             .spawn()
             .context("starting nginx")?;
-        let nginx = Nginx { child, _dir: dir };
+        let mut nginx = Nginx { child, dir };
+        // Up when nginx has written its pid file (after binding) and answers; a port that
+        // answers while nginx has exited belongs to someone else.
+        let pid_file = nginx.dir.path().join("nginx.pid");
         let addr: SocketAddr = listen.parse()?;
-        let up = ns.run(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if TcpStream::connect(addr).is_ok() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = nginx.child.try_wait()? {
+                let log =
+                    std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default();
+                bail!("nginx exited ({status}) instead of listening on {listen}:\n{log}");
             }
-            false
-        })?;
-        ensure!(up, "nginx did not start listening on {listen}");
-        Ok(nginx)
+            if pid_file.exists() && ns.run(move || TcpStream::connect(addr).is_ok())? {
+                return Ok(nginx);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "nginx did not start listening on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Master and workers.
