@@ -5,10 +5,14 @@
 //!   per namespace) and one cgroup per daemon configuration (programs attach per cgroup).
 //! - One client process measures all rows in interleaved batches. Between batches, outside the
 //!   timed part, it enters the row's namespace (setns) and cgroup (a socket belongs to the
-//!   cgroup of the process that creates it). So drift hits every row alike.
-//! - The client is pinned to one CPU and the echo servers to the other (`REDIRECT_BENCH_PIN`
-//!   changes that), so every connect pays the same wakeups and no row depends on where the
-//!   scheduler happened to place a process, the largest source of noise on a VM.
+//!   cgroup of the process that creates it). So drift hits every row alike. The order of the
+//!   rows is shuffled every round.
+//! - The client and the echo servers are pinned to one CPU (`REDIRECT_BENCH_PIN` changes
+//!   that), so every connect pays the same wakeups and no row depends on where the scheduler
+//!   happened to place a process, the largest source of noise on a VM. With the servers on
+//!   the other CPU (`split`, the placement until 2026-11-30) every connect paid two cross-CPU
+//!   wakeups, and their variation moved a row's paired median by 1 to 2 us from run to run on
+//!   the AMD VM, more than the effects measured; on one CPU, by 0.1 to 0.3.
 //! - The "proxy" is a 1-byte echo server on 10.255.0.1:9000 in each namespace, an address on
 //!   `lo` that is not loopback, so that iptables can DNAT to it as the seeds do to their proxy.
 //!   A route for 169.254.169.254 via `lo` exists everywhere: iptables only sees packets that
@@ -43,8 +47,6 @@ const PROXY: &str = "10.255.0.1:9000";
 /// The listen address of the daemon with its own proxy (the target then goes to port 9101).
 const OWN_LISTEN: &str = "10.255.0.1:9100";
 const IMDS: &str = "169.254.169.254:80";
-/// The client's CPU (the echo servers take the one before it, see [`placement`]).
-const CPU: usize = 1;
 /// Connects per batch; rows alternate batch by batch.
 const BATCH: usize = 100;
 
@@ -450,7 +452,7 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
     };
     let plan: Vec<PlanRow> = serde_json::from_slice(&std::fs::read(plan)?)?;
     let (per_row, warmup): (usize, usize) = (per_row.parse()?, warmup.parse()?);
-    if let Some(cpu) = client_cpu() {
+    if let Some(cpu) = client_cpu()? {
         pin_to_cpu(cpu)?;
     }
     let places: Vec<(File, File)> = plan
@@ -481,10 +483,17 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
             exchange(row.dest, row.exchange)?;
         }
     }
+    // Rows take their turns in an order shuffled every round, so that no row always follows
+    // the same one (a namespace switch, an echo server that sat idle): position effects
+    // average out instead of showing as a row's cost.
+    let mut order: Vec<usize> = (0..plan.len()).collect();
+    let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
     let mut done = 0;
     while done < per_row {
         let batch = BATCH.min(per_row - done);
-        for ((row, place), result) in plan.iter().zip(&places).zip(&mut results) {
+        shuffle(&mut order, &mut seed);
+        for &i in &order {
+            let (row, place, result) = (&plan[i], &places[i], &mut results[i]);
             enter(place)?;
             let program_before = row.program.map(program_stats).transpose()?;
             let start = Instant::now();
@@ -528,6 +537,16 @@ pub fn connect_loop(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Fisher-Yates with xorshift64: a fixed, cheap sequence of permutations.
+fn shuffle(items: &mut [usize], seed: &mut u64) {
+    for i in (1..items.len()).rev() {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        items.swap(i, (*seed % (i as u64 + 1)) as usize);
+    }
+}
+
 /// connect, send one byte and read it back (with `byte`), close with RST.
 fn exchange(dest: SocketAddr, byte: bool) -> Result<()> {
     let mut stream = TcpStream::connect(dest).with_context(|| format!("connect {dest}"))?;
@@ -555,31 +574,34 @@ fn exchange(dest: SocketAddr, byte: bool) -> Result<()> {
     Ok(())
 }
 
-/// CPU placement: `REDIRECT_BENCH_PIN` = `split` (default: client on [`CPU`], echo servers
-/// on the other), `same` (all on [`CPU`]) or `none`.
+/// CPU placement: `REDIRECT_BENCH_PIN` = `same` (default: the client and the echo servers on
+/// the first CPU the benchmark may use), `split` (the echo servers on the next one) or `none`.
 fn placement() -> String {
-    std::env::var("REDIRECT_BENCH_PIN").unwrap_or_else(|_| "split".to_owned())
+    std::env::var("REDIRECT_BENCH_PIN").unwrap_or_else(|_| "same".to_owned())
 }
 
-fn client_cpu() -> Option<usize> {
-    (placement() != "none").then_some(CPU)
-}
-
-fn server_cpu() -> Option<usize> {
-    match placement().as_str() {
+fn client_cpu() -> Result<Option<usize>> {
+    Ok(match placement().as_str() {
         "none" => None,
-        "split" => Some(CPU - 1),
-        _ => Some(CPU),
-    }
+        _ => Some(crate::http::one_cpu()?),
+    })
 }
 
-/// Pins the calling thread (and so a single-threaded process) to `cpu`, if the machine has it.
+fn server_cpu() -> Result<Option<usize>> {
+    let cpus = crate::http::allowed_cpus()?;
+    Ok(match placement().as_str() {
+        "none" => None,
+        "split" => cpus.get(1).or(cpus.first()).copied(),
+        _ => cpus.first().copied(),
+    })
+}
+
+/// Pins the calling thread (and so a single-threaded process) to `cpu`.
 fn pin_to_cpu(cpu: usize) -> Result<()> {
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu.min(cpus - 1), &mut set);
+        libc::CPU_SET(cpu, &mut set);
         ensure!(
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0,
             "sched_setaffinity: {}",
@@ -599,7 +621,7 @@ impl EchoServer {
         let listener = ns.run(move || TcpListener::bind(addr))??;
         let accepting = listener.try_clone()?;
         thread::spawn(move || {
-            if let Some(cpu) = server_cpu() {
+            if let Ok(Some(cpu)) = server_cpu() {
                 let _ = pin_to_cpu(cpu);
             }
             for stream in accepting.incoming() {

@@ -433,12 +433,20 @@ fn place(pids: &[u32], cpu: Option<usize>) -> Result<()> {
 
 /// The CPU of [`Placement::OneCpu`]: the lowest-numbered one this process may run on (a
 /// cpuset need not include CPU 0).
-fn one_cpu() -> Result<usize> {
+pub fn one_cpu() -> Result<usize> {
+    allowed_cpus()?
+        .first()
+        .copied()
+        .context("this process may run on no CPU")
+}
+
+/// The CPUs this process may run on, lowest first.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
     let allowed = cpu_set(None)?;
     // SAFETY: CPU_ISSET reads inside the set.
-    (0..libc::CPU_SETSIZE as usize)
-        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
-        .context("this process may run on no CPU")
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
+        .collect())
 }
 
 /// `{cpu}`, or with `None` the CPUs this process may run on.

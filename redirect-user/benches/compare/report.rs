@@ -437,30 +437,43 @@ fn http_checks(http: &HttpResults, out: &mut Vec<Check>) {
             h1.requests_per_sec >= 50_000.0,
         );
     }
-    // Both placements: on one CPU the proxy's own cost, left to the scheduler with its
-    // cross-CPU wakeups.
-    let added: Vec<(&str, i64, u64, u64)> = [("one CPU", "ka1"), ("scheduler", "ka1s")]
+    // Checked on one CPU, where the rows measure what the proxy does per request. Left to the
+    // scheduler, each hop of the chain (wrk, proxy, mock, proxy, wrk) tends to wake a halted
+    // vCPU, and the proxy's two hops add two such wakeups whatever the proxy does: those rows
+    // are printed beside the check, with nginx's figure for comparison (as for "H1 ahead").
+    let added = |row: &str, target: &str| -> Option<(i64, u64, u64)> {
+        let (h0, hx) = (http.cell(row, "H0")?, http.cell(row, target)?);
+        Some((hx.p50_us as i64 - h0.p50_us as i64, hx.p50_us, h0.p50_us))
+    };
+    let pinned: Vec<(&str, i64, u64, u64)> = [("GET", "ka1"), ("IMDSv2 flow", "flow1")]
         .into_iter()
         .filter_map(|(name, row)| {
-            let (h0, h1) = (http.cell(row, "H0")?, http.cell(row, "H1")?);
-            Some((
-                name,
-                h1.p50_us as i64 - h0.p50_us as i64,
-                h1.p50_us,
-                h0.p50_us,
-            ))
+            let (a, h1, h0) = added(row, "H1")?;
+            Some((name, a, h1, h0))
         })
         .collect();
-    if !added.is_empty() {
+    let scheduler: Vec<String> = [("GET", "ka1s"), ("IMDSv2 flow", "flow1s")]
+        .into_iter()
+        .filter_map(|(name, row)| {
+            let (ours, ..) = added(row, "H1")?;
+            let (nginx, ..) = added(row, "H2")?;
+            Some(format!("{name} {ours:+} us (nginx {nginx:+} us)"))
+        })
+        .collect();
+    if !pinned.is_empty() {
         check(
             out,
-            "H1 adds under 40 us p50 over H0 at 1 connection",
-            added
-                .iter()
-                .map(|(name, added, h1, h0)| format!("{name} {added:+} us ({h1} vs {h0} us)"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            added.iter().all(|&(_, added, ..)| added < 40),
+            "H1 adds under 40 us p50 over H0 at 1 connection (on one CPU)",
+            format!(
+                "{}; CPUs left to the scheduler: {}",
+                pinned
+                    .iter()
+                    .map(|(name, added, h1, h0)| format!("{name} {added:+} us ({h1} vs {h0} us)"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                scheduler.join(", ")
+            ),
+            pinned.iter().all(|&(_, added, ..)| added < 40),
         );
     }
     if let Some(h0) = http.cell("ka32", "H0") {
