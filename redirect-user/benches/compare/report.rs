@@ -184,7 +184,7 @@ impl Results {
                     r.added_p50_ns as f64 / 1e3
                 );
             }
-            let _ = writeln!(s, "\n{}", run_time_text(connect, true));
+            let _ = writeln!(s, "\n{}\n", run_time_text(connect, true));
         }
         if let Some(http) = &self.http {
             let _ = write!(s, "| HTTP path (req/s · p50 µs · p99 µs) |");
