@@ -476,10 +476,10 @@ fn add_peer<A: std::hash::Hash + Eq + Copy>(
     } else {
         Peer::Shared
     };
-    match peers.insert(proxy, this) {
-        None | Some(Peer::Shared) if !route.dedicated => Ok(()),
-        None => Ok(()),
-        Some(_) => Err(EbpfError::SharedDedicated {
+    // Shared endpoints may be shared by any number of routes; a dedicated one by none.
+    match (peers.insert(proxy, this), route.dedicated) {
+        (None, _) | (Some(Peer::Shared), false) => Ok(()),
+        _ => Err(EbpfError::SharedDedicated {
             proxy: route.proxy,
             dialled: route.dialled,
         }),
