@@ -45,7 +45,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.backend.serves(),
     )?;
     let (listeners, endpoints) = if settings.backend.serves() {
-        bind_listeners(&plan.addrs, settings.workers)?
+        bind_listeners(&plan.addrs, settings.workers, |i| plan.purpose(i))?
     } else {
         (Vec::new(), plan.addrs.clone())
     };
@@ -170,21 +170,26 @@ fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgr
 /// Binds the proxy's listening sockets, `workers` per address (SO_REUSEPORT), and returns
 /// them per worker with the addresses actually bound, in the order of `addrs`: port 0 becomes
 /// the port the kernel chose, which is what the programs must redirect to and where the other
-/// workers bind.
+/// workers bind. `purpose(i)` is added to the error for `addrs[i]`.
 fn bind_listeners(
     addrs: &[SocketAddr],
     workers: usize,
+    purpose: impl Fn(usize) -> String,
 ) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
         (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
-    for &addr in addrs {
-        let first = bind_one(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    for (i, &addr) in addrs.iter().enumerate() {
+        let first =
+            bind_one(addr).with_context(|| format!("cannot listen on {addr}{}", purpose(i)))?;
         let actual = first.local_addr()?;
         bound.push(actual);
         per_worker[0].push(first);
         for sockets in &mut per_worker[1..] {
-            sockets.push(bind_one(actual).with_context(|| format!("cannot listen on {actual}"))?);
+            sockets.push(
+                bind_one(actual)
+                    .with_context(|| format!("cannot listen on {actual}{}", purpose(i)))?,
+            );
         }
     }
     Ok((per_worker, bound))
@@ -213,6 +218,16 @@ struct EndpointPlan {
 }
 
 impl EndpointPlan {
+    /// What `addrs[index]` is for, for error messages: nothing for a listen address.
+    fn purpose(&self, index: usize) -> String {
+        match self.targets.iter().find(|t| t.1 == index && t.2) {
+            Some((dialled, ..)) => format!(
+                " (the port of target {dialled}: each target takes a port after the listen port)"
+            ),
+            None => String::new(),
+        }
+    }
+
     /// The routes, given `addrs` as bound (a port 0 replaced by the kernel's choice).
     fn routes(&self, bound: &[SocketAddr]) -> Vec<Route> {
         self.targets

@@ -1159,7 +1159,7 @@ fn error_cgroup_does_not_exist() -> Result<()> {
 fn error_port_in_use() -> Result<()> {
     let ns = NetNs::new()?;
     let cg = TestCgroup::new()?;
-    let _taken = ns.run(|| TcpListener::bind("127.0.0.1:8169"))??;
+    let taken = ns.run(|| TcpListener::bind("127.0.0.1:8169"))??;
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("c.sock");
     let cgroup = cg.path.to_str().unwrap();
@@ -1182,6 +1182,25 @@ fn error_port_in_use() -> Result<()> {
         attached_programs(&cg.path)?.is_empty(),
         "nothing attached after the failure"
     );
+    // A target's port, taken: the message says why that port.
+    drop(taken);
+    let _taken = ns.run(|| TcpListener::bind("127.0.0.1:8170"))??;
+    let cmd = redirect_run(
+        Some(&ns),
+        &[
+            "--mock",
+            "--cgroup",
+            cgroup,
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ],
+    )?;
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(
+        &stderr,
+        "cannot listen on 127.0.0.1:8170 (the port of target 169.254.169.254:80: each target takes a port after the listen port): Address already in use",
+    )?;
+    assert!(attached_programs(&cg.path)?.is_empty());
     Ok(())
 }
 
