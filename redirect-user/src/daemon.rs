@@ -39,12 +39,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
     let mut control = ControlSocket::bind(&settings.control_socket)?;
-    let plan = plan_endpoints(
-        &settings.targets,
-        &settings.proxy,
-        settings.backend.serves(),
-    )?;
-    let (listeners, endpoints) = if settings.backend.serves() {
+    // Only a daemon that serves has listeners, and so ports to dedicate.
+    let serves = settings.backend.serves();
+    let plan = plan_endpoints(&settings.targets, &settings.proxy, serves)?;
+    let (listeners, endpoints) = if serves {
         bind_listeners(&plan.addrs, settings.workers, |i| plan.purpose(i))?
     } else {
         (Vec::new(), plan.addrs.clone())
@@ -82,7 +80,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             join(proxy_addrs.iter())
         ),
     };
-    let listen: Vec<String> = if settings.backend.serves() {
+    let listen: Vec<String> = if serves {
         proxy_addrs.iter().map(|a| a.to_string()).collect()
     } else {
         Vec::new()

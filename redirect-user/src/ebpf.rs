@@ -200,10 +200,11 @@ impl Redirector {
             let placed = match (route.dialled, route.proxy) {
                 (SocketAddr::V4(dialled), SocketAddr::V4(proxy)) => {
                     let (dialled, proxy) = (SockAddr4::from(dialled), SockAddr4::from(proxy));
-                    peers.add4(proxy, dialled, route)?;
+                    add_peer(&mut peers.v4, proxy, dialled, route)?;
                     // Dual-stack sockets dial it as ::ffff:a.b.c.d and reach the proxy's
                     // mapped form (connect6 uses this table for them).
-                    peers.add6(
+                    add_peer(
+                        &mut peers.v6,
                         SockAddr6::v4_mapped(proxy),
                         SockAddr6::v4_mapped(dialled),
                         route,
@@ -220,7 +221,7 @@ impl Redirector {
                         SocketAddr::V4(p) => SockAddr6::v4_mapped(SockAddr4::from(p)),
                     };
                     let dialled = SockAddr6::from(dialled);
-                    peers.add6(proxy, dialled, route)?;
+                    add_peer(&mut peers.v6, proxy, dialled, route)?;
                     v6.place(TargetSlot {
                         dialled,
                         proxy,
@@ -445,26 +446,6 @@ impl<A: Default> Peer<A> {
     }
 }
 
-impl Peers {
-    fn add4(
-        &mut self,
-        proxy: SockAddr4,
-        dialled: SockAddr4,
-        route: &Route,
-    ) -> Result<(), EbpfError> {
-        add_peer(&mut self.v4, proxy, dialled, route)
-    }
-
-    fn add6(
-        &mut self,
-        proxy: SockAddr6,
-        dialled: SockAddr6,
-        route: &Route,
-    ) -> Result<(), EbpfError> {
-        add_peer(&mut self.v6, proxy, dialled, route)
-    }
-}
-
 fn add_peer<A: std::hash::Hash + Eq + Copy>(
     peers: &mut std::collections::HashMap<A, Peer<A>>,
     proxy: A,
@@ -530,7 +511,7 @@ mod tests {
         let (SocketAddr::V4(d), SocketAddr::V4(p)) = (r.dialled, r.proxy) else {
             unreachable!("IPv4 routes in these tests")
         };
-        peers.add4(SockAddr4::from(p), SockAddr4::from(d), r)
+        add_peer(&mut peers.v4, SockAddr4::from(p), SockAddr4::from(d), r)
     }
 
     #[test]

@@ -710,7 +710,7 @@ fn redirect_to_a_proxy_served_elsewhere() -> Result<()> {
     let status = daemon.status(&ns)?;
     // The address is shared (anything may dial 127.0.0.1:9000), so each rewrite is recorded.
     assert_eq!(
-        recorded_sockets(&status)?,
+        recorded_sockets(&daemon, &ns)?,
         2,
         "curl's socket and the connect role's"
     );
@@ -828,24 +828,19 @@ fn dedicated_ports_need_no_record_and_direct_connects_stay_true() -> Result<()> 
     assert_eq!(status["counters"]["connect4_rewritten"], 1, "{status:#}");
     assert_eq!(status["counters"]["connect6_rewritten"], 2, "{status:#}");
     assert_eq!(status["counters"]["getpeername_restored"], 4, "{status:#}");
-    assert_eq!(recorded_sockets(&status)?, 0, "no socket needed a record");
+    assert_eq!(
+        recorded_sockets(&s.daemon, &s.ns)?,
+        0,
+        "no socket needed a record"
+    );
     Ok(())
 }
 
 /// How many sockets the daemon's programs hold a getpeername record for: the used slots of its
 /// `ORIGINAL_DEST` map, found through its connect4 program's maps.
-fn recorded_sockets(status: &serde_json::Value) -> Result<usize> {
+fn recorded_sockets(daemon: &Daemon, ns: &NetNs) -> Result<usize> {
     use aya::maps::{Array, Map, MapData};
-    let id = status["programs"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
-        .and_then(|p| p["id"].as_u64())
-        .context("no connect4 id in the status")?;
-    let program = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| u64::from(p.id()) == id)
-        .context("connect4 is not loaded")?;
-    for map_id in program.map_ids()?.unwrap_or_default() {
+    for map_id in daemon.connect4(ns)?.map_ids()?.unwrap_or_default() {
         let map = MapData::from_id(map_id)?;
         if map.info()?.name_as_str() == Some(redirect_common::names::ORIGINAL_DEST) {
             let slots: Array<_, redirect_common::OriginalDest> = Array::try_from(Map::Array(map))?;
@@ -1159,49 +1154,37 @@ fn error_cgroup_does_not_exist() -> Result<()> {
 fn error_port_in_use() -> Result<()> {
     let ns = NetNs::new()?;
     let cg = TestCgroup::new()?;
-    let taken = ns.run(|| TcpListener::bind("127.0.0.1:8169"))??;
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("c.sock");
     let cgroup = cg.path.to_str().unwrap();
-    let cmd = redirect_run(
-        Some(&ns),
-        &[
-            "--mock",
-            "--cgroup",
-            cgroup,
-            "--control-socket",
-            socket.to_str().unwrap(),
-        ],
-    )?;
-    let stderr = run_daemon_expecting_failure(cmd)?;
-    one_line_error(
-        &stderr,
+    let fails_with = |port: u16, expected: &str| -> Result<()> {
+        let _taken = ns.run(move || TcpListener::bind(("127.0.0.1", port)))??;
+        let cmd = redirect_run(
+            Some(&ns),
+            &[
+                "--mock",
+                "--cgroup",
+                cgroup,
+                "--control-socket",
+                socket.to_str().unwrap(),
+            ],
+        )?;
+        one_line_error(&run_daemon_expecting_failure(cmd)?, expected)?;
+        assert!(
+            attached_programs(&cg.path)?.is_empty(),
+            "nothing attached after the failure"
+        );
+        Ok(())
+    };
+    fails_with(
+        8169,
         "cannot listen on 127.0.0.1:8169: Address already in use",
     )?;
-    assert!(
-        attached_programs(&cg.path)?.is_empty(),
-        "nothing attached after the failure"
-    );
     // A target's port, taken: the message says why that port.
-    drop(taken);
-    let _taken = ns.run(|| TcpListener::bind("127.0.0.1:8170"))??;
-    let cmd = redirect_run(
-        Some(&ns),
-        &[
-            "--mock",
-            "--cgroup",
-            cgroup,
-            "--control-socket",
-            socket.to_str().unwrap(),
-        ],
-    )?;
-    let stderr = run_daemon_expecting_failure(cmd)?;
-    one_line_error(
-        &stderr,
+    fails_with(
+        8170,
         "cannot listen on 127.0.0.1:8170 (the port of target 169.254.169.254:80: each target takes a port after the listen port): Address already in use",
-    )?;
-    assert!(attached_programs(&cg.path)?.is_empty());
-    Ok(())
+    )
 }
 
 fn error_object_rejected_by_verifier() -> Result<()> {

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Mode,
-    support::{Daemon, NetNs, TestCgroup, child, command_in, sh},
+    support::{Daemon, NetNs, TestCgroup, child, command_in, loaded_program, sh},
 };
 
 const PROXY: &str = "10.255.0.1:9000";
@@ -280,7 +280,7 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
 
     // The run time per invocation, with the kernel's BPF stats on only for this part (they
     // cost two clock reads per run and would skew the rows above).
-    let connect4 = connect4_id(&daemons[0], plain)?;
+    let connect4 = daemons[0].connect4(plain)?.id();
     let l1_l2: Vec<PlanRow> = plan
         .iter()
         .filter(|r| r.key == "L1" || r.key == "L2")
@@ -293,7 +293,7 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
     let own_row = PlanRow {
         key: "L2own".to_owned(),
         cgroup: own_cgroup.clone(),
-        program: Some(connect4_id(&own, plain)?),
+        program: Some(own.connect4(plain)?.id()),
         exchange: false,
         ..l1_l2[1].clone()
     };
@@ -747,23 +747,9 @@ impl Drop for BpfStats {
     }
 }
 
-/// The id of the daemon's connect4 program, from its status.
-fn connect4_id(daemon: &Daemon, ns: &NetNs) -> Result<u32> {
-    let status = daemon.status(ns)?;
-    status["programs"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
-        .and_then(|p| p["id"].as_u64())
-        .and_then(|id| u32::try_from(id).ok())
-        .context("no connect4 id in the daemon's status")
-}
-
 /// (runs, total ns) of a loaded program, from the kernel's program info.
 fn program_stats(id: u32) -> Result<(u64, u64)> {
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .with_context(|| format!("BPF program {id} is not loaded"))?;
+    let info = loaded_program(id)?;
     Ok((info.run_count(), info.run_time().as_nanos() as u64))
 }
 

@@ -396,6 +396,26 @@ impl Daemon {
             .arg(&self.control_socket))?;
         Ok(serde_json::from_str(&out)?)
     }
+
+    /// The kernel's info on this daemon's connect4 program (its id from the status).
+    pub fn connect4(&self, netns: &NetNs) -> Result<aya::programs::ProgramInfo> {
+        let status = self.status(netns)?;
+        let id = status["programs"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
+            .and_then(|p| p["id"].as_u64())
+            .and_then(|id| u32::try_from(id).ok())
+            .context("no connect4 id in the daemon's status")?;
+        loaded_program(id)
+    }
+}
+
+/// The kernel's info on the loaded BPF program `id`.
+pub fn loaded_program(id: u32) -> Result<aya::programs::ProgramInfo> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .with_context(|| format!("BPF program {id} is not loaded"))
 }
 
 impl Drop for Daemon {
