@@ -138,6 +138,36 @@ pub struct HttpRow {
     pub connections: u32,
     pub placement: Placement,
     pub cells: Vec<HttpCell>,
+    /// H1 against H2, round by round.
+    pub h1_vs_h2: Paired,
+}
+
+/// One proxy against the other, paired by round. A round runs the three targets back to back,
+/// so the ratio of its H1 and H2 figures cancels drift that is slower than a round (the other
+/// processes of the VM's host, frequency changes), as the connect rows' pairing does; the
+/// ratio of the two cells' medians does not.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    /// Median over the rounds of (H1 requests/s / H2 requests/s - 1), in percent.
+    pub median_pct: f64,
+    /// Rounds in which H1 made more requests/s than H2.
+    pub ahead: usize,
+    pub rounds: usize,
+}
+
+impl Paired {
+    fn new(ours: &[HttpCell], nginx: &[HttpCell]) -> Self {
+        let pct: Vec<f64> = ours
+            .iter()
+            .zip(nginx)
+            .map(|(a, b)| (a.requests_per_sec / b.requests_per_sec - 1.0) * 100.0)
+            .collect();
+        Self {
+            median_pct: median(pct.clone()),
+            ahead: pct.iter().filter(|&&p| p > 0.0).count(),
+            rounds: pct.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -268,6 +298,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
                 )?);
             }
         }
+        let h1_vs_h2 = Paired::new(&runs[1], &runs[2]);
         let cells = runs
             .into_iter()
             .zip(TARGETS)
@@ -279,6 +310,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             connections,
             placement,
             cells,
+            h1_vs_h2,
         });
     }
     place(&servers, None)?;
@@ -490,10 +522,6 @@ fn status_kb(pid: u32, field: &str) -> Result<u64> {
 
 /// Each figure's median over a cell's runs; errors are summed (any makes the cell invalid).
 fn median_cell(target: &str, runs: Vec<HttpCell>) -> HttpCell {
-    fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-        v[v.len() / 2]
-    }
     HttpCell {
         target: target.to_owned(),
         requests_per_sec: median(runs.iter().map(|c| c.requests_per_sec).collect()),
@@ -502,6 +530,12 @@ fn median_cell(target: &str, runs: Vec<HttpCell>) -> HttpCell {
         requests: runs.iter().map(|c| c.requests).sum(),
         errors: runs.iter().map(|c| c.errors).sum(),
     }
+}
+
+/// The upper median (a round that failed outright, 0 / 0, sorts as equal to anything).
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
 }
 
 /// nginx in the benchmark namespace, proxying to the mock with upstream keepalive, with as

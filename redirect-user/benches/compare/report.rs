@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     Mode,
     connect::ConnectResults,
-    http::{HttpResults, HttpRow, Placement, TARGETS},
+    http::{HttpResults, HttpRow, Paired, Placement, TARGETS},
 };
 
 #[derive(Debug, Serialize)]
@@ -97,7 +97,7 @@ impl Results {
         if let Some(http) = &self.http {
             let _ = writeln!(
                 s,
-                "HTTP path: GET /latest/meta-data/instance-id, wrk -t1, median of {} runs of {:.0} s per cell (requests/s, p50 us, p99 us)",
+                "HTTP path: GET /latest/meta-data/instance-id, wrk -t1, median of {} runs of {:.0} s per cell (requests/s, p50 us, p99 us);\n  H1 vs H2: the median over rounds of one round's H1 / H2 requests/s, and the rounds H1 led",
                 self.mode.http_rounds,
                 self.mode.http_duration.as_secs_f64()
             );
@@ -105,7 +105,7 @@ impl Results {
             for (key, label) in TARGETS {
                 let _ = write!(s, " {:>28}", format!("{key} {label}"));
             }
-            let _ = writeln!(s);
+            let _ = writeln!(s, " {:>26}", "H1 vs H2, paired");
             for row in &http.rows {
                 let _ = write!(s, "  {:<53}", row.label);
                 for c in &row.cells {
@@ -123,7 +123,7 @@ impl Results {
                         )
                     );
                 }
-                let _ = writeln!(s);
+                let _ = writeln!(s, " {:>26}", paired_text(&row.h1_vs_h2));
             }
             let _ = writeln!(
                 s,
@@ -191,7 +191,7 @@ impl Results {
             for (key, label) in TARGETS {
                 let _ = write!(s, " {key}: {label} |");
             }
-            let _ = writeln!(s, "\n|---|---:|---:|---:|");
+            let _ = writeln!(s, " H1 vs H2, paired |\n|---|---:|---:|---:|---:|");
             for row in &http.rows {
                 let _ = write!(s, "| {} |", row.label);
                 for c in &row.cells {
@@ -204,7 +204,7 @@ impl Results {
                         if c.errors > 0 { " (errors)" } else { "" }
                     );
                 }
-                let _ = writeln!(s);
+                let _ = writeln!(s, " {} |", paired_text(&row.h1_vs_h2));
             }
             let _ = writeln!(
                 s,
@@ -399,33 +399,32 @@ fn http_checks(http: &HttpResults, out: &mut Vec<Check>) {
     // One connection with the CPUs left to the scheduler is decided by where the processes
     // land (see `Placement`); those rows are reported beside the check, not in it.
     let placement_bound = |r: &&HttpRow| r.connections == 1 && r.placement == Placement::Scheduler;
-    let behind: Vec<&str> = http
-        .rows
+    // Decided on the rounds' paired ratios (see `Paired`), which drift does not move.
+    let (checked, scheduler): (Vec<&HttpRow>, Vec<&HttpRow>) =
+        http.rows.iter().partition(|r| !placement_bound(r));
+    let behind: Vec<&str> = checked
         .iter()
-        .filter(|r| !placement_bound(r))
-        .filter(|r| r.cells[1].requests_per_sec <= r.cells[2].requests_per_sec)
-        .map(|r| r.label.as_str())
+        .filter(|r| r.h1_vs_h2.median_pct <= 0.0)
+        .map(|r| r.key.as_str())
         .collect();
-    let scheduler: Vec<String> = http
-        .rows
-        .iter()
-        .filter(placement_bound)
-        .map(|r| {
-            let ratio = r.cells[1].requests_per_sec / r.cells[2].requests_per_sec - 1.0;
-            format!("{} {:+.1} %", r.key, ratio * 100.0)
-        })
-        .collect();
+    let list = |rows: &[&HttpRow]| {
+        rows.iter()
+            .map(|r| format!("{} {}", r.key, paired_text(&r.h1_vs_h2)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     check(
         out,
         "H1 ahead of H2 (requests/s) on every row (1 connection: on one CPU)",
         format!(
-            "{}; 1 connection, CPUs left to the scheduler: {}",
+            "{}: {}; 1 connection, CPUs left to the scheduler: {}",
             if behind.is_empty() {
                 "ahead on all rows".to_owned()
             } else {
-                format!("behind on: {}", behind.join(", "))
+                format!("behind on {}", behind.join(", "))
             },
-            scheduler.join(", ")
+            list(&checked),
+            list(&scheduler)
         ),
         behind.is_empty(),
     );
@@ -500,6 +499,11 @@ fn http_checks(http: &HttpResults, out: &mut Vec<Check>) {
         format!("{:.1} MB", mb(mem.daemon_held_kb)),
         mem.daemon_held_kb < 100 * 1024,
     );
+}
+
+/// "+4.4 % (14/15 rounds)": the median of the rounds' ratios and how many rounds H1 led.
+fn paired_text(p: &Paired) -> String {
+    format!("{:+.1} % ({}/{} rounds)", p.median_pct, p.ahead, p.rounds)
 }
 
 fn machine() -> Machine {
