@@ -83,6 +83,10 @@ const TESTS: &[(&str, TestFn)] = &[
         config_file_and_flag_overrides,
     ),
     ("ebpf_log_reports_rewrites", ebpf_log_reports_rewrites),
+    (
+        "accept_failures_are_logged_once_and_recovered_from",
+        accept_failures_are_logged_once_and_recovered_from,
+    ),
     ("sigterm_detaches_and_exits_0", || {
         stop_leaves_nothing_attached(libc::SIGTERM)
     }),
@@ -1016,17 +1020,66 @@ fn ebpf_log_reports_rewrites() -> Result<()> {
         200
     );
     // The log line is written by the kernel program and read from its ring buffer by the
-    // daemon; ask for status (a round trip through the daemon) until it has arrived.
-    for _ in 0..100 {
-        if s.daemon
-            .log()
-            .contains("connect4 169.254.169.254:80 -> 127.0.0.1:8170")
-        {
-            return Ok(());
-        }
-        thread::sleep(std::time::Duration::from_millis(50));
+    // daemon, so it may arrive after the response.
+    s.daemon
+        .wait_for_log("connect4 169.254.169.254:80 -> 127.0.0.1:8170")
+}
+
+/// Clients holding more connections than the daemon may have files open: its accepts fail
+/// (EMFILE) and the connections wait in the listener's queue. The daemon says so once, not at
+/// every retry, serves the connections it has, and accepts again once descriptors are free.
+fn accept_failures_are_logged_once_and_recovered_from() -> Result<()> {
+    let s = mock_setup(&[])?;
+    let pid = s.daemon.pid();
+    // Room for a few connections beyond the descriptors the daemon has open now.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as libc::rlim_t;
+    let limit = libc::rlimit {
+        rlim_cur: open + 4,
+        rlim_max: open + 4,
+    };
+    // SAFETY: prlimit on our own child, with a valid struct and no old-limit pointer.
+    let set = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    ensure!(set == 0, "prlimit: {}", std::io::Error::last_os_error());
+    let held = s.ns.run(|| {
+        (0..16)
+            .map(|_| TcpStream::connect("127.0.0.1:8169"))
+            .collect::<std::io::Result<Vec<_>>>()
+    })??;
+    s.daemon
+        .wait_for_log("cannot accept connections on 127.0.0.1:8169: Too many open files")?;
+    // Long enough for five retries (50 + 100 + 200 + 400 + 800 ms of back-off).
+    thread::sleep(std::time::Duration::from_millis(1600));
+    let log = s.daemon.log();
+    assert_eq!(log.matches("Too many open files").count(), 1, "{log}");
+    // The first connection was accepted before the descriptors ran out, and is still served.
+    let mut first = &held[0];
+    first.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    first.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut answer = [0; 1024];
+    let n = first.read(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with(INSTANCE_ID),
+        "{answer}"
+    );
+
+    drop(held);
+    for url in [
+        url("/latest/meta-data/instance-id"),
+        "http://127.0.0.1:8169/latest/meta-data/instance-id".to_owned(),
+    ] {
+        let (code, body) = curl(&s.client, &s.ns, &[], &url)?;
+        assert_eq!((code, body.as_str()), (200, INSTANCE_ID), "{url}");
     }
-    anyhow::bail!("no eBPF log line; daemon log:\n{}", s.daemon.log())
+    s.daemon
+        .wait_for_log("accepting connections on 127.0.0.1:8169 again, after")
 }
 
 fn stop_leaves_nothing_attached(signal: libc::c_int) -> Result<()> {

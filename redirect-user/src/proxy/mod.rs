@@ -178,15 +178,20 @@ async fn accept_loop(
     if let Err(e) = nodelay_for_accepted(&listener) {
         tracing::warn!("TCP_NODELAY on the listener: {e}");
     }
+    let mut failed = AcceptFailures::default();
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    failed.ended(&listener);
+                    accepted
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept: {e}");
-                    ticker::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: the connection stays queued and
+                    // the listener ready, so back off instead of spinning.
+                    let pause = failed.failed(&listener, &e);
+                    ticker::sleep(pause).await;
                     continue;
                 }
             },
@@ -206,9 +211,68 @@ async fn accept_loop(
     }
 }
 
+/// A run of failed accepts on one listener (typically EMFILE: the daemon is out of file
+/// descriptors, as when clients hold more connections than its limit allows). It is logged
+/// once when it starts and once when it ends, not at every retry, and the retries back off
+/// from 50 ms to 1 s.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+}
+
+impl AcceptFailures {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// Counts a failure; returns how long to wait before the next accept.
+    fn failed(&mut self, listener: &TcpListener, e: &std::io::Error) -> Duration {
+        self.count += 1;
+        if self.count == 1 {
+            tracing::warn!(
+                "cannot accept connections on {}: {e}; retrying, without a line per retry",
+                local(listener)
+            );
+        }
+        Self::pause(self.count)
+    }
+
+    /// An accept succeeded: ends a run of failures, if any.
+    fn ended(&mut self, listener: &TcpListener) {
+        if self.count > 0 {
+            tracing::info!(
+                "accepting connections on {} again, after {} failed accepts",
+                local(listener),
+                self.count
+            );
+            self.count = 0;
+        }
+    }
+
+    /// 50 ms after the first failure, doubling up to 1 s.
+    fn pause(count: u64) -> Duration {
+        let doublings = count.saturating_sub(1).min(5) as u32;
+        (Self::FIRST_PAUSE * 2u32.pow(doublings)).min(Self::MAX_PAUSE)
+    }
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "its listening socket".to_owned(), |a| a.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_accepts_back_off_from_50_ms_to_1_s() {
+        let pauses: Vec<u128> = (1..=8)
+            .map(|n| AcceptFailures::pause(n).as_millis())
+            .collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(AcceptFailures::pause(u64::MAX), AcceptFailures::MAX_PAUSE);
+    }
 
     /// What saves the per-connection setsockopt: the kernel copies TCP_NODELAY from the
     /// listener into each accepted socket.

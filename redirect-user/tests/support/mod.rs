@@ -381,6 +381,21 @@ impl Daemon {
         self.lines.lock().unwrap().join("\n")
     }
 
+    /// Waits until the daemon has logged a line containing `needle`. The limit only turns a
+    /// line that never comes into a failure instead of a hung test run.
+    pub fn wait_for_log(&self, needle: &str) -> Result<()> {
+        for _ in 0..200 {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "the daemon never logged {needle:?}; its log:\n{}",
+            self.log()
+        )
+    }
+
     /// Sends `signal` and waits for the exit.
     pub fn stop(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
