@@ -59,6 +59,9 @@ pub struct FileConfig {
     pub upstream_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de_duration_opt")]
     pub shutdown_grace: Option<Duration>,
+    /// Close client connections idle this long between requests ("0s": never).
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub idle_timeout: Option<Duration>,
     pub ebpf_log: Option<bool>,
     /// Proxy worker threads.
     #[serde(default, deserialize_with = "de_workers")]
@@ -411,6 +414,8 @@ pub struct Settings {
     pub targets: Vec<Target>,
     pub control_socket: PathBuf,
     pub shutdown_grace: Duration,
+    /// Client connections idle this long between requests are closed; zero: never.
+    pub idle_timeout: Duration,
     pub ebpf_log: bool,
     /// Proxy worker threads, each with its own runtime and listening sockets.
     pub workers: usize,
@@ -446,6 +451,8 @@ pub struct UpstreamSettings {
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// nginx's `keepalive_timeout`, which HTTP clients and their connection pools are used to.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// What the flags of `redirect run` say; `None`/empty means "not given".
 #[derive(Debug, Default, Clone)]
@@ -460,6 +467,7 @@ pub struct Overrides {
     pub upstream_connect_timeout: Option<Duration>,
     pub upstream_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
     pub ebpf_log: bool,
     pub ebpf_object: Option<PathBuf>,
     pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
@@ -571,6 +579,10 @@ impl Settings {
                 .shutdown_grace
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            idle_timeout: flags
+                .idle_timeout
+                .or(file.idle_timeout)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT),
             ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
             workers,
             ebpf_object: flags.ebpf_object,
@@ -611,6 +623,7 @@ mod tests {
         assert_eq!(s.targets, default_targets());
         assert!(s.cgroups.is_empty());
         assert_eq!(s.control_socket, paths::default_control_socket());
+        assert_eq!(s.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert!(!s.ebpf_log);
     }
 
@@ -626,6 +639,7 @@ mod tests {
             upstream_connect_timeout = "250ms"
             upstream_timeout = "2s"
             shutdown_grace = "1s"
+            idle_timeout = "0s"
             ebpf_log = true
 
             [ec2]
@@ -648,13 +662,14 @@ mod tests {
         assert_eq!(s.targets.len(), 2);
         assert_eq!(s.control_socket, PathBuf::from("/tmp/r.sock"));
         assert_eq!(s.shutdown_grace, Duration::from_secs(1));
+        assert_eq!(s.idle_timeout, Duration::ZERO, "0s: never");
         assert!(s.ebpf_log);
     }
 
     #[test]
     fn flags_override_file() {
         let file = parse(
-            "upstream = \"http://10.0.0.1\"\nlisten = [\"127.0.0.1:1\"]\ncgroups = [\"/a\"]\n[ec2]\nhttp_tokens = \"optional\"\n",
+            "upstream = \"http://10.0.0.1\"\nlisten = [\"127.0.0.1:1\"]\ncgroups = [\"/a\"]\nidle_timeout = \"5s\"\n[ec2]\nhttp_tokens = \"optional\"\n",
         )
         .unwrap();
         let s = Settings::resolve(
@@ -664,10 +679,12 @@ mod tests {
                 listen: vec!["127.0.0.2:2".parse().unwrap()],
                 cgroups: vec!["/b".into(), "/c".into()],
                 http_tokens: Some(HttpTokens::Required),
+                idle_timeout: Some(Duration::from_secs(9)),
                 ..Default::default()
             },
         )
         .unwrap();
+        assert_eq!(s.idle_timeout, Duration::from_secs(9));
         let Backend::MockEc2(ec2) = &s.backend else {
             panic!("--mock must win over the file's upstream")
         };

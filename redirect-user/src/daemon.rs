@@ -86,18 +86,30 @@ pub async fn run(settings: Settings) -> Result<()> {
         Vec::new()
     };
     let stop_proxy = CancellationToken::new();
-    let grace = settings.shutdown_grace;
+    let (grace, idle_timeout) = (settings.shutdown_grace, settings.idle_timeout);
     let workers = match settings.backend {
         BackendSettings::MockEc2(ec2) => {
             let mock = Arc::new(Ec2Mock::new(*ec2));
             let backend = move |_| Backend::Ec2(Arc::clone(&mock));
-            Some(Workers::spawn(listeners, backend, &stop_proxy, grace)?)
+            Some(Workers::spawn(
+                listeners,
+                backend,
+                &stop_proxy,
+                grace,
+                idle_timeout,
+            )?)
         }
         BackendSettings::Upstream(upstream) => {
             let backend = move |_| {
                 Backend::Upstream(Forwarder::new(upstream.clone(), Some(Arc::clone(&exempt))))
             };
-            Some(Workers::spawn(listeners, backend, &stop_proxy, grace)?)
+            Some(Workers::spawn(
+                listeners,
+                backend,
+                &stop_proxy,
+                grace,
+                idle_timeout,
+            )?)
         }
         BackendSettings::External => None,
     };

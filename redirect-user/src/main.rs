@@ -104,6 +104,9 @@ struct RunArgs {
     /// On SIGINT/SIGTERM, how long open requests may take to finish. [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Close client connections idle this long between requests; 0s: never. [default: 75s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
     /// IMDSv2 mode of the EC2 mock: `optional` serves tokenless requests, `required` answers
     /// them 401. [default: optional]
     #[arg(long, value_enum, value_name = "MODE")]
@@ -184,6 +187,7 @@ fn run(args: RunArgs) -> Result<()> {
             upstream_connect_timeout: args.upstream_connect_timeout,
             upstream_timeout: args.upstream_timeout,
             shutdown_grace: args.shutdown_grace,
+            idle_timeout: args.idle_timeout,
             ebpf_log: args.ebpf_log,
             ebpf_object: args.ebpf_object,
             http_tokens: args.http_tokens,

@@ -87,6 +87,10 @@ const TESTS: &[(&str, TestFn)] = &[
         "accept_failures_are_logged_once_and_recovered_from",
         accept_failures_are_logged_once_and_recovered_from,
     ),
+    (
+        "idle_connections_are_closed_after_the_idle_timeout",
+        idle_connections_are_closed_after_the_idle_timeout,
+    ),
     ("sigterm_detaches_and_exits_0", || {
         stop_leaves_nothing_attached(libc::SIGTERM)
     }),
@@ -1080,6 +1084,67 @@ fn accept_failures_are_logged_once_and_recovered_from() -> Result<()> {
     }
     s.daemon
         .wait_for_log("accepting connections on 127.0.0.1:8169 again, after")
+}
+
+/// A keep-alive connection left idle is closed by the daemon (a FIN: the read sees the end)
+/// once `--idle-timeout` has passed, and not before; a real client's connection pool
+/// (urllib3, under boto3) notices and opens a new connection for its next request.
+fn idle_connections_are_closed_after_the_idle_timeout() -> Result<()> {
+    let python = std::env::var("REDIRECT_TEST_PYTHON").context(
+        "REDIRECT_TEST_PYTHON is not set: run the tests with `cargo xtask test`, which installs boto3",
+    )?;
+    let s = mock_setup(&["--idle-timeout", "1s"])?;
+    // Closed at the latest 1 s (the sweep's period) and one clock tick after the timeout.
+    let script = r#"
+import json, time, urllib3
+pool = urllib3.HTTPConnectionPool("169.254.169.254", 80, maxsize=1, retries=False)
+first = pool.request("GET", "/latest/meta-data/instance-id")
+time.sleep(3.5)
+second = pool.request("GET", "/latest/meta-data/instance-id")
+print(json.dumps({"statuses": [first.status, second.status], "body": second.data.decode()}))
+"#;
+    let out = sh(command_in(&python, Some(&s.client), Some(&s.ns))?.args(["-c", script]))?;
+    let got: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    assert_eq!(got["statuses"], serde_json::json!([200, 200]), "{got}");
+    assert_eq!(got["body"], INSTANCE_ID, "{got}");
+    // urllib3 reconnects through the same connection object; the daemon counts the accepts.
+    let status = s.daemon.status(&s.ns)?;
+    assert_eq!(
+        status["proxy"]["connections_total"], 2,
+        "the idle connection was closed: {status:#}"
+    );
+
+    let (status, idle_for) = s.ns.run(|| -> Result<(String, std::time::Duration)> {
+        let mut c = TcpStream::connect("127.0.0.1:8169")?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        c.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut answer = [0; 1024];
+        let n = c.read(&mut answer)?;
+        let idle_from = std::time::Instant::now();
+        let status = String::from_utf8_lossy(&answer[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        // Blocks until the daemon closes the connection (the timeout only guards a hang).
+        let end = c.read(&mut answer)?;
+        ensure!(end == 0, "expected the end of the stream, got {end} bytes");
+        Ok((status, idle_from.elapsed()))
+    })??;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        idle_for >= std::time::Duration::from_secs(1),
+        "closed after {idle_for:?}"
+    );
+    // The connection's task ends right after the shutdown that the client saw.
+    for _ in 0..100 {
+        let status = s.daemon.status(&s.ns)?;
+        if status["proxy"]["connections_open"] == 0 {
+            return Ok(());
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    anyhow::bail!("the closed connection is still counted as open")
 }
 
 fn stop_leaves_nothing_attached(signal: libc::c_int) -> Result<()> {

@@ -58,6 +58,7 @@ use super::{
         content_length, header_map, only_chunked, put_header, put_headers, record_spans,
     },
     forward::plain,
+    idle::IdleConnections,
     ticker::Ticker,
 };
 
@@ -94,6 +95,7 @@ pub async fn serve(
     backend: Arc<Backend>,
     stats: Arc<ProxyStats>,
     clock: Arc<Ticker>,
+    idle: Option<Arc<IdleConnections>>,
     shutdown: CancellationToken,
 ) {
     let mut conn = Connection {
@@ -101,17 +103,27 @@ pub async fn serve(
         buf: BytesMut::new(),
         peer,
     };
+    // Declared after `conn`, so dropped before it: the entry leaves the idle sweep's table
+    // before the socket is closed.
+    let idle = idle.map(|idle| idle.register(&conn.stream));
     // Made once: registering with the token on every wait would cost more than waiting.
     let mut cancelled = pin!(shutdown.cancelled());
     loop {
         if conn.buf.is_empty() {
-            // Between requests: all that an idle connection holds is this wait.
+            // Between requests: all that an idle connection holds is this wait (and its
+            // entry in the idle sweep's table, which may shut the socket down).
+            if let Some(idle) = &idle {
+                idle.idle();
+            }
             match conn
                 .fill(false, cancelled.as_mut(), &mut None, &clock)
                 .await
             {
                 Waited::Read => {}
                 Waited::Gone | Waited::Shutdown | Waited::TimedOut => return,
+            }
+            if let Some(idle) = &idle {
+                idle.busy();
             }
         }
         // Boxed: a request's state (its parts, the backend's future, the writes) exists only
@@ -749,6 +761,10 @@ mod tests {
     }
 
     async fn start() -> Server {
+        start_with_idle_timeout(Duration::ZERO).await
+    }
+
+    async fn start_with_idle_timeout(idle_timeout: Duration) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let backend = Arc::new(Backend::Ec2(Arc::new(Ec2Mock::new(Ec2Values::default()))));
@@ -760,6 +776,7 @@ mod tests {
             Arc::clone(&stats),
             shutdown.clone(),
             Duration::from_secs(5),
+            idle_timeout,
         ));
         Server {
             addr,
@@ -937,6 +954,53 @@ mod tests {
         assert!(at_eof(&mut c).await);
         server.task.await.unwrap();
         assert_eq!(server.stats.connections_open.load(Ordering::Relaxed), 0);
+    }
+
+    /// In unit tests the clock ticks every 50 ms (`DEADLINE_TICK`), so the sweep looks every
+    /// 75 ms for connections idle for 300 ms.
+    const IDLE_TIMEOUT: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_connection_idle_for_the_idle_timeout_is_closed() {
+        let server = start_with_idle_timeout(IDLE_TIMEOUT).await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        c.write_all(GET).await.unwrap();
+        response(&mut c, &mut pending).await;
+        let idle_from = std::time::Instant::now();
+        assert!(at_eof(&mut c).await, "still open after 5 s");
+        assert!(
+            idle_from.elapsed() >= IDLE_TIMEOUT,
+            "{:?}",
+            idle_from.elapsed()
+        );
+        // The connection's task ended, as if the client had closed.
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while server.stats.connections_open.load(Ordering::Relaxed) > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(ended.await.is_ok(), "the connection's task did not end");
+        // A connection that never sent a request is idle too.
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+        assert!(at_eof(&mut silent).await, "still open after 5 s");
+    }
+
+    #[tokio::test]
+    async fn requests_keep_a_connection_open_past_the_idle_timeout() {
+        let server = start_with_idle_timeout(IDLE_TIMEOUT).await;
+        let mut c = TcpStream::connect(server.addr).await.unwrap();
+        let mut pending = Vec::new();
+        let started = std::time::Instant::now();
+        // A request every 100 ms for three times the timeout, all on the one socket.
+        while started.elapsed() < IDLE_TIMEOUT * 3 {
+            c.write_all(GET).await.unwrap();
+            let (head, body) = response(&mut c, &mut pending).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, ID);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(server.stats.connections_total.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
@@ -1195,6 +1259,10 @@ mod tests {
             Arc::clone(&backend),
             Arc::clone(&stats),
             Arc::clone(&clock),
+            Some(Arc::new(IdleConnections::new(
+                Duration::from_secs(75),
+                Arc::clone(&clock),
+            ))),
             shutdown.clone(),
         );
         assert!(size_of_val(&idle) <= 512, "serve: {}", size_of_val(&idle));

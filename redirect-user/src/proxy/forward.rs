@@ -183,6 +183,10 @@ mod tests {
 
     /// The proxy (`proxy::serve`) on 127.0.0.1 (port 0), forwarding to `upstream`.
     async fn proxy_to(upstream: SocketAddr) -> SocketAddr {
+        proxy_with_idle_timeout(upstream, Duration::ZERO).await
+    }
+
+    async fn proxy_with_idle_timeout(upstream: SocketAddr, idle_timeout: Duration) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let settings = UpstreamSettings {
@@ -197,6 +201,7 @@ mod tests {
             Arc::new(ProxyStats::default()),
             CancellationToken::new(),
             Duration::from_secs(5),
+            idle_timeout,
         ));
         addr
     }
@@ -246,6 +251,40 @@ mod tests {
             request,
             "POST /x?y=1 HTTP/1.1\r\nhost: md\r\nx-keep: k\r\ncontent-length: 3\r\n\r\nabc"
         );
+    }
+
+    /// A request is not idleness: a client waiting longer than the idle timeout for a slow
+    /// upstream (a GCE `wait_for_change` long poll, say) gets its answer.
+    #[tokio::test]
+    async fn a_request_outlasting_the_idle_timeout_is_answered() {
+        let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = slow.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = slow.accept().await.unwrap();
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                let mut byte = [0];
+                stream.read_exact(&mut byte).await.unwrap();
+                request.push(byte[0]);
+            }
+            // Over twice the proxy's idle timeout below.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlate")
+                .await
+                .unwrap();
+            let _ = stream.read(&mut [0]).await;
+        });
+        let proxy = proxy_with_idle_timeout(up, Duration::from_millis(300)).await;
+        let mut client = TcpStream::connect(proxy).await.unwrap();
+        client
+            .write_all(
+                b"GET /computeMetadata/v1/?wait_for_change=true HTTP/1.1\r\nhost: md\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let response = read_until(&mut client, "late").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     }
 
     #[tokio::test]

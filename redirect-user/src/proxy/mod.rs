@@ -5,6 +5,7 @@ mod codec;
 mod connection;
 pub mod exempt;
 pub mod forward;
+mod idle;
 pub mod ticker;
 pub mod upstream;
 
@@ -21,6 +22,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::mock::ec2::Ec2Mock;
 use forward::Forwarder;
+use idle::IdleConnections;
 use ticker::Ticker;
 
 /// What answers the requests.
@@ -60,12 +62,14 @@ pub struct Workers {
 
 impl Workers {
     /// Starts one worker per element of `listeners`, each serving `backend(i)`, which is
-    /// called on the worker's thread, inside its runtime.
+    /// called on the worker's thread, inside its runtime. For `grace` and `idle_timeout` see
+    /// [`serve`].
     pub fn spawn(
         listeners: Vec<Vec<std::net::TcpListener>>,
         backend: impl Fn(usize) -> Backend + Send + Sync + 'static,
         shutdown: &CancellationToken,
         grace: Duration,
+        idle_timeout: Duration,
     ) -> std::io::Result<Self> {
         let backend = Arc::new(backend);
         let mut threads = Vec::new();
@@ -91,7 +95,15 @@ impl Workers {
                                 }
                             };
                         let backend = Arc::new(backend(i));
-                        serve(listeners, backend, thread_stats, shutdown, grace).await;
+                        serve(
+                            listeners,
+                            backend,
+                            thread_stats,
+                            shutdown,
+                            grace,
+                            idle_timeout,
+                        )
+                        .await;
                     });
                 })?;
             threads.push(thread);
@@ -123,15 +135,22 @@ impl Workers {
 }
 
 /// Serves `listeners` until `shutdown` is cancelled, then lets open connections finish their
-/// current request for up to `grace` (idle keep-alive connections close at once).
+/// current request for up to `grace` (idle keep-alive connections close at once). A
+/// connection idle between requests for `idle_timeout` is closed (see `idle`; zero: never).
 pub async fn serve(
     listeners: Vec<TcpListener>,
     backend: Arc<Backend>,
     stats: Arc<ProxyStats>,
     shutdown: CancellationToken,
     grace: Duration,
+    idle_timeout: Duration,
 ) {
     let clock = Arc::new(Ticker::start(connection::DEADLINE_TICK));
+    let idle = (!idle_timeout.is_zero())
+        .then(|| Arc::new(IdleConnections::new(idle_timeout, Arc::clone(&clock))));
+    if let Some(idle) = &idle {
+        tokio::spawn(Arc::clone(idle).sweep(shutdown.clone()));
+    }
     let connections = TaskTracker::new();
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
@@ -140,6 +159,7 @@ pub async fn serve(
             Arc::clone(&backend),
             Arc::clone(&stats),
             Arc::clone(&clock),
+            idle.clone(),
             connections.clone(),
             shutdown.clone(),
         ));
@@ -172,6 +192,7 @@ async fn accept_loop(
     backend: Arc<Backend>,
     stats: Arc<ProxyStats>,
     clock: Arc<Ticker>,
+    idle: Option<Arc<IdleConnections>>,
     connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -198,14 +219,24 @@ async fn accept_loop(
         };
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
-        let (backend, stats, clock, shutdown) = (
+        let (backend, stats, clock, idle, shutdown) = (
             Arc::clone(&backend),
             Arc::clone(&stats),
             Arc::clone(&clock),
+            idle.clone(),
             shutdown.clone(),
         );
         connections.spawn(async move {
-            connection::serve(stream, peer, backend, Arc::clone(&stats), clock, shutdown).await;
+            connection::serve(
+                stream,
+                peer,
+                backend,
+                Arc::clone(&stats),
+                clock,
+                idle,
+                shutdown,
+            )
+            .await;
             stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
     }

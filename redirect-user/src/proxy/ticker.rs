@@ -83,6 +83,16 @@ impl Ticker {
         Ticker { period, shared }
     }
 
+    /// The clock's reading: ticks so far. It advances only while someone waits on the clock
+    /// (see [`Ticker::expire`]).
+    pub fn now(&self) -> u64 {
+        self.shared.tick.load(Ordering::Acquire)
+    }
+
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
     /// Completes once `after` has passed, give or take one period (a deadline of `d` fires
     /// after `d` to `d + period`). Dropping it early costs nothing more. It allocates
     /// nothing: one runs per proxied request.
