@@ -86,33 +86,28 @@ pub async fn run(settings: Settings) -> Result<()> {
         Vec::new()
     };
     let stop_proxy = CancellationToken::new();
-    let (grace, idle_timeout) = (settings.shutdown_grace, settings.idle_timeout);
-    let workers = match settings.backend {
+    // What each worker serves; called once per worker at start.
+    let backend: Option<Box<dyn Fn(usize) -> Backend + Send + Sync>> = match settings.backend {
         BackendSettings::MockEc2(ec2) => {
             let mock = Arc::new(Ec2Mock::new(*ec2));
-            let backend = move |_| Backend::Ec2(Arc::clone(&mock));
-            Some(Workers::spawn(
-                listeners,
-                backend,
-                &stop_proxy,
-                grace,
-                idle_timeout,
-            )?)
+            Some(Box::new(move |_| Backend::Ec2(Arc::clone(&mock))))
         }
-        BackendSettings::Upstream(upstream) => {
-            let backend = move |_| {
-                Backend::Upstream(Forwarder::new(upstream.clone(), Some(Arc::clone(&exempt))))
-            };
-            Some(Workers::spawn(
-                listeners,
-                backend,
-                &stop_proxy,
-                grace,
-                idle_timeout,
-            )?)
-        }
+        BackendSettings::Upstream(upstream) => Some(Box::new(move |_| {
+            Backend::Upstream(Forwarder::new(upstream.clone(), Some(Arc::clone(&exempt))))
+        })),
         BackendSettings::External => None,
     };
+    let workers = backend
+        .map(|backend| {
+            Workers::spawn(
+                listeners,
+                backend,
+                &stop_proxy,
+                settings.shutdown_grace,
+                settings.idle_timeout,
+            )
+        })
+        .transpose()?;
     let redirector = Arc::new(Mutex::new(redirector));
 
     let status_fn = {

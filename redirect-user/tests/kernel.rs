@@ -158,6 +158,23 @@ fn url(path: &str) -> String {
     format!("http://{IMDS}{path}")
 }
 
+/// The Python with boto3 (and urllib3) that `cargo xtask test` installs.
+fn test_python() -> Result<String> {
+    std::env::var("REDIRECT_TEST_PYTHON").context(
+        "REDIRECT_TEST_PYTHON is not set: run the tests with `cargo xtask test`, which installs boto3",
+    )
+}
+
+/// Sends a keep-alive GET for the instance id on `stream` and returns what one read brings
+/// (the mock's answer goes out in one write).
+fn get_instance_id(mut stream: &TcpStream) -> Result<String> {
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    stream.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut answer = [0; 1024];
+    let n = stream.read(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
 /// Field order is drop order: the daemon stops before its cgroup and namespace go away.
 struct MockSetup {
     daemon: Daemon,
@@ -364,9 +381,7 @@ fn imdsv2_token_flow() -> Result<()> {
 }
 
 fn sdk_boto3_gets_credentials_and_region() -> Result<()> {
-    let python = std::env::var("REDIRECT_TEST_PYTHON").context(
-        "REDIRECT_TEST_PYTHON is not set: run the tests with `cargo xtask test`, which installs boto3",
-    )?;
+    let python = test_python()?;
     // IMDSv2 only, so the SDK must do the token dance through the redirect.
     let s = mock_setup(&["--http-tokens", "required"])?;
     let home = tempfile::tempdir()?;
@@ -1063,12 +1078,7 @@ fn accept_failures_are_logged_once_and_recovered_from() -> Result<()> {
     let log = s.daemon.log();
     assert_eq!(log.matches("Too many open files").count(), 1, "{log}");
     // The first connection was accepted before the descriptors ran out, and is still served.
-    let mut first = &held[0];
-    first.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    first.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut answer = [0; 1024];
-    let n = first.read(&mut answer)?;
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = get_instance_id(&held[0])?;
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.ends_with(INSTANCE_ID),
         "{answer}"
@@ -1090,9 +1100,7 @@ fn accept_failures_are_logged_once_and_recovered_from() -> Result<()> {
 /// once `--idle-timeout` has passed, and not before; a real client's connection pool
 /// (urllib3, under boto3) notices and opens a new connection for its next request.
 fn idle_connections_are_closed_after_the_idle_timeout() -> Result<()> {
-    let python = std::env::var("REDIRECT_TEST_PYTHON").context(
-        "REDIRECT_TEST_PYTHON is not set: run the tests with `cargo xtask test`, which installs boto3",
-    )?;
+    let python = test_python()?;
     let s = mock_setup(&["--idle-timeout", "1s"])?;
     // Closed at the latest 1 s (the sweep's period) and one clock tick after the timeout.
     let script = r#"
@@ -1116,18 +1124,11 @@ print(json.dumps({"statuses": [first.status, second.status], "body": second.data
 
     let (status, idle_for) = s.ns.run(|| -> Result<(String, std::time::Duration)> {
         let mut c = TcpStream::connect("127.0.0.1:8169")?;
-        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        c.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")?;
-        let mut answer = [0; 1024];
-        let n = c.read(&mut answer)?;
+        let answer = get_instance_id(&c)?;
         let idle_from = std::time::Instant::now();
-        let status = String::from_utf8_lossy(&answer[..n])
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let status = answer.lines().next().unwrap_or_default().to_owned();
         // Blocks until the daemon closes the connection (the timeout only guards a hang).
-        let end = c.read(&mut answer)?;
+        let end = c.read(&mut [0; 1024])?;
         ensure!(end == 0, "expected the end of the stream, got {end} bytes");
         Ok((status, idle_from.elapsed()))
     })??;

@@ -96,9 +96,8 @@ impl IdleConnections {
     /// connection wrote down may be up to one period old, so it must be more than the
     /// timeout's ticks behind.
     pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
-        let period = self.clock.period();
-        let every = (self.timeout / 4).max(period);
-        let timeout_ticks = ticks(self.timeout, period);
+        let every = (self.timeout / 4).max(self.clock.period());
+        let timeout_ticks = self.clock.ticks(self.timeout);
         loop {
             // No connections: wait for one without keeping the clock ticking. (A connection
             // that arrives between the check and the wait leaves a permit in `arrived`.)
@@ -167,25 +166,5 @@ impl Drop for Registration {
         {
             table.count -= 1;
         }
-    }
-}
-
-/// `duration` in whole ticks of `period`, rounded up.
-fn ticks(duration: Duration, period: Duration) -> u64 {
-    let ticks = duration.as_nanos().div_ceil(period.as_nanos().max(1));
-    u64::try_from(ticks).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timeouts_round_up_to_whole_ticks() {
-        let second = Duration::from_secs(1);
-        assert_eq!(ticks(Duration::from_secs(75), second), 75);
-        assert_eq!(ticks(Duration::from_millis(1500), second), 2);
-        assert_eq!(ticks(Duration::from_millis(1), second), 1);
-        assert_eq!(ticks(Duration::MAX, Duration::from_nanos(1)), u64::MAX);
     }
 }

@@ -93,15 +93,25 @@ impl Ticker {
         self.period
     }
 
+    /// `duration` in whole ticks, rounded up.
+    pub fn ticks(&self, duration: Duration) -> u64 {
+        let ticks = duration.as_nanos().div_ceil(self.period.as_nanos().max(1));
+        u64::try_from(ticks).unwrap_or(u64::MAX)
+    }
+
     /// Completes once `after` has passed, give or take one period (a deadline of `d` fires
     /// after `d` to `d + period`). Dropping it early costs nothing more. It allocates
     /// nothing: one runs per proxied request.
     pub fn expire(&self, after: Duration) -> impl Future<Output = ()> + Send + 'static {
         let listening = self.listen();
-        let wait = after.as_nanos().div_ceil(self.period.as_nanos().max(1)) as u64;
+        let wait = self.ticks(after);
         async move {
             let shared = &listening.0;
-            let deadline = shared.tick.load(Ordering::Acquire) + wait + 1;
+            let deadline = shared
+                .tick
+                .load(Ordering::Acquire)
+                .saturating_add(wait)
+                .saturating_add(1);
             loop {
                 let mut ticked = pin!(shared.ticked.notified());
                 // Registered before the tick is read, so a tick in between is not missed.
@@ -164,6 +174,16 @@ mod tests {
     use super::*;
 
     const TICK: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn durations_round_up_to_whole_ticks() {
+        let second = Ticker::start(Duration::from_secs(1));
+        assert_eq!(second.ticks(Duration::from_secs(75)), 75);
+        assert_eq!(second.ticks(Duration::from_millis(1500)), 2);
+        assert_eq!(second.ticks(Duration::from_millis(1)), 1);
+        let nano = Ticker::start(Duration::from_nanos(1));
+        assert_eq!(nano.ticks(Duration::MAX), u64::MAX);
+    }
 
     /// Real time (the ticker is a thread): the upper bounds leave room for a loaded machine.
     #[tokio::test]
