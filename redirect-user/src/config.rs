@@ -62,6 +62,18 @@ pub struct FileConfig {
     /// Close client connections idle this long between requests ("0s": never).
     #[serde(default, deserialize_with = "de_duration_opt")]
     pub idle_timeout: Option<Duration>,
+    /// A request head must arrive within this of its first byte, its body within this more.
+    #[serde(default, deserialize_with = "de_timeout_opt")]
+    pub request_read_timeout: Option<Duration>,
+    /// Close a connection whose client has taken nothing of a response for this long.
+    #[serde(default, deserialize_with = "de_timeout_opt")]
+    pub send_timeout: Option<Duration>,
+    /// Client connections held at once (default: what the descriptor limit allows).
+    #[serde(default, deserialize_with = "de_max_connections")]
+    pub max_connections: Option<usize>,
+    /// Largest request body forwarded upstream ("64KiB").
+    #[serde(default, deserialize_with = "de_size_opt")]
+    pub max_request_body: Option<usize>,
     pub ebpf_log: Option<bool>,
     /// Proxy worker threads.
     #[serde(default, deserialize_with = "de_workers")]
@@ -401,6 +413,50 @@ fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     parse_duration(&s).map(Some).map_err(de::Error::custom)
 }
 
+/// A timeout that cannot be off: more than zero.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err(format!("invalid timeout {s:?}: must be more than 0s")),
+        d => Ok(d),
+    }
+}
+
+fn de_timeout_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_timeout(&s).map(Some).map_err(de::Error::custom)
+}
+
+/// A byte size: `65536`, `64KiB`, `1MiB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid size {s:?} ({e}): expected e.g. 65536, 64KiB, 1MiB"))?;
+    usize::try_from(size.as_u64()).map_err(|_| format!("size {s:?} is too large"))
+}
+
+fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_size(&s).map(Some).map_err(de::Error::custom)
+}
+
+/// A connection limit: 1 to 1,000,000.
+pub fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=1_000_000) => Ok(n),
+        _ => Err(format!(
+            "invalid connection limit {s:?}: expected a number from 1 to 1000000"
+        )),
+    }
+}
+
+fn de_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = u64::deserialize(d)?;
+    parse_max_connections(&n.to_string())
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
 /// Settings for `redirect run` after defaults, file and flags are combined.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -416,6 +472,10 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Client connections idle this long between requests are closed; zero: never.
     pub idle_timeout: Duration,
+    pub request_read_timeout: Duration,
+    pub send_timeout: Duration,
+    /// `None`: derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
     pub ebpf_log: bool,
     /// Proxy worker threads, each with its own runtime and listening sockets.
     pub workers: usize,
@@ -423,7 +483,7 @@ pub struct Settings {
     pub ebpf_object: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Backend {
     /// The built-in EC2 mock, with these values.
     MockEc2(Box<Ec2Values>),
@@ -439,13 +499,15 @@ impl Backend {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub url: UpstreamUrl,
     /// Budget for the TCP connect to the upstream. SDKs give the whole request about 1 s.
     pub connect_timeout: Duration,
     /// Budget from sending the request to the end of the upstream's response.
     pub timeout: Duration,
+    /// Largest request body forwarded; larger ones get 413.
+    pub max_request_body: usize,
 }
 
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -453,6 +515,13 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// nginx's `keepalive_timeout`, which HTTP clients and their connection pools are used to.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// The slowloris cut-off: the whole head within this of its first byte.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// nginx's `send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Metadata requests carry no bodies (the IMDSv2 token PUT has none); this leaves room for
+/// an endpoint that takes a small one.
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 64 << 10;
 
 /// What the flags of `redirect run` say; `None`/empty means "not given".
 #[derive(Debug, Default, Clone)]
@@ -468,6 +537,10 @@ pub struct Overrides {
     pub upstream_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
     pub idle_timeout: Option<Duration>,
+    pub request_read_timeout: Option<Duration>,
+    pub send_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub max_request_body: Option<usize>,
     pub ebpf_log: bool,
     pub ebpf_object: Option<PathBuf>,
     pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
@@ -506,6 +579,10 @@ impl Settings {
                     .upstream_timeout
                     .or(file.upstream_timeout)
                     .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+                max_request_body: flags
+                    .max_request_body
+                    .or(file.max_request_body)
+                    .unwrap_or(DEFAULT_MAX_REQUEST_BODY),
             }),
             (None, None, true) => Backend::External,
             (None, None, false) => {
@@ -583,10 +660,74 @@ impl Settings {
                 .idle_timeout
                 .or(file.idle_timeout)
                 .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            request_read_timeout: flags
+                .request_read_timeout
+                .or(file.request_read_timeout)
+                .unwrap_or(DEFAULT_REQUEST_READ_TIMEOUT),
+            send_timeout: flags
+                .send_timeout
+                .or(file.send_timeout)
+                .unwrap_or(DEFAULT_SEND_TIMEOUT),
+            max_connections: flags.max_connections.or(file.max_connections),
             ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
             workers,
             ebpf_object: flags.ebpf_object,
         })
+    }
+}
+
+/// Where the settings come from, kept so that SIGHUP can read them again.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub flags: Overrides,
+}
+
+impl Sources {
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let file = match &self.file {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Settings::resolve(file, self.flags.clone()).map_err(anyhow::Error::msg)
+    }
+}
+
+impl Settings {
+    /// The settings (config keys) that differ in `new` and take effect only on a restart:
+    /// all but the mock's values, which a reload applies.
+    pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
+        let same_backend = match (&self.backend, &new.backend) {
+            (Backend::MockEc2(_), Backend::MockEc2(_)) => true,
+            (a, b) => a == b,
+        };
+        [
+            (
+                "mock/upstream/redirect_to (and the upstream's settings)",
+                same_backend,
+            ),
+            ("listen", self.proxy == new.proxy),
+            ("cgroups", self.cgroups == new.cgroups),
+            ("targets", self.targets == new.targets),
+            ("control_socket", self.control_socket == new.control_socket),
+            ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
+            ("idle_timeout", self.idle_timeout == new.idle_timeout),
+            (
+                "request_read_timeout",
+                self.request_read_timeout == new.request_read_timeout,
+            ),
+            ("send_timeout", self.send_timeout == new.send_timeout),
+            (
+                "max_connections",
+                self.max_connections == new.max_connections,
+            ),
+            ("ebpf_log", self.ebpf_log == new.ebpf_log),
+            ("workers", self.workers == new.workers),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name)
+        .collect()
     }
 }
 

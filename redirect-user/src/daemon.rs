@@ -1,4 +1,5 @@
-//! `redirect run`: check, bind, load, attach, serve; on SIGINT/SIGTERM detach, drain, exit.
+//! `redirect run`: check, bind, load, attach, serve; on SIGHUP reload the mock's values; on
+//! SIGINT/SIGTERM detach, drain, exit.
 //!
 //! Everything that can fail on bad input (privileges, cgroups, the control socket, the listen
 //! addresses) is checked before the kernel is touched, and whatever was set up is undone by
@@ -8,31 +9,34 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
 use anyhow::{Context as _, Result};
 use redirect_common::MAX_DEDICATED;
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     cgroup::{self, Cgroup},
-    config::{Backend as BackendSettings, ProxyAddrs, Settings, Target},
+    config::{Backend as BackendSettings, ProxyAddrs, Settings, Sources, Target},
     control::ControlSocket,
     ebpf::{Redirector, Route},
     mock::ec2::Ec2Mock,
     privileges,
-    proxy::{Backend, ProxyStats, Workers, exempt::ExemptSockets, forward::Forwarder},
+    proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
     status::{self, Status},
 };
 
 /// Backlog of the proxy's listening sockets (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
 
-pub async fn run(settings: Settings) -> Result<()> {
-    // Installed first: from the ready line on, SIGINT/SIGTERM must mean a clean stop.
+pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
+    // Installed first: from the ready line on, no signal may kill the daemon unannounced.
     let mut signals = Signals::install()?;
     privileges::check().map_err(anyhow::Error::msg)?;
     crate::rlimit::raise_nofile();
@@ -43,7 +47,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let serves = settings.backend.serves();
     let plan = plan_endpoints(&settings.targets, &settings.proxy, serves)?;
     let (listeners, endpoints) = if serves {
-        bind_listeners(&plan.addrs, settings.workers, |i| plan.purpose(i))?
+        bind_listeners(&plan.addrs, |i| plan.purpose(i))?
     } else {
         (Vec::new(), plan.addrs.clone())
     };
@@ -56,7 +60,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     for cgroup in &cgroups {
         redirector.attach(cgroup)?;
     }
-    let exempt = ExemptSockets::new(redirector.take_exempt_maps()?);
+    let exemptions = redirector.exemptions()?;
     if settings.ebpf_log {
         match redirector.take_logger() {
             Some(logger) => {
@@ -86,38 +90,49 @@ pub async fn run(settings: Settings) -> Result<()> {
         Vec::new()
     };
     let stop_proxy = CancellationToken::new();
-    // What each worker serves; called once per worker at start.
-    let backend: Option<Box<dyn Fn(usize) -> Backend + Send + Sync>> = match settings.backend {
+    let mut mock = None;
+    let backend = match &settings.backend {
         BackendSettings::MockEc2(ec2) => {
-            let mock = Arc::new(Ec2Mock::new(*ec2));
-            Some(Box::new(move |_| Backend::Ec2(Arc::clone(&mock))))
+            let ec2 = Arc::new(Ec2Mock::new((**ec2).clone()));
+            mock = Some(Arc::clone(&ec2));
+            Some(Backend::Ec2(ec2))
         }
-        BackendSettings::Upstream(upstream) => Some(Box::new(move |_| {
-            Backend::Upstream(Forwarder::new(upstream.clone(), Some(Arc::clone(&exempt))))
-        })),
+        BackendSettings::Upstream(upstream) => Some(Backend::Upstream(Forwarder::new(
+            upstream.clone(),
+            Some(exemptions),
+        ))),
         BackendSettings::External => None,
     };
-    let workers = backend
-        .map(|backend| {
-            Workers::spawn(
-                listeners,
-                backend,
-                &stop_proxy,
-                settings.shutdown_grace,
-                settings.idle_timeout,
-            )
-        })
+    let limits = Limits {
+        max_connections: max_connections(&settings),
+        timeouts: Timeouts {
+            idle: (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout),
+            request_read: settings.request_read_timeout,
+            send: settings.send_timeout,
+        },
+    };
+    let names = own_names(&settings, &endpoints);
+    let proxy = backend
+        .map(|backend| Proxy::spawn(listeners, backend, names, limits, &stop_proxy))
         .transpose()?;
     let redirector = Arc::new(Mutex::new(redirector));
 
     let status_fn = {
         let redirector = Arc::clone(&redirector);
-        let stats = workers.as_ref().map(Workers::stats).unwrap_or_default();
+        let stats = proxy.as_ref().map(Proxy::stats);
         let serving = serving.clone();
         let started = Instant::now();
+        let max_connections = serves.then_some(limits.max_connections);
         Arc::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
-            build_status(&redirector, &serving, &stats, &listen, started)
+            build_status(
+                &redirector,
+                &serving,
+                stats.as_deref(),
+                max_connections,
+                &listen,
+                started,
+            )
         })
     };
     let stop_control = CancellationToken::new();
@@ -134,26 +149,118 @@ pub async fn run(settings: Settings) -> Result<()> {
         control_path.display(),
     );
 
-    let signal_name = signals.recv().await;
+    let signal_name = loop {
+        match signals.recv().await {
+            Signal::Stop(name) => break name,
+            Signal::Reload => reload(&settings, &sources, mock.as_deref()),
+            Signal::Ignored(name) => {
+                tracing::info!("{name} received; redirect has no use for it and goes on")
+            }
+        }
+    };
     let detached = redirector
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .detach_all();
     tracing::info!("{signal_name}: detached {detached} program links; finishing open requests");
     tokio::spawn(async move {
-        // A second signal skips the drain; the programs are already detached.
-        signals.recv().await;
+        // A second stop signal skips the drain; the programs are already detached.
+        while !matches!(signals.recv().await, Signal::Stop(_)) {}
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
     stop_proxy.cancel();
-    if let Some(workers) = workers {
-        workers.join().await;
+    if let Some(proxy) = proxy {
+        proxy.join(settings.shutdown_grace).await;
     }
     stop_control.cancel();
     control_task.await.context("control task")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: reads the config file again and serves the mock's new values; what else changed
+/// is named and left as it is until a restart. A config that does not load changes nothing.
+fn reload(running: &Settings, sources: &Sources, mock: Option<&Ec2Mock>) {
+    let Some(path) = &sources.file else {
+        tracing::info!("SIGHUP: no --config file to reload; nothing changed");
+        return;
+    };
+    let new = match sources.settings() {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("SIGHUP: not reloaded, still serving the settings as they were: {e:#}");
+            return;
+        }
+    };
+    for key in running.restart_only_changes(&new) {
+        tracing::warn!(
+            "SIGHUP: `{key}` changed in {}; it takes effect on restart, kept as it was",
+            path.display()
+        );
+    }
+    match (mock, &new.backend) {
+        (Some(mock), BackendSettings::MockEc2(values)) => {
+            if mock.reload((**values).clone()) {
+                tracing::info!(
+                    "SIGHUP: serving the new [ec2] values from {}",
+                    path.display()
+                );
+            } else {
+                tracing::info!(
+                    "SIGHUP: the [ec2] values in {} are unchanged",
+                    path.display()
+                );
+            }
+        }
+        _ => tracing::info!(
+            "SIGHUP: {} reloaded; nothing to change live",
+            path.display()
+        ),
+    }
+}
+
+/// The connection limit: the configured one, or what the descriptor limit leaves once the
+/// descriptors open now and a reserve are set aside (half of it with an upstream: each client
+/// connection may hold an upstream connection).
+fn max_connections(settings: &Settings) -> usize {
+    /// Descriptors kept for everything else: control connections, the config file, the
+    /// pool's idle upstream connections.
+    const RESERVE: usize = 96;
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count());
+    let allowed = crate::rlimit::nofile().saturating_sub(open + RESERVE);
+    let derived = match settings.backend {
+        BackendSettings::Upstream(_) => allowed / 2,
+        _ => allowed,
+    }
+    .max(1);
+    match settings.max_connections {
+        Some(n) if n > derived => {
+            tracing::warn!(
+                "max_connections {n} is more than the descriptor limit leaves room for ({derived}); \
+                 new connections may wait for descriptors (raise RLIMIT_NOFILE)"
+            );
+            n
+        }
+        Some(n) => n,
+        None => derived,
+    }
+}
+
+/// The host names absolute-form request targets may carry: the targets, the listen
+/// addresses, the upstream, and the names metadata services go by.
+fn own_names(settings: &Settings, endpoints: &[SocketAddr]) -> OwnNames {
+    let mut names: Vec<String> = settings
+        .targets
+        .iter()
+        .map(|t| t.0.ip().to_string())
+        .chain(endpoints.iter().map(|a| a.ip().to_string()))
+        .chain(["metadata.google.internal", "metadata"].map(String::from))
+        .collect();
+    if let BackendSettings::Upstream(upstream) = &settings.backend {
+        names.push(upstream.url.authority.host().to_owned());
+    }
+    OwnNames::new(names)
 }
 
 fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgroup>> {
@@ -172,39 +279,33 @@ fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgr
     Ok(cgroups)
 }
 
-/// Binds the proxy's listening sockets, `workers` per address (SO_REUSEPORT), and returns
-/// them per worker with the addresses actually bound, in the order of `addrs`: port 0 becomes
-/// the port the kernel chose, which is what the programs must redirect to and where the other
-/// workers bind. `purpose(i)` is added to the error for `addrs[i]`.
+/// Binds one listening socket per address and returns them with the addresses bound, in
+/// the order of `addrs`: port 0 becomes the port the kernel chose, which is where the programs
+/// must redirect to. `purpose(i)` is added to the error for `addrs[i]`.
+///
+/// No SO_REUSEPORT: with it a second daemon (or anything of the same user) could join the
+/// port silently and the kernel would split callers between the two. Without it, any socket
+/// holding the port is "Address already in use".
 fn bind_listeners(
     addrs: &[SocketAddr],
-    workers: usize,
     purpose: impl Fn(usize) -> String,
-) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
-        (0..workers).map(|_| Vec::new()).collect();
+) -> Result<(Vec<std::net::TcpListener>, Vec<SocketAddr>)> {
+    let mut listeners = Vec::new();
     let mut bound = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {
-        let first =
+        let listener =
             bind_one(addr).with_context(|| format!("cannot listen on {addr}{}", purpose(i)))?;
-        let actual = first.local_addr()?;
-        bound.push(actual);
-        per_worker[0].push(first);
-        for sockets in &mut per_worker[1..] {
-            sockets.push(
-                bind_one(actual)
-                    .with_context(|| format!("cannot listen on {actual}{}", purpose(i)))?,
-            );
-        }
+        bound.push(listener.local_addr()?);
+        listeners.push(listener);
     }
-    Ok((per_worker, bound))
+    Ok((listeners, bound))
 }
 
 fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // Binding while connections of an earlier run are in TIME_WAIT; never a shared port.
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
@@ -306,23 +407,43 @@ fn plan_endpoints(targets: &[Target], listen: &ProxyAddrs, dedicate: bool) -> Re
     })
 }
 
+/// The signals the daemon handles: every one it may be sent in operation, so that none
+/// kills it unannounced.
 struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
+    interrupt: UnixSignal,
+    terminate: UnixSignal,
+    hangup: UnixSignal,
+    user1: UnixSignal,
+    user2: UnixSignal,
+}
+
+enum Signal {
+    Stop(&'static str),
+    Reload,
+    Ignored(&'static str),
 }
 
 impl Signals {
     fn install() -> Result<Self> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
         Ok(Signals {
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+            terminate: install(SignalKind::terminate(), "SIGTERM")?,
+            hangup: install(SignalKind::hangup(), "SIGHUP")?,
+            user1: install(SignalKind::user_defined1(), "SIGUSR1")?,
+            user2: install(SignalKind::user_defined2(), "SIGUSR2")?,
         })
     }
 
-    async fn recv(&mut self) -> &'static str {
+    async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => Signal::Stop("SIGINT"),
+            _ = self.terminate.recv() => Signal::Stop("SIGTERM"),
+            _ = self.hangup.recv() => Signal::Reload,
+            _ = self.user1.recv() => Signal::Ignored("SIGUSR1"),
+            _ = self.user2.recv() => Signal::Ignored("SIGUSR2"),
         }
     }
 }
@@ -352,7 +473,8 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 fn build_status(
     redirector: &Redirector,
     serving: &str,
-    stats: &[Arc<ProxyStats>],
+    stats: Option<&ProxyStats>,
+    max_connections: Option<usize>,
     listen: &[String],
     started: Instant,
 ) -> Status {
@@ -409,19 +531,18 @@ fn build_status(
         redirects,
         counters,
         programs,
-        proxy: status::ProxyStatus {
-            requests: stats
-                .iter()
-                .map(|s| s.requests.load(Ordering::Relaxed))
-                .sum(),
-            connections_open: stats
-                .iter()
-                .map(|s| s.connections_open.load(Ordering::Relaxed))
-                .sum(),
-            connections_total: stats
-                .iter()
-                .map(|s| s.connections_total.load(Ordering::Relaxed))
-                .sum(),
+        proxy: {
+            let count = |pick: fn(&ProxyStats) -> &AtomicU64| {
+                stats.map_or(0, |s| pick(s).load(Ordering::Relaxed))
+            };
+            status::ProxyStatus {
+                requests: count(|s| &s.requests),
+                refused: count(|s| &s.refused),
+                connections_open: count(|s| &s.connections_open),
+                connections_total: count(|s| &s.connections_total),
+                connections_evicted: count(|s| &s.evicted),
+                max_connections: max_connections.unwrap_or(0) as u64,
+            }
         },
     }
 }

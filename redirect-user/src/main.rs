@@ -1,30 +1,23 @@
 //! `redirect`: makes the cloud instance-metadata service work for every process and container
 //! on a Linux host, without iptables. See README.md.
 
-mod cgroup;
-mod config;
-mod control;
-mod daemon;
-mod ebpf;
-mod mock;
-mod paths;
-mod privileges;
-mod proxy;
-mod rlimit;
-mod status;
-
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{
+use redirect::{
     config::{
-        FileConfig, ListenAddr, MockKind, Overrides, RedirectToAddr, Settings, Target, UpstreamUrl,
-        parse_duration,
+        self, ListenAddr, MockKind, Overrides, RedirectToAddr, Sources, Target, UpstreamUrl,
+        parse_duration, parse_timeout,
     },
+    control, daemon,
     mock::ec2::HttpTokens,
+    paths,
 };
+
+/// Exit status after a panic (EX_SOFTWARE): the daemon stops rather than run half alive.
+const EXIT_PANIC: i32 = 70;
 
 #[derive(Parser)]
 #[command(
@@ -107,12 +100,27 @@ struct RunArgs {
     /// Close client connections idle this long between requests; 0s: never. [default: 75s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// A request head must arrive within this of its first byte (else the connection
+    /// closes), its body within this more (else 408). [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    request_read_timeout: Option<Duration>,
+    /// Close a connection whose client takes nothing of a response for this long.
+    /// [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    send_timeout: Option<Duration>,
+    /// Client connections held at once; at the limit the longest-idle one is closed for a
+    /// new one. [default: what RLIMIT_NOFILE leaves room for]
+    #[arg(long, value_name = "N", value_parser = config::parse_max_connections)]
+    max_connections: Option<usize>,
+    /// Largest request body forwarded upstream; larger ones get 413. [default: 64KiB]
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    max_request_body: Option<usize>,
     /// IMDSv2 mode of the EC2 mock: `optional` serves tokenless requests, `required` answers
     /// them 401. [default: optional]
     #[arg(long, value_enum, value_name = "MODE")]
     http_tokens: Option<HttpTokens>,
-    /// Proxy worker threads, each with its own listening socket (SO_REUSEPORT) and upstream
-    /// connections. [default: the number of CPUs with --upstream, 1 with --mock]
+    /// Threads of the proxy's runtime. [default: the number of CPUs with --upstream, 1 with
+    /// --mock]
     #[arg(long, value_name = "N", value_parser = config::parse_workers)]
     workers: Option<usize>,
     /// Turn on the eBPF programs' debug logs (one line per rewritten connect).
@@ -137,6 +145,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let ebpf_log = matches!(&cli.command, Command::Run(args) if args.ebpf_log);
     init_logging(&cli.log_level, ebpf_log);
+    exit_on_panic();
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Status(args) => status(args),
@@ -169,14 +178,24 @@ fn init_logging(level: &str, ebpf_log: bool) {
         .init();
 }
 
+/// A panic anywhere (a proxy task, the control socket, a signal handler) stops the daemon
+/// with a log line and a non-zero exit: tokio would otherwise catch it in the task and leave
+/// the rest running with a piece missing.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            "panic in thread {}: {info}; redirect exits rather than run half alive (this is a bug: please report it)",
+            thread.name().unwrap_or("unnamed")
+        );
+        std::process::exit(EXIT_PANIC);
+    }));
+}
+
 fn run(args: RunArgs) -> Result<()> {
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let settings = Settings::resolve(
-        file,
-        Overrides {
+    let sources = Sources {
+        file: args.config,
+        flags: Overrides {
             mock: args.mock,
             upstream: args.upstream,
             redirect_to: args.redirect_to,
@@ -188,20 +207,24 @@ fn run(args: RunArgs) -> Result<()> {
             upstream_timeout: args.upstream_timeout,
             shutdown_grace: args.shutdown_grace,
             idle_timeout: args.idle_timeout,
+            request_read_timeout: args.request_read_timeout,
+            send_timeout: args.send_timeout,
+            max_connections: args.max_connections,
+            max_request_body: args.max_request_body,
             ebpf_log: args.ebpf_log,
             ebpf_object: args.ebpf_object,
             http_tokens: args.http_tokens,
             workers: args.workers,
         },
-    )
-    .map_err(anyhow::Error::msg)?;
-    // The proxy's workers run their own runtimes (see proxy::Workers); this one only carries
-    // the control socket, the signals and the eBPF log.
-    tokio::runtime::Builder::new_current_thread()
+    };
+    let settings = sources.settings()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.workers)
+        .thread_name("redirect-worker")
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(daemon::run(settings))
+        .block_on(daemon::run(settings, sources))
 }
 
 fn status(args: StatusArgs) -> Result<()> {

@@ -13,6 +13,19 @@ pub fn raise_nofile() {
     raise(libc::RLIMIT_NOFILE, "RLIMIT_NOFILE", false);
 }
 
+/// The soft descriptor limit (after [`raise_nofile`]: the hard one).
+pub fn nofile() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+}
+
 /// Sets the soft limit to the hard limit; with `unlimited`, first tries both to infinity.
 fn raise(resource: libc::__rlimit_resource_t, name: &str, unlimited: bool) {
     if unlimited {

@@ -50,8 +50,14 @@ pub struct ProgramStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProxyStatus {
     pub requests: u64,
+    /// Answered by the proxy itself (a refused request: 4xx, 503), not by the backend.
+    pub refused: u64,
     pub connections_open: u64,
     pub connections_total: u64,
+    /// Idle connections closed to admit new ones at the connection limit.
+    pub connections_evicted: u64,
+    /// The connection limit (0: no proxy served here).
+    pub max_connections: u64,
 }
 
 impl Status {
@@ -119,10 +125,16 @@ impl Status {
             };
             let _ = writeln!(s, "  {:<22} id {:<6} {stats}", p.name, p.id);
         }
+        let p = &self.proxy;
         let _ = writeln!(
             s,
-            "proxy:     {} requests, {} connections open, {} total",
-            self.proxy.requests, self.proxy.connections_open, self.proxy.connections_total
+            "proxy:     {} requests ({} refused), {} connections open (limit {}), {} total, {} idle ones closed for room",
+            p.requests,
+            p.refused,
+            p.connections_open,
+            p.max_connections,
+            p.connections_total,
+            p.connections_evicted
         );
         s
     }

@@ -8,6 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
+    sync::{Arc, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -83,7 +84,7 @@ impl std::fmt::Display for HttpTokens {
 }
 
 /// The values the mock serves. Every field has a default; `[ec2]` in the config overrides them.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Ec2Values {
     pub instance_id: String,
@@ -165,9 +166,16 @@ enum Node {
     UserData(Bytes),
 }
 
+/// The mock, whose values a reload replaces (SIGHUP) while its token key and start time stay:
+/// tokens issued before a reload remain valid.
 pub struct Ec2Mock {
+    current: RwLock<Arc<Instance>>,
+}
+
+/// The instance the mock serves now.
+struct Instance {
     values: Ec2Values,
-    tokens: TokenIssuer,
+    tokens: Arc<TokenIssuer>,
     started: SystemTime,
     /// The tree under `/latest/`.
     root: Node,
@@ -178,18 +186,42 @@ pub type Resp = Response<Bytes>;
 
 impl Ec2Mock {
     pub fn new(values: Ec2Values) -> Self {
-        let root = build_tree(&values);
+        let instance = Instance::new(values, Arc::new(TokenIssuer::new()), SystemTime::now());
         Ec2Mock {
-            values,
-            tokens: TokenIssuer::new(),
-            started: SystemTime::now(),
-            root,
+            current: RwLock::new(Arc::new(instance)),
         }
     }
 
     /// Answers one request. Only method, path and headers matter; the body is never read.
     pub fn handle<B>(&self, req: &Request<B>) -> Resp {
-        self.handle_at(req, SystemTime::now())
+        self.instance().handle_at(req, SystemTime::now())
+    }
+
+    /// Serves `values` from now on; false when they are the ones served already.
+    pub fn reload(&self, values: Ec2Values) -> bool {
+        let current = self.instance();
+        if current.values == values {
+            return false;
+        }
+        let next = Instance::new(values, Arc::clone(&current.tokens), current.started);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        true
+    }
+
+    fn instance(&self) -> Arc<Instance> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl Instance {
+    fn new(values: Ec2Values, tokens: Arc<TokenIssuer>, started: SystemTime) -> Self {
+        let root = build_tree(&values);
+        Instance {
+            values,
+            tokens,
+            started,
+            root,
+        }
     }
 
     fn handle_at<B>(&self, req: &Request<B>, now: SystemTime) -> Resp {
@@ -578,8 +610,9 @@ mod tests {
             ..Default::default()
         });
         for elapsed in [0, 299, 300, 301, 599, 600, 7_777] {
-            let now = m.started + Duration::from_secs(elapsed);
-            let (issued, expires) = m.credentials_window(now);
+            let instance = m.instance();
+            let now = instance.started + Duration::from_secs(elapsed);
+            let (issued, expires) = instance.credentials_window(now);
             assert!(
                 issued <= now && expires >= now + Duration::from_secs(300),
                 "at +{elapsed}s"
@@ -680,7 +713,7 @@ mod tests {
     fn token_expiry() {
         let m = mock();
         let now = SystemTime::now();
-        let resp = m.handle_at(
+        let resp = m.instance().handle_at(
             &req(Method::PUT, TOKEN_PATH, &[(TOKEN_TTL_HEADER, "1")]),
             now,
         );
@@ -690,9 +723,11 @@ mod tests {
             "/latest/meta-data/instance-id",
             &[(TOKEN_HEADER, &token)],
         );
-        assert_eq!(m.handle_at(&r, now).status(), StatusCode::OK);
+        assert_eq!(m.instance().handle_at(&r, now).status(), StatusCode::OK);
         assert_eq!(
-            m.handle_at(&r, now + Duration::from_secs(1)).status(),
+            m.instance()
+                .handle_at(&r, now + Duration::from_secs(1))
+                .status(),
             StatusCode::UNAUTHORIZED
         );
     }

@@ -1,118 +1,218 @@
 //! Forwarding to the real metadata service (`--upstream`).
 //!
-//! Method, path, query, header values and body go upstream unchanged, except the hop-by-hop
-//! headers a proxy must not forward (RFC 9110 §7.6.1). Header names go out in lower case: they
-//! are case-insensitive (RFC 9110 §5.1), and keeping the original spelling cost an eighth of the
-//! proxy's per-request work (BENCHMARKS.md). Nothing is added: metadata
-//! services refuse token traffic that carries `X-Forwarded-For`, so no XFF, `Forwarded` or
-//! `Via`. The request and the response are buffered whole (see `upstream`); upstream
-//! connections are kept alive and exempt from the redirect (see `exempt`).
+//! Method, target, header values and body go upstream as admitted (`admission`), less the
+//! hop-by-hop headers (RFC 9110 §7.6.1); header names in the case hyper gives them (lower).
+//! Nothing is added: metadata services refuse token traffic that carries `X-Forwarded-For`,
+//! so no XFF, `Forwarded` or `Via`. Both bodies are buffered whole within the budget (as
+//! nginx's `proxy_buffering`), so the upstream only ever sees a `Content-Length` body, and a
+//! response that fails midway is a 502, not a truncated 200.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::Full;
 use hyper::{
-    HeaderMap, Request, Response, StatusCode,
+    HeaderMap, Method, Request, Response, StatusCode, Uri,
+    body::Body as _,
     header::{self, HeaderName, HeaderValue},
     http::request::Parts,
 };
 
 use super::{
-    exempt::ExemptSockets,
-    ticker::Ticker,
-    upstream::{Limits, Upstream, UpstreamConnector},
+    admission::connection_options,
+    budget::{BodyError, Budget},
+    connection::plain,
+    upstream::{self, Connector, MAX_RESPONSE_HEAD, UpstreamClient},
 };
 use crate::config::UpstreamSettings;
 
-/// Resolution of the upstream timeout.
-const DEADLINE_TICK: Duration = Duration::from_millis(100);
+/// Largest upstream response body passed on: beyond it, a 502.
+pub const MAX_RESPONSE_BODY: usize = 16 << 20;
+/// A GCE `wait_for_change` long poll without `timeout_sec` is given this long, one with it
+/// at most [`MAX_LONG_POLL`], each plus [`LONG_POLL_MARGIN`] for the answer to arrive.
+pub const DEFAULT_LONG_POLL: Duration = Duration::from_secs(300);
+pub const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
+pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct Forwarder {
-    upstream: Upstream,
+    client: UpstreamClient,
     settings: UpstreamSettings,
-    /// 100 ms clock for the upstream timeouts (see `ticker`), shared with the connector.
-    deadlines: Arc<Ticker>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("{}", error_chain(.0))]
+    Upstream(hyper_util::client::legacy::Error),
+    #[error("its response's body: {0}")]
+    Body(#[from] BodyError),
+    #[error("it sent transfer coding {0:?}; only chunked is supported")]
+    Coding(String),
+    #[error("its response head is larger than {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("invalid request target: {0}")]
+    Target(#[from] hyper::http::Error),
 }
 
 impl Forwarder {
-    /// `exempt` is `None` only where no programs are loaded (unit tests).
-    pub fn new(settings: UpstreamSettings, exempt: Option<Arc<ExemptSockets>>) -> Self {
-        let deadlines = Arc::new(Ticker::start(DEADLINE_TICK));
-        let connector = UpstreamConnector::new(&settings, exempt, Arc::clone(&deadlines));
+    /// `exemptions` is `None` only where no programs are loaded (unit tests, the fuzzer).
+    pub fn new(
+        settings: UpstreamSettings,
+        exemptions: Option<std::sync::Arc<crate::ebpf::Exemptions>>,
+    ) -> Self {
+        let connector = Connector::new(exemptions, settings.connect_timeout);
         Forwarder {
-            upstream: Upstream::new(connector, Limits::default()),
+            client: upstream::client(connector),
             settings,
-            deadlines,
         }
     }
 
-    /// Not an `async fn`: one would keep `req` in its future beside the parts made of it.
-    pub fn forward(&self, req: Request<Bytes>) -> impl Future<Output = Response<Bytes>> + Send {
-        let (mut parts, body) = req.into_parts();
-        let long_poll = parts.uri.query().is_some_and(is_long_poll);
-        if !parts.headers.contains_key(header::HOST) {
-            // HTTP/1.0 clients may omit Host; the upstream is entitled to one.
-            if let Ok(host) = HeaderValue::from_str(self.settings.url.authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
-            }
-        }
-        strip_hop_by_hop(&mut parts.headers);
-        // Answered by the server side before it read the body.
-        parts.headers.remove(header::EXPECT);
-        async move { self.exchange(&parts, &body, long_poll).await }
+    pub fn max_request_body(&self) -> usize {
+        self.settings.max_request_body
     }
 
-    async fn exchange(&self, parts: &Parts, body: &[u8], long_poll: bool) -> Response<Bytes> {
-        let request = self.upstream.send(parts, body);
-        let result = if long_poll {
-            // GCE's wait_for_change holds the request open by design; its own timeout_sec
-            // bounds it.
-            Some(request.await)
-        } else {
-            tokio::select! {
-                biased;
-                response = request => Some(response),
-                () = self.deadlines.expire(self.settings.timeout) => None,
-            }
-        };
-        match result {
-            Some(Ok(mut resp)) => {
-                strip_hop_by_hop(resp.headers_mut());
+    /// A client that goes away drops this future, and with it the upstream request.
+    pub async fn forward(&self, req: Request<Bytes>, budget: &Budget) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let budget_for = self.deadline(&parts.uri);
+        let url = &self.settings.url;
+        match tokio::time::timeout(budget_for, self.exchange(&parts, body, budget)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(ForwardError::Body(BodyError::Exhausted))) => {
+                let mut resp = plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "redirect: too many responses in flight; retry\n".to_owned(),
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 resp
             }
-            Some(Err(e)) => {
-                tracing::warn!("upstream {}: {}", self.settings.url, error_chain(&e));
+            Ok(Err(e)) => {
+                tracing::warn!("upstream {url}: {e}");
                 plain(
                     StatusCode::BAD_GATEWAY,
-                    format!(
-                        "redirect: upstream {} failed: {}\n",
-                        self.settings.url,
-                        error_chain(&e)
-                    ),
+                    format!("redirect: upstream {url} failed: {e}\n"),
                 )
             }
-            None => {
-                tracing::warn!(
-                    "upstream {} sent no response within {:?}",
-                    self.settings.url,
-                    self.settings.timeout
-                );
+            Err(_) => {
+                tracing::warn!("upstream {url} sent no response within {budget_for:?}");
                 plain(
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "redirect: upstream {} sent no response within {:?}\n",
-                        self.settings.url, self.settings.timeout
-                    ),
+                    format!("redirect: upstream {url} sent no response within {budget_for:?}\n"),
                 )
             }
         }
+    }
+
+    async fn exchange(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+        budget: &Budget,
+    ) -> Result<Response<Full<Bytes>>, ForwardError> {
+        let mut sent_again = false;
+        let resp = loop {
+            match self
+                .client
+                .request(self.upstream_request(parts, body.clone())?)
+                .await
+            {
+                Ok(resp) => break resp,
+                // A kept-alive connection the upstream had just closed, found only once the
+                // request was on it: safe to repeat for an idempotent method.
+                Err(e) if !sent_again && idempotent(&parts.method) && closed_unanswered(&e) => {
+                    sent_again = true;
+                }
+                Err(e) => return Err(ForwardError::Upstream(e)),
+            }
+        };
+        let (mut head, body) = resp.into_parts();
+        // hyper's client bounds what it buffers of a head, not the head itself.
+        let head_size: usize = head
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if head_size > MAX_RESPONSE_HEAD {
+            return Err(ForwardError::HeadTooLarge);
+        }
+        if let Some(coding) = head.headers.get(header::TRANSFER_ENCODING)
+            && !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        {
+            return Err(ForwardError::Coding(
+                String::from_utf8_lossy(coding.as_bytes()).into_owned(),
+            ));
+        }
+        strip_hop_by_hop(&mut head.headers);
+        let declared = body.size_hint().exact();
+        let body = budget.collect(body, MAX_RESPONSE_BODY, declared).await?;
+        Ok(Response::from_parts(head, Full::new(body)))
+    }
+
+    fn upstream_request(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ForwardError> {
+        let authority = &self.settings.url.authority;
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .build()?;
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        // Answered by hyper before the body was read; the length is the body's own.
+        headers.remove(header::EXPECT);
+        headers.remove(header::CONTENT_LENGTH);
+        if !headers.contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            // HTTP/1.0 clients may omit Host; the upstream gets one.
+            headers.insert(header::HOST, host);
+        }
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
+
+    /// The budget of one exchange: the upstream timeout, or for a GCE long poll its own
+    /// `timeout_sec` (GCE's `wait_for_change` only exists under `/computeMetadata/`).
+    fn deadline(&self, uri: &Uri) -> Duration {
+        let params = || {
+            uri.query()
+                .unwrap_or_default()
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+        };
+        let long_poll = uri.path().starts_with("/computeMetadata/")
+            && params().any(|(k, v)| k == "wait_for_change" && v.eq_ignore_ascii_case("true"));
+        if !long_poll {
+            return self.settings.timeout;
+        }
+        let asked = params()
+            .find(|(k, _)| *k == "timeout_sec")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        asked.unwrap_or(DEFAULT_LONG_POLL).min(MAX_LONG_POLL) + LONG_POLL_MARGIN
     }
 }
 
-fn is_long_poll(query: &str) -> bool {
-    query
-        .split('&')
-        .any(|kv| kv.eq_ignore_ascii_case("wait_for_change=true"))
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -124,16 +224,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
-}
-
-/// A `text/plain` answer of the proxy's own (its upstream's failures; the server side's
-/// refusals).
-pub(super) fn plain(status: StatusCode, text: String) -> Response<Bytes> {
-    let mut resp = Response::new(Bytes::from(text));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    resp
 }
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1, and the old `Keep-Alive`/`Proxy-Connection`.
@@ -149,203 +239,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Removes the hop-by-hop headers: the fixed list and any named in `Connection`. Most messages
-/// carry none, so one pass over the names decides whether there is anything to do.
+/// Removes the hop-by-hop headers: the fixed list and any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    let named: Vec<HeaderName> = connection_options(headers).collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proxy::{
-        Backend, ProxyStats,
-        upstream::testing::{Reply, upstream},
-    };
-    use std::net::SocketAddr;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::{TcpListener, TcpStream},
-    };
-    use tokio_util::sync::CancellationToken;
-
-    /// The proxy (`proxy::serve`) on 127.0.0.1 (port 0), forwarding to `upstream`.
-    async fn proxy_to(upstream: SocketAddr) -> SocketAddr {
-        proxy_with_idle_timeout(upstream, Duration::ZERO).await
-    }
-
-    async fn proxy_with_idle_timeout(upstream: SocketAddr, idle_timeout: Duration) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let settings = UpstreamSettings {
-            url: format!("http://{upstream}").parse().unwrap(),
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(5),
-        };
-        let backend = Backend::Upstream(Forwarder::new(settings, None));
-        tokio::spawn(crate::proxy::serve(
-            vec![listener],
-            Arc::new(backend),
-            Arc::new(ProxyStats::default()),
-            CancellationToken::new(),
-            Duration::from_secs(5),
-            idle_timeout,
-        ));
-        addr
-    }
-
-    /// Reads from `stream` until what has arrived ends with `end`.
-    async fn read_until(stream: &mut TcpStream, end: &str) -> String {
-        let mut got = Vec::new();
-        while !got.ends_with(end.as_bytes()) {
-            let mut chunk = [0; 4096];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&chunk[..n]);
-        }
-        String::from_utf8(got).unwrap()
-    }
-
-    #[tokio::test]
-    async fn bodies_are_forwarded_whole_and_hop_by_hop_headers_stay_behind() {
-        let (up, mut seen) = upstream(vec![vec![Reply::Send(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive, x-hop\r\n\
-             x-hop: 1\r\nx-end: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        )]])
-        .await;
-        let mut client = TcpStream::connect(proxy_to(up).await).await.unwrap();
-        client
-            .write_all(
-                b"POST /x?y=1 HTTP/1.1\r\nhost: md\r\ntransfer-encoding: chunked\r\n\
-                  expect: 100-continue\r\nconnection: keep-alive\r\nx-keep: k\r\n\r\n\
-                  3\r\nabc\r\n0\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let response = read_until(&mut client, "hello").await.to_ascii_lowercase();
-        let (_, last) = response.rsplit_once("http/1.1 ").unwrap();
-        assert!(last.starts_with("200 ok\r\n"), "{response}");
-        assert!(last.contains("\r\ncontent-length: 5\r\n"), "{response}");
-        assert!(last.contains("\r\nx-end: 2\r\n"), "{response}");
-        for gone in [
-            "transfer-encoding",
-            "x-hop",
-            "connection: keep-alive, x-hop",
-        ] {
-            assert!(!last.contains(gone), "{gone}: {response}");
-        }
-        let (_, request) = seen.recv().await.unwrap();
-        assert_eq!(
-            request,
-            "POST /x?y=1 HTTP/1.1\r\nhost: md\r\nx-keep: k\r\ncontent-length: 3\r\n\r\nabc"
-        );
-    }
-
-    /// A request is not idleness: a client waiting longer than the idle timeout for a slow
-    /// upstream (a GCE `wait_for_change` long poll, say) gets its answer.
-    #[tokio::test]
-    async fn a_request_outlasting_the_idle_timeout_is_answered() {
-        let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let up = slow.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = slow.accept().await.unwrap();
-            let mut request = Vec::new();
-            while !request.ends_with(b"\r\n\r\n") {
-                let mut byte = [0];
-                stream.read_exact(&mut byte).await.unwrap();
-                request.push(byte[0]);
-            }
-            // Over twice the proxy's idle timeout below.
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlate")
-                .await
-                .unwrap();
-            let _ = stream.read(&mut [0]).await;
-        });
-        let proxy = proxy_with_idle_timeout(up, Duration::from_millis(300)).await;
-        let mut client = TcpStream::connect(proxy).await.unwrap();
-        client
-            .write_all(
-                b"GET /computeMetadata/v1/?wait_for_change=true HTTP/1.1\r\nhost: md\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let response = read_until(&mut client, "late").await;
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    }
-
-    #[tokio::test]
-    async fn a_request_body_over_the_limit_is_refused_unread() {
-        let (up, mut seen) = upstream(vec![vec![Reply::Send(
-            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-        )]])
-        .await;
-        let mut client = TcpStream::connect(proxy_to(up).await).await.unwrap();
-        let length = crate::proxy::connection::MAX_REQUEST_BODY + 1;
-        client
-            .write_all(
-                format!("PUT /big HTTP/1.1\r\nhost: md\r\nexpect: 100-continue\r\ncontent-length: {length}\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let response = read_until(&mut client, "bytes\n").await;
-        assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
-        assert!(!response.contains("100 Continue"), "{response}");
-        assert!(seen.try_recv().is_err(), "nothing went upstream");
-    }
-
-    /// The forwarding future is one allocation per proxied request.
-    #[tokio::test]
-    async fn the_forwarding_state_stays_small() {
-        let settings = UpstreamSettings {
-            url: "http://127.0.0.1:9".parse().unwrap(),
-            connect_timeout: Duration::from_secs(5),
-            timeout: Duration::from_secs(5),
-        };
-        let forwarder = Forwarder::new(settings, None);
-        let forwarding = forwarder.forward(Request::new(Bytes::new()));
-        crate::proxy::assert_fits_allocator_cache("forward", size_of_val(&forwarding));
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_removed_and_the_rest_kept() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("upgrade", HeaderValue::from_static("h2c"));
-        h.insert("x-aws-ec2-metadata-token", HeaderValue::from_static("tok"));
-        h.insert("metadata", HeaderValue::from_static("true"));
-        h.insert("host", HeaderValue::from_static("169.254.169.254"));
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["host", "metadata", "x-aws-ec2-metadata-token"]);
-    }
-
-    #[test]
-    fn long_poll_detection() {
-        assert!(is_long_poll("recursive=true&wait_for_change=true"));
-        assert!(is_long_poll("WAIT_FOR_CHANGE=TRUE"));
-        assert!(!is_long_poll("wait_for_change=false"));
-        assert!(!is_long_poll("x=wait_for_change=true"));
     }
 }

@@ -16,6 +16,7 @@ use std::{
     io,
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -30,6 +31,10 @@ use redirect_common::{
 };
 
 use crate::cgroup::Cgroup;
+
+pub mod exempt;
+
+pub use exempt::Exemptions;
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time (see build.rs).
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("REDIRECT_EBPF_OBJECT"));
@@ -107,14 +112,6 @@ pub struct Route {
     /// restores `dialled` from the peer address alone, and connect4 records nothing per
     /// socket. Otherwise each rewritten socket is recorded under its cookie.
     pub dedicated: bool,
-}
-
-/// The maps by which the proxy exempts its own upstream sockets from the redirect.
-pub struct ExemptMaps {
-    /// Cookies of the exempt sockets.
-    pub sockets: HashMap<MapData, u64, u8>,
-    /// Non-zero while `sockets` holds any, so the programs look it up only then.
-    pub active: Array<MapData, u32>,
 }
 
 /// Kernel-side run statistics of one program (`kernel.bpf_stats_enabled=1` fills them).
@@ -335,15 +332,16 @@ impl Redirector {
         detached
     }
 
-    /// Takes the exemption maps out, for the upstream connector.
-    pub fn take_exempt_maps(&mut self) -> Result<ExemptMaps, EbpfError> {
+    /// Takes the exemption maps out, as the handle the upstream connector exempts its sockets
+    /// with (see [`exempt`]).
+    pub fn exemptions(&mut self) -> Result<Arc<Exemptions>, EbpfError> {
         let mut take = |name| self.ebpf.take_map(name).ok_or(EbpfError::MissingMap(name));
         let sockets = take(names::EXEMPT_SOCKETS)?;
         let active = take(names::EXEMPT_ACTIVE)?;
-        Ok(ExemptMaps {
-            sockets: HashMap::try_from(sockets).map_err(map_err(names::EXEMPT_SOCKETS))?,
-            active: Array::try_from(active).map_err(map_err(names::EXEMPT_ACTIVE))?,
-        })
+        Ok(Exemptions::new(
+            HashMap::try_from(sockets).map_err(map_err(names::EXEMPT_SOCKETS))?,
+            Array::try_from(active).map_err(map_err(names::EXEMPT_ACTIVE))?,
+        ))
     }
 
     /// Every counter by name, summed over CPUs, and the connects seen by each program

@@ -1,4 +1,5 @@
-//! Keeping the proxy's own upstream connects out of the redirect.
+//! Keeping the proxy's own upstream connects out of the redirect: a guard per socket, the maps
+//! behind it.
 //!
 //! Just before an upstream socket connects, its socket cookie goes into `EXEMPT_SOCKETS`; the
 //! connect4/connect6 programs leave exempt sockets alone. The entry is removed as soon as the
@@ -10,15 +11,15 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd as _, RawFd},
     sync::{Arc, Mutex, PoisonError},
 };
 
 use aya::maps::{Array, HashMap, MapData};
 
-use crate::ebpf::ExemptMaps;
-
-pub struct ExemptSockets {
+/// The daemon's handle on the exemption maps: the only way to exempt a socket. The proxy's
+/// upstream connector holds it and asks for a guard per connect; the maps stay in here.
+pub struct Exemptions {
     maps: Mutex<Maps>,
 }
 
@@ -31,24 +32,29 @@ struct Maps {
 
 /// Removes the socket's exemption when dropped.
 pub struct ExemptGuard {
-    sockets: Arc<ExemptSockets>,
+    exemptions: Arc<Exemptions>,
     cookie: u64,
 }
 
-impl ExemptSockets {
-    pub fn new(maps: ExemptMaps) -> Arc<Self> {
-        Arc::new(ExemptSockets {
+impl Exemptions {
+    /// `sockets`: cookies of exempt sockets; `active`: non-zero while `sockets` holds any, so
+    /// that the programs look it up only then.
+    pub(super) fn new(
+        sockets: HashMap<MapData, u64, u8>,
+        active: Array<MapData, u32>,
+    ) -> Arc<Self> {
+        Arc::new(Exemptions {
             maps: Mutex::new(Maps {
-                sockets: maps.sockets,
-                active: maps.active,
+                sockets,
+                active,
                 in_flight: 0,
             }),
         })
     }
 
     /// Exempts `socket` until the returned guard is dropped. Call before connect().
-    pub fn exempt(self: &Arc<Self>, socket: &impl AsRawFd) -> io::Result<ExemptGuard> {
-        let cookie = socket_cookie(socket.as_raw_fd())?;
+    pub fn exempt(self: &Arc<Self>, socket: &impl AsFd) -> io::Result<ExemptGuard> {
+        let cookie = socket_cookie(socket.as_fd().as_raw_fd())?;
         let failed =
             |e| io::Error::other(format!("exempting upstream socket from the redirect: {e}"));
         let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
@@ -63,7 +69,7 @@ impl ExemptSockets {
         }
         drop(maps);
         Ok(ExemptGuard {
-            sockets: Arc::clone(self),
+            exemptions: Arc::clone(self),
             cookie,
         })
     }
@@ -84,7 +90,7 @@ impl Maps {
 impl Drop for ExemptGuard {
     fn drop(&mut self) {
         let mut maps = self
-            .sockets
+            .exemptions
             .maps
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -97,7 +103,7 @@ impl Drop for ExemptGuard {
 
 /// The kernel's unique id of a socket (`SO_COOKIE`), the same value `bpf_get_socket_cookie`
 /// returns inside the programs.
-pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+fn socket_cookie(fd: RawFd) -> io::Result<u64> {
     let mut cookie = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` and `len` are valid for writes of the sizes given.

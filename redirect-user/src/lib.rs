@@ -1,0 +1,15 @@
+//! `redirect`: makes the cloud instance-metadata service work for every process and container
+//! on a Linux host, without iptables. See README.md. The binary (`main.rs`) is the command
+//! line over these modules; the fuzz targets use the proxy from here.
+
+pub mod cgroup;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod ebpf;
+pub mod mock;
+pub mod paths;
+pub mod privileges;
+pub mod proxy;
+pub mod rlimit;
+pub mod status;

@@ -1,0 +1,128 @@
+//! Accepting client connections: one slot per connection (mini-redis's semaphore), and at the
+//! limit the connection idle longest is closed to make room, as nginx reuses keep-alive
+//! connections when it runs short, so that idle connections can never lock a new caller out.
+//! Failed accepts (out of descriptors) back off instead of spinning, and are logged once per
+//! run of failures.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{ProxyStats, Shared, connection};
+
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    // Accepted sockets inherit TCP_NODELAY from the listener (one setsockopt, not one per
+    // connection): a response must not wait for the client's ACK of the last one.
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::warn!("TCP_NODELAY on the listener: {e}");
+    }
+    let mut failures = AcceptFailures::default();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    failures.ended(&listener);
+                    stream
+                }
+                Err(e) => {
+                    // The connection stays queued and the listener ready: wait, do not spin.
+                    let pause = failures.failed(&listener, &e);
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            },
+        };
+        let slot = match Arc::clone(&shared.slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if shared.idle.evict_oldest() {
+                    ProxyStats::count(&shared.stats.evicted);
+                }
+                // Every connection busy: the new one waits for the first to finish (their
+                // requests are bounded by the timeouts).
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    slot = Arc::clone(&shared.slots).acquire_owned() => {
+                        slot.expect("the slots are never closed")
+                    }
+                }
+            }
+        };
+        ProxyStats::count(&shared.stats.connections_total);
+        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        connections.spawn(async move {
+            connection::serve(stream, &shared, &shutdown).await;
+            drop(slot);
+        });
+    }
+}
+
+/// A run of failed accepts on one listener, typically EMFILE: logged when it starts and when
+/// it ends, not at every retry; the retries back off from 50 ms to 1 s.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+}
+
+impl AcceptFailures {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// Counts a failure; returns how long to wait before the next accept.
+    fn failed(&mut self, listener: &TcpListener, e: &std::io::Error) -> Duration {
+        self.count += 1;
+        if self.count == 1 {
+            tracing::warn!(
+                "cannot accept connections on {}: {e}; retrying, without a line per retry",
+                local(listener)
+            );
+        }
+        Self::pause(self.count)
+    }
+
+    fn ended(&mut self, listener: &TcpListener) {
+        if self.count > 0 {
+            tracing::info!(
+                "accepting connections on {} again, after {} failed accepts",
+                local(listener),
+                self.count
+            );
+            self.count = 0;
+        }
+    }
+
+    /// 50 ms after the first failure, doubling up to 1 s.
+    fn pause(count: u64) -> Duration {
+        let doublings = count.saturating_sub(1).min(5) as u32;
+        (Self::FIRST_PAUSE * 2u32.pow(doublings)).min(Self::MAX_PAUSE)
+    }
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "its listening socket".to_owned(), |a| a.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_back_off_from_50_ms_to_1_s() {
+        let pauses: Vec<u128> = (1..=8)
+            .map(|n| AcceptFailures::pause(n).as_millis())
+            .collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(AcceptFailures::pause(u64::MAX), AcceptFailures::MAX_PAUSE);
+    }
+}
