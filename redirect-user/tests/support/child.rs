@@ -16,6 +16,9 @@ pub fn run(role: &str) -> i32 {
     let result = match role {
         "http" => http(&args),
         "connect" => connect(&args),
+        "flood" => flood(&args),
+        "idle-flood" => idle_flood(&args),
+        "raw" => raw(&args),
         _ => Err(format!("unknown role {role}")),
     };
     match result {
@@ -92,4 +95,117 @@ fn connect(args: &[String]) -> Result<serde_json::Value, String> {
         .map(|(_, b)| b)
         .unwrap_or_default();
     Ok(json!({ "ok": true, "peer": peer.to_string(), "body": body }))
+}
+
+/// The soft descriptor limit up to the hard one: the floods hold many sockets.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// `flood ADDR N SIZE`: N connections at once, each sending a PUT with a SIZE-byte body as
+/// fast as it can, then reading the answer; reports the statuses it got (`"none"`: the
+/// connection ended without one).
+fn flood(args: &[String]) -> Result<serde_json::Value, String> {
+    let [addr, n, size] = args else {
+        return Err("usage: flood ADDR N SIZE".into());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let n: usize = n.parse().map_err(|e| format!("{n}: {e}"))?;
+    let size: usize = size.parse().map_err(|e| format!("{size}: {e}"))?;
+    raise_nofile();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let statuses = runtime.block_on(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+                        return "connect failed".to_owned();
+                    };
+                    let head = format!(
+                        "PUT /latest/flood HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n"
+                    );
+                    let (mut read, mut write) = stream.split();
+                    let send = async {
+                        write.write_all(head.as_bytes()).await?;
+                        let chunk = vec![b'x'; 64 << 10];
+                        let mut left = size;
+                        while left > 0 {
+                            let n = left.min(chunk.len());
+                            write.write_all(&chunk[..n]).await?;
+                            left -= n;
+                        }
+                        std::io::Result::Ok(())
+                    };
+                    let mut answer = Vec::new();
+                    let (_, _) = tokio::join!(send, read.read_to_end(&mut answer));
+                    String::from_utf8_lossy(&answer)
+                        .strip_prefix("HTTP/1.1 ")
+                        .and_then(|r| r.get(..3))
+                        .unwrap_or("none")
+                        .to_owned()
+                })
+            })
+            .collect();
+        let mut statuses = serde_json::Map::new();
+        for task in tasks {
+            let status = task.await.unwrap_or_else(|_| "panicked".to_owned());
+            let count = statuses.entry(status).or_insert(json!(0));
+            *count = json!(count.as_u64().unwrap_or(0) + 1);
+        }
+        statuses
+    });
+    Ok(json!({ "statuses": statuses }))
+}
+
+/// `idle-flood ADDR N`: opens N connections and sends nothing on them; prints how many
+/// opened, then holds them until stdin closes.
+fn idle_flood(args: &[String]) -> Result<serde_json::Value, String> {
+    let [addr, n] = args else {
+        return Err("usage: idle-flood ADDR N".into());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let n: usize = n.parse().map_err(|e| format!("{n}: {e}"))?;
+    raise_nofile();
+    let held: Vec<TcpStream> = (0..n)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    println!("{}", json!({ "opened": held.len() }));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    Ok(json!({ "released": held.len() }))
+}
+
+/// `raw ADDR`: sends stdin's bytes verbatim on one connection and reports everything that
+/// comes back until the other side closes.
+fn raw(args: &[String]) -> Result<serde_json::Value, String> {
+    let [addr] = args else {
+        return Err("usage: raw ADDR < bytes".into());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut request = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut request)
+        .map_err(|e| e.to_string())?;
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    // A refusal may close before everything is sent.
+    let _ = stream.write_all(&request);
+    let mut answer = Vec::new();
+    // Ends at the daemon's close (after a refusal, or at its idle timeout); a reset after
+    // some bytes keeps what came.
+    let _ = stream.read_to_end(&mut answer);
+    Ok(json!({ "answer": String::from_utf8_lossy(&answer) }))
 }

@@ -323,9 +323,22 @@ impl Daemon {
         cgroup: Option<&Path>,
         log_filter: &str,
     ) -> Result<Self> {
+        Self::start_with(args, netns, cgroup, log_filter, |_| {})
+    }
+
+    /// [`Daemon::start_logging`], with `configure` applied to the command before it starts
+    /// (environment, limits).
+    pub fn start_with(
+        args: &[&str],
+        netns: &NetNs,
+        cgroup: Option<&Path>,
+        log_filter: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let control_socket = dir.path().join("control.sock");
         let mut cmd = command_in(DAEMON, cgroup, Some(netns))?;
+        configure(&mut cmd);
         cmd.arg("run")
             .args(args)
             .arg("--control-socket")
@@ -398,10 +411,36 @@ impl Daemon {
 
     /// Sends `signal` and waits for the exit.
     pub fn stop(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
-        let mut child = self.child.take().context("already stopped")?;
+        self.signal(signal)?;
+        self.wait()
+    }
+
+    /// Sends `signal`, and returns at once.
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let child = self.child.as_ref().context("already stopped")?;
         // SAFETY: signalling our own child, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        ensure!(
+            unsafe { libc::kill(child.id() as libc::pid_t, signal) } == 0,
+            "kill: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+
+    /// Waits for the daemon to exit.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
         Ok(child.wait()?)
+    }
+
+    /// A `kB` field of the daemon's /proc status (`VmRSS:`, `VmHWM:`).
+    pub fn memory_kb(&self, field: &str) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {field} in the daemon's status"))
     }
 
     /// `redirect status --json` against this daemon, run from `netns`.
@@ -439,6 +478,23 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Sets RLIMIT_NOFILE (soft and hard) of the process `cmd` starts.
+pub fn limit_nofile(cmd: &mut Command, limit: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit is async-signal-safe; `limit` is a plain copied value.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -515,4 +571,33 @@ pub fn child_role(
             .args(args),
     )?;
     serde_json::from_str(out.trim()).with_context(|| format!("child {role} printed {out:?}"))
+}
+
+/// A child process of a test: killed (after its stdin is closed) and reaped on drop if it
+/// is still running.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    /// Waits for the child; its stdout, if it exited 0.
+    pub fn wait_with_output(mut self) -> Result<Vec<u8>> {
+        let child = self.0.take().context("already waited for")?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "child failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(out.stdout)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            drop(child.stdin.take());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

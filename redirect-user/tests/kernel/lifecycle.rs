@@ -1,0 +1,191 @@
+//! The daemon's life: signals (stop, reload, ignored), a second daemon, a panic.
+
+use super::*;
+
+pub const TESTS: &[(&str, TestFn)] = &[
+    ("sigterm_detaches_and_exits_0", || {
+        stop_leaves_nothing_attached(libc::SIGTERM)
+    }),
+    ("sigint_detaches_and_exits_0", || {
+        stop_leaves_nothing_attached(libc::SIGINT)
+    }),
+    ("sigkill_leaves_nothing_attached", || {
+        stop_leaves_nothing_attached(libc::SIGKILL)
+    }),
+    (
+        "sighup_reloads_the_mock_and_never_kills",
+        sighup_reloads_the_mock_and_never_kills,
+    ),
+    (
+        "a_second_daemon_on_the_same_listen_address_fails",
+        a_second_daemon_on_the_same_listen_address_fails,
+    ),
+    (
+        "a_panic_stops_the_daemon_with_a_non_zero_exit",
+        a_panic_stops_the_daemon_with_a_non_zero_exit,
+    ),
+];
+
+fn stop_leaves_nothing_attached(signal: libc::c_int) -> Result<()> {
+    let mut s = mock_setup(&[])?;
+    let ours = |cg: &Path| -> Result<Vec<String>> {
+        Ok(attached_programs(cg)?
+            .into_iter()
+            .filter(|(_, name)| name.starts_with("redirect_"))
+            .map(|(kind, name)| format!("{kind} {name}"))
+            .collect())
+    };
+    let before = ours(&s.client)?;
+    assert_eq!(before.len(), 4, "{before:?}");
+    assert!(before.iter().any(|p| p.contains("connect4")), "{before:?}");
+    let status = s.daemon.stop(signal)?;
+    if signal == libc::SIGKILL {
+        assert!(!status.success());
+    } else {
+        assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
+        assert!(
+            s.daemon.log().contains("detached 4 program links"),
+            "{}",
+            s.daemon.log()
+        );
+        assert!(!s.daemon.control_socket.exists(), "control socket removed");
+    }
+    assert_eq!(
+        ours(&s.client)?,
+        Vec::<String>::new(),
+        "bpftool still shows our programs"
+    );
+    let r = child_role(&s.client, &s.ns, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ENETUNREACH, "not redirected any more: {r}");
+    Ok(())
+}
+
+/// SIGHUP reads the config file again: the mock serves the new values at once, tokens issued
+/// before stay valid, what cannot change live is named in the log and left as it was, and a
+/// broken file changes nothing. SIGUSR1 and SIGUSR2 are logged and ignored.
+fn sighup_reloads_the_mock_and_never_kills() -> Result<()> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("redirect.toml");
+    let write = |instance_id: &str, listen: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "mock = \"ec2\"\nlisten = [\"{listen}\"]\ncgroups = [{:?}]\n[ec2]\ninstance_id = \"{instance_id}\"\n",
+                client.to_str().unwrap()
+            ),
+        )
+    };
+    write("i-before", "127.0.0.1:8169")?;
+    let daemon = Daemon::start(&["--config", config.to_str().unwrap()], &ns, None)?;
+    let id = url("/latest/meta-data/instance-id");
+    let (_, token) = curl(
+        &client,
+        &ns,
+        &["-X", "PUT", "-H", &format!("{TOKEN_TTL}: 600")],
+        &url("/latest/api/token"),
+    )?;
+    assert_eq!(curl(&client, &ns, &[], &id)?, (200, "i-before".to_owned()));
+
+    write("i-after", "127.0.0.1:9169")?;
+    daemon.signal(libc::SIGHUP)?;
+    daemon.wait_for_log("SIGHUP: serving the new [ec2] values")?;
+    let auth = format!("X-aws-ec2-metadata-token: {token}");
+    assert_eq!(
+        curl(&client, &ns, &["-H", &auth], &id)?,
+        (200, "i-after".to_owned()),
+        "the new value, and the token from before the reload still valid"
+    );
+    assert!(
+        daemon.log().contains("SIGHUP: `listen` changed"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.status(&ns)?["listen"][0], "127.0.0.1:8169", "kept");
+
+    std::fs::write(&config, "mock = \"ec2\"\n[ec2]\ninstance_idd = \"x\"\n")?;
+    daemon.signal(libc::SIGHUP)?;
+    daemon.wait_for_log("line 3, key `ec2.instance_idd`")?;
+    assert!(
+        daemon.log().contains("SIGHUP: not reloaded"),
+        "{}",
+        daemon.log()
+    );
+    for (signal, name) in [(libc::SIGUSR1, "SIGUSR1"), (libc::SIGUSR2, "SIGUSR2")] {
+        daemon.signal(signal)?;
+        daemon.wait_for_log(&format!("{name} received; redirect has no use for it"))?;
+    }
+    assert_eq!(curl(&client, &ns, &[], &id)?, (200, "i-after".to_owned()));
+    assert_eq!(daemon.status(&ns)?["pid"], daemon.pid(), "the same daemon");
+    Ok(())
+}
+
+/// Without SO_REUSEPORT a port held by any socket, our own daemon's included, is "in use":
+/// the second daemon fails, and the kernel never splits callers between the two.
+fn a_second_daemon_on_the_same_listen_address_fails() -> Result<()> {
+    let s = mock_setup(&[])?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("second.sock");
+    let cmd = errors::redirect_run(
+        Some(&s.ns),
+        &[
+            "--mock",
+            "--cgroup",
+            s.client.to_str().unwrap(),
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ],
+    )?;
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    errors::one_line_error(
+        &stderr,
+        "cannot listen on 127.0.0.1:8169: Address already in use",
+    )?;
+    for _ in 0..20 {
+        assert_eq!(
+            curl(&s.client, &s.ns, &[], &url("/latest/meta-data/instance-id"))?,
+            (200, INSTANCE_ID.to_owned())
+        );
+    }
+    assert_eq!(
+        s.daemon.status(&s.ns)?["proxy"]["requests"],
+        20,
+        "every request reached the first daemon"
+    );
+    Ok(())
+}
+
+/// A panic in a request handler (injected) takes the daemon down with a log line and exit
+/// status 70, instead of leaving it running with a piece missing.
+fn a_panic_stops_the_daemon_with_a_non_zero_exit() -> Result<()> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let mut daemon = Daemon::start_with(
+        &["--mock", "--cgroup", client.to_str().unwrap()],
+        &ns,
+        None,
+        "info",
+        |cmd| {
+            cmd.env("REDIRECT_FAULT_PANIC_PATH", "/latest/panic");
+        },
+    )?;
+    assert_eq!(
+        curl(&client, &ns, &[], &url("/latest/meta-data/instance-id"))?,
+        (200, INSTANCE_ID.to_owned())
+    );
+    let out = command_in("curl", Some(&client), Some(&ns))?
+        .args(["-sS", "--max-time", "20", &url("/latest/panic")])
+        .output()?;
+    assert!(!out.status.success(), "no answer from a panicking handler");
+    let status = daemon.wait()?;
+    assert_eq!(status.code(), Some(70), "log:\n{}", daemon.log());
+    assert!(
+        daemon.log().contains("panic in thread") && daemon.log().contains("fault injection"),
+        "{}",
+        daemon.log()
+    );
+    Ok(())
+}

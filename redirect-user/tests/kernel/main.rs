@@ -1,0 +1,137 @@
+//! Real-kernel tests: the real eBPF object attached to throwaway cgroups, real connects from
+//! processes inside test-made network namespaces (no route out), real HTTP clients (curl,
+//! reqwest, boto3).
+//!
+//! Needs root. Without root the tests are reported as ignored, except under `CI=true`, where
+//! they fail: CI must run them. `cargo xtask test` installs the tools they drive.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod bounds;
+mod containers;
+mod errors;
+mod lifecycle;
+mod mock;
+mod routing;
+mod upstream;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::Command,
+    sync::{Arc, Mutex},
+    thread,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use libtest_mimic::{Arguments, Trial};
+use support::{
+    DAEMON, Daemon, IMDS, NetNs, TestCgroup, attached_programs, child, child_role, command_in,
+    curl, run_daemon_expecting_failure, sh, veth,
+};
+
+pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
+
+pub const ENETUNREACH: i64 = libc::ENETUNREACH as i64;
+
+pub const TOKEN_TTL: &str = "X-aws-ec2-metadata-token-ttl-seconds";
+
+pub type TestFn = fn() -> Result<()>;
+
+fn url(path: &str) -> String {
+    format!("http://{IMDS}{path}")
+}
+
+/// The Python with boto3 (and urllib3) that `cargo xtask test` installs.
+fn test_python() -> Result<String> {
+    std::env::var("REDIRECT_TEST_PYTHON").context(
+        "REDIRECT_TEST_PYTHON is not set: run the tests with `cargo xtask test`, which installs boto3",
+    )
+}
+
+/// Sends a keep-alive GET for the instance id on `stream` and returns what one read brings
+/// (the mock's answer goes out in one write).
+fn get_instance_id(mut stream: &TcpStream) -> Result<String> {
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    stream.write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut answer = [0; 1024];
+    let n = stream.read(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+/// Field order is drop order: the daemon stops before its cgroup and namespace go away.
+struct MockSetup {
+    daemon: Daemon,
+    client: std::path::PathBuf,
+    cg: TestCgroup,
+    ns: NetNs,
+}
+
+/// A namespace, a test cgroup with a `client` child, and a mock daemon redirecting `client`.
+fn mock_setup(extra: &[&str]) -> Result<MockSetup> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let mut args = vec!["--mock", "--cgroup", client.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&args, &ns, None)?;
+    Ok(MockSetup {
+        daemon,
+        client,
+        cg,
+        ns,
+    })
+}
+
+/// Every test, one module per feature.
+fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
+    [
+        mock::TESTS,
+        routing::TESTS,
+        containers::TESTS,
+        upstream::TESTS,
+        lifecycle::TESTS,
+        bounds::TESTS,
+        errors::TESTS,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+fn main() {
+    if let Ok(role) = std::env::var(child::ROLE_ENV) {
+        std::process::exit(child::run(&role));
+    }
+    let args = Arguments::from_args();
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !root {
+        eprintln!(
+            "kernel tests need root: {}",
+            if ci {
+                "CI=true, so they fail"
+            } else {
+                "reporting them as ignored"
+            }
+        );
+    }
+    if root {
+        support::sweep_leftovers();
+    }
+    let trials = tests()
+        .map(|&(name, test)| {
+            let trial = Trial::test(name, move || {
+                if !root {
+                    return Err("needs root (CI=true forbids skipping)".into());
+                }
+                test().map_err(|e| format!("{e:#}").into())
+            });
+            trial.with_ignored_flag(!root && !ci)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
