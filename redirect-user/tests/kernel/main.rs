@@ -11,6 +11,7 @@ mod support;
 mod bounds;
 mod containers;
 mod errors;
+mod framing;
 mod lifecycle;
 mod mock;
 mod routing;
@@ -96,6 +97,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         lifecycle::TESTS,
         bounds::TESTS,
         errors::TESTS,
+        framing::TESTS,
     ]
     .into_iter()
     .flatten()
