@@ -5,6 +5,8 @@ mod cmd;
 mod host;
 mod toolchain;
 
+use toolchain::ensure_cargo_fuzz;
+
 use std::{
     env,
     ffi::OsString,
@@ -52,6 +54,16 @@ enum Task {
     Lint,
     /// Benchmarks against iptables DNAT and nginx (root): prints a table and writes
     /// target/bench/{results.json,table.md,chart.png}. Installs wrk, nginx, iptables, matplotlib.
+    /// libFuzzer on the proxy's request path (cargo-fuzz, nightly) for a bounded time; never
+    /// part of CI. Findings land in redirect-user/fuzz/artifacts/request/.
+    Fuzz {
+        /// How long to fuzz, in seconds.
+        #[arg(long, default_value_t = 300)]
+        time: u64,
+        /// Passed to libFuzzer, e.g. `-- -jobs=2`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
     Bench {
         /// Longer runs (several minutes) instead of the quick mode (under 2 minutes).
         #[arg(long)]
@@ -105,6 +117,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test { release, args } => test(&workspace, release, &args),
         Task::Lint => lint(&workspace),
         Task::Bench { full, args } => bench(&workspace, full, &args),
+        Task::Fuzz { time, args } => fuzz(&workspace, time, &args),
     }
 }
 
@@ -244,4 +257,41 @@ fn bench(workspace: &Path, full: bool, extra: &[OsString]) -> Result<()> {
         .args(extra)
         .env("REDIRECT_BENCH_PYTHON", python)
         .env("REDIRECT_BENCH_OUT", workspace.join("target/bench")))
+}
+
+/// `cargo fuzz run request` on the nightly toolchain, from the seeds in `fuzz/seeds/request`,
+/// keeping what it finds interesting in `fuzz/corpus/request` for the next run.
+fn fuzz(workspace: &Path, seconds: u64, extra: &[OsString]) -> Result<()> {
+    let object = build_ebpf(workspace)?;
+    let cargo_fuzz = ensure_cargo_fuzz()?;
+    let fuzz_dir = workspace.join("redirect-user/fuzz");
+    let corpus = fuzz_dir.join("corpus/request");
+    std::fs::create_dir_all(&corpus)?;
+    let path = env::join_paths(
+        std::iter::once(cargo_fuzz)
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )?;
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(workspace.join("redirect-user"))
+        .arg(format!("+{}", toolchain::ebpf_toolchain()))
+        .args(["fuzz", "run", "request"])
+        .arg(&corpus)
+        .arg(fuzz_dir.join("seeds/request"))
+        .env("PATH", path)
+        .env("REDIRECT_EBPF_OBJECT", object)
+        .env("CARGO_TARGET_DIR", workspace.join("target/fuzz"))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .args(extra);
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC",
+    ] {
+        cargo.env_remove(var);
+    }
+    run(&mut cargo)
+        .context("fuzzing (a crash leaves its input in redirect-user/fuzz/artifacts/request/)")
 }

@@ -186,3 +186,30 @@ pub fn ensure_bpf_linker(nightly: &Nightly) -> Result<PathBuf> {
     }
     Ok(bin_dir)
 }
+
+/// The cargo-fuzz release `cargo xtask fuzz` installs.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// A `bin` directory holding cargo-fuzz, installed into the cache when missing.
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    let root = cache_root().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let bin = root.join("bin");
+    if bin.join("cargo-fuzz").is_file() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} into {}",
+        root.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--root",
+        ])
+        .arg(&root))?;
+    Ok(bin)
+}

@@ -15,6 +15,8 @@ mod budget;
 mod connection;
 mod deadlines;
 pub mod forward;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 mod idle;
 mod listener;
 #[cfg(test)]
