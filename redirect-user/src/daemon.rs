@@ -47,7 +47,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     let serves = settings.backend.serves();
     let plan = plan_endpoints(&settings.targets, &settings.proxy, serves)?;
     let (listeners, endpoints) = if serves {
-        bind_listeners(&plan.addrs, |i| plan.purpose(i))?
+        bind_listeners(&plan.addrs, settings.workers, |i| plan.purpose(i))?
     } else {
         (Vec::new(), plan.addrs.clone())
     };
@@ -91,16 +91,23 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     };
     let stop_proxy = CancellationToken::new();
     let mut mock = None;
-    let backend = match &settings.backend {
+    // What each proxy worker serves: the mock is shared; each worker keeps its own upstream
+    // connections.
+    let backend: Option<Box<dyn Fn() -> Backend>> = match &settings.backend {
         BackendSettings::MockEc2(ec2) => {
             let ec2 = Arc::new(Ec2Mock::new((**ec2).clone()));
             mock = Some(Arc::clone(&ec2));
-            Some(Backend::Ec2(ec2))
+            Some(Box::new(move || Backend::Ec2(Arc::clone(&ec2))))
         }
-        BackendSettings::Upstream(upstream) => Some(Backend::Upstream(Forwarder::new(
-            upstream.clone(),
-            Some(exemptions),
-        ))),
+        BackendSettings::Upstream(upstream) => {
+            let upstream = upstream.clone();
+            Some(Box::new(move || {
+                Backend::Upstream(Forwarder::new(
+                    upstream.clone(),
+                    Some(Arc::clone(&exemptions)),
+                ))
+            }))
+        }
         BackendSettings::External => None,
     };
     let limits = Limits {
@@ -113,7 +120,16 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     };
     let names = own_names(&settings, &endpoints);
     let proxy = backend
-        .map(|backend| Proxy::spawn(listeners, backend, names, limits, &stop_proxy))
+        .map(|backend| {
+            Proxy::spawn(
+                listeners,
+                backend,
+                names,
+                limits,
+                &stop_proxy,
+                settings.shutdown_grace,
+            )
+        })
         .transpose()?;
     let redirector = Arc::new(Mutex::new(redirector));
 
@@ -171,7 +187,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     });
     stop_proxy.cancel();
     if let Some(proxy) = proxy {
-        proxy.join(settings.shutdown_grace).await;
+        proxy.join().await;
     }
     stop_control.cancel();
     control_task.await.context("control task")?;
@@ -279,36 +295,48 @@ fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgr
     Ok(cgroups)
 }
 
-/// Binds one listening socket per address and returns them with the addresses bound, in
-/// the order of `addrs`: port 0 becomes the port the kernel chose, which is where the programs
-/// must redirect to. `purpose(i)` is added to the error for `addrs[i]`.
+/// Binds the proxy's listening sockets, `workers` per address, and returns them per worker
+/// with the addresses actually bound, in the order of `addrs`: port 0 becomes the port the
+/// kernel chose, which is where the programs must redirect to and where the other workers
+/// bind. `purpose(i)` is added to the error for `addrs[i]`.
 ///
-/// No SO_REUSEPORT: with it a second daemon (or anything of the same user) could join the
-/// port silently and the kernel would split callers between the two. Without it, any socket
-/// holding the port is "Address already in use".
+/// The workers' sockets share each port with SO_REUSEPORT, so that the kernel spreads new
+/// connections over them. That alone would let a second daemon (or anything of the same
+/// user) join the port silently, with the kernel splitting callers between the two: each
+/// address is first bound without SO_REUSEPORT, which fails with "Address already in use"
+/// while any other socket holds the port.
 fn bind_listeners(
     addrs: &[SocketAddr],
+    workers: usize,
     purpose: impl Fn(usize) -> String,
-) -> Result<(Vec<std::net::TcpListener>, Vec<SocketAddr>)> {
-    let mut listeners = Vec::new();
+) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {
-        let listener =
-            bind_one(addr).with_context(|| format!("cannot listen on {addr}{}", purpose(i)))?;
-        bound.push(listener.local_addr()?);
-        listeners.push(listener);
+        let failed = |addr| format!("cannot listen on {addr}{}", purpose(i));
+        let probe = bind_one(addr, false).with_context(|| failed(addr))?;
+        let actual = probe.local_addr()?;
+        drop(probe);
+        bound.push(actual);
+        for sockets in &mut per_worker {
+            sockets.push(bind_one(actual, true).with_context(|| failed(actual))?);
+        }
     }
-    Ok((listeners, bound))
+    Ok((per_worker, bound))
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn bind_one(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    // Binding while connections of an earlier run are in TIME_WAIT; never a shared port.
+    // Binding while connections of an earlier run are in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(shared)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
+    if shared {
+        socket.listen(LISTEN_BACKLOG)?;
+    }
     Ok(socket.into())
 }
 

@@ -119,8 +119,8 @@ struct RunArgs {
     /// them 401. [default: optional]
     #[arg(long, value_enum, value_name = "MODE")]
     http_tokens: Option<HttpTokens>,
-    /// Threads of the proxy's runtime. [default: the number of CPUs with --upstream, 1 with
-    /// --mock]
+    /// Proxy worker threads, each accepting on every listener and keeping its own upstream
+    /// connections. [default: the number of CPUs with --upstream, 1 with --mock]
     #[arg(long, value_name = "N", value_parser = config::parse_workers)]
     workers: Option<usize>,
     /// Turn on the eBPF programs' debug logs (one line per rewritten connect).
@@ -218,9 +218,9 @@ fn run(args: RunArgs) -> Result<()> {
         },
     };
     let settings = sources.settings()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.workers)
-        .thread_name("redirect-worker")
+    // The proxy's workers run runtimes of their own (see proxy::Proxy); this one carries the
+    // control socket, the signals and the eBPF log.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?

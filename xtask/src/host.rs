@@ -1,5 +1,5 @@
 //! Host programs the tests and benchmarks drive (bpftool, curl, iproute2, util-linux; wrk,
-//! nginx, iptables) and the Python packages they use (boto3 as a real client, matplotlib for the
+//! nginx, iptables, Go) and the Python packages they use (boto3 as a real client, matplotlib for the
 //! benchmark chart). Installed from Debian's packages and PyPI when missing, so a fresh machine
 //! needs nothing done by hand.
 
@@ -50,6 +50,18 @@ pub const BENCH_TOOLS: &[Tool] = &[
     Tool {
         bin: "iptables-restore",
         package: "iptables",
+    },
+    Tool {
+        bin: "go",
+        package: "golang-go",
+    },
+    Tool {
+        bin: "ss",
+        package: "iproute2",
+    },
+    Tool {
+        bin: "curl",
+        package: "curl",
     },
     Tool {
         bin: "ip",

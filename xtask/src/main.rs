@@ -243,6 +243,7 @@ fn bench(workspace: &Path, full: bool, extra: &[OsString]) -> Result<()> {
     }
     host::ensure_tools(host::BENCH_TOOLS)?;
     let python = host::ensure_python(workspace, "bench-venv", host::PYTHON_BENCH_PACKAGES)?;
+    let goproxy = build_goproxy(workspace)?;
     let object = build_ebpf(workspace)?;
     run(host_cargo(workspace, &object)
         .args([
@@ -256,7 +257,26 @@ fn bench(workspace: &Path, full: bool, extra: &[OsString]) -> Result<()> {
         .arg(if full { "--full" } else { "--quick" })
         .args(extra)
         .env("REDIRECT_BENCH_PYTHON", python)
+        .env("REDIRECT_BENCH_GOPROXY", goproxy)
         .env("REDIRECT_BENCH_OUT", workspace.join("target/bench")))
+}
+
+/// The benchmark's Go ReverseProxy (`benches/compare/goproxy.go`, standard library only),
+/// built with the Go of Debian's packages into `target/bench/`.
+fn build_goproxy(workspace: &Path) -> Result<PathBuf> {
+    let out = workspace.join("target/bench/goproxy");
+    let bench = workspace.join("target/bench");
+    run(Command::new(host::which("go").context("go is needed")?)
+        .current_dir(workspace.join("redirect-user/benches/compare"))
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg("goproxy.go")
+        .env("GOCACHE", bench.join("go-cache"))
+        .env("GOPATH", bench.join("go-path"))
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off"))
+    .context("building the Go proxy")?;
+    Ok(out)
 }
 
 /// `cargo fuzz run request` on the nightly toolchain, from the seeds in `fuzz/seeds/request`,
@@ -274,7 +294,7 @@ fn fuzz(workspace: &Path, seconds: u64, extra: &[OsString]) -> Result<()> {
     let mut cargo = Command::new("cargo");
     cargo
         .current_dir(workspace.join("redirect-user"))
-        .arg(format!("+{}", toolchain::ebpf_toolchain()))
+        .arg(format!("+{}", ebpf_toolchain()))
         .args(["fuzz", "run", "request"])
         .arg(&corpus)
         .arg(fuzz_dir.join("seeds/request"))

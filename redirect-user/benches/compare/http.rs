@@ -6,6 +6,8 @@
 //!   pooled connections.
 //! - H2: wrk -> 169.254.169.254:80, redirected by our daemon (`--redirect-to`) to nginx
 //!   (127.0.0.1:8180), which forwards to the mock with upstream keepalive.
+//! - H3: the same to Go's `httputil.ReverseProxy` (127.0.0.1:8190, `goproxy.go`), the core of
+//!   kube2iam, kiam and lyft's metadataproxy, with the same upstream keep-alive.
 //! - The machine reference: wrk -> nginx answering `return 200` itself (127.0.0.1:8181), in
 //!   the rounds of the 32-connection row.
 //!
@@ -37,13 +39,15 @@ const OUR_PROXY: &str = "127.0.0.1:8169";
 const NGINX: &str = "127.0.0.1:8180";
 /// nginx answering by itself: the machine reference (see [`HttpResults::reference`]).
 const NGINX_STATIC: &str = "127.0.0.1:8181";
+const GO_PROXY: &str = "127.0.0.1:8190";
 const DIRECT_URL: &str = "http://127.0.0.1:8080/latest/meta-data/instance-id";
 const IMDS_URL: &str = "http://169.254.169.254/latest/meta-data/instance-id";
 
-pub const TARGETS: [(&str, &str); 3] = [
+pub const TARGETS: [(&str, &str); 4] = [
     ("H0", "our mock, direct"),
     ("H1", "redirect + our proxy"),
     ("H2", "redirect + nginx"),
+    ("H3", "redirect + Go ReverseProxy"),
 ];
 
 /// The row whose rounds also measure the machine reference.
@@ -138,8 +142,9 @@ pub struct HttpRow {
     pub connections: u32,
     pub placement: Placement,
     pub cells: Vec<HttpCell>,
-    /// H1 against H2, round by round.
+    /// H1 against H2 (nginx) and H3 (Go), round by round.
     pub h1_vs_h2: Paired,
+    pub h1_vs_h3: Paired,
 }
 
 /// One proxy against the other, paired by round. A round runs the three targets back to back,
@@ -211,11 +216,12 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     let ns = NetNs::new()?;
     ns.ip(&["route", "add", "169.254.169.254/32", "dev", "lo"])?;
     let cg = TestCgroup::new()?;
-    let (unused, plain, via_ours, via_nginx) = (
+    let (unused, plain, via_ours, via_nginx, via_go) = (
         cg.child("unused")?,
         cg.child("direct")?,
         cg.child("h1")?,
         cg.child("h2")?,
+        cg.child("h3")?,
     );
     let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info");
     // The mock is attached to an empty cgroup: it only serves.
@@ -230,8 +236,9 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     ])?;
     let daemon_idle_kb = rss_kb(ours.pid())?;
     let nginx = Nginx::start(&ns, NGINX, Some(MOCK))?;
+    let go = GoProxy::start(&ns, GO_PROXY, MOCK)?;
     // What serves the rows' requests, for `Placement`.
-    let servers: Vec<u32> = [mock.pid(), ours.pid()]
+    let servers: Vec<u32> = [mock.pid(), ours.pid(), go.pid()]
         .into_iter()
         .chain(nginx.pids())
         .collect();
@@ -239,12 +246,14 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     let static_url = format!("http://{NGINX_STATIC}/latest/meta-data/instance-id");
     let nginx_idle_kb = nginx.rss_kb()?;
     let _to_nginx = quiet(&["--redirect-to", NGINX, "--cgroup", path(&via_nginx)])?;
+    let _to_go = quiet(&["--redirect-to", GO_PROXY, "--cgroup", path(&via_go)])?;
 
     let dir = tempfile::tempdir()?;
     let targets = [
         (&plain, DIRECT_URL),
         (&via_ours, IMDS_URL),
         (&via_nginx, IMDS_URL),
+        (&via_go, IMDS_URL),
     ];
     // Warm caches and connection pools, the machine reference's too; not recorded.
     for (cgroup, url) in targets.into_iter().chain([(&plain, static_url.as_str())]) {
@@ -299,6 +308,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             }
         }
         let h1_vs_h2 = Paired::new(&runs[1], &runs[2]);
+        let h1_vs_h3 = Paired::new(&runs[1], &runs[3]);
         let cells = runs
             .into_iter()
             .zip(TARGETS)
@@ -311,6 +321,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
             placement,
             cells,
             h1_vs_h2,
+            h1_vs_h3,
         });
     }
     place(&servers, None)?;
@@ -540,7 +551,7 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
 
 /// nginx in the benchmark namespace, proxying to the mock with upstream keepalive, with as
 /// many workers as CPUs (our daemon's runtime has as many threads). Stopped on drop.
-struct Nginx {
+pub struct Nginx {
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -549,6 +560,18 @@ impl Nginx {
     /// nginx proxying to `upstream`, or with `None` answering `return 200` with the mock's
     /// instance id itself.
     fn start(ns: &NetNs, listen: &str, upstream: Option<&str>) -> Result<Self> {
+        Self::start_with(ns, listen, upstream, "worker_connections 32768;", "")
+    }
+
+    /// [`Nginx::start`] with its own `events` block contents, and `server_extra` in its
+    /// `server` block.
+    pub fn start_with(
+        ns: &NetNs,
+        listen: &str,
+        upstream: Option<&str>,
+        events: &str,
+        server_extra: &str,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let d = dir.path().display();
         let (upstream_block, location) = match upstream {
@@ -565,9 +588,9 @@ impl Nginx {
         };
         let conf = format!(
             "worker_processes auto;\nworker_rlimit_nofile 65536;\nerror_log {d}/error.log warn;\npid {d}/nginx.pid;\n\
-             events {{ worker_connections 32768; }}\n\
+             events {{ {events} }}\n\
              http {{\n  access_log off;\n{upstream_block}\
-               server {{\n    listen {listen};\n    keepalive_requests 1000000;\n    location / {{\n\
+               server {{\n    listen {listen};\n    keepalive_requests 1000000;\n    {server_extra}\n    location / {{\n\
                  {location}\n    }}\n  }}\n}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");
@@ -606,7 +629,7 @@ impl Nginx {
     }
 
     /// Master and workers.
-    fn rss_kb(&self) -> Result<u64> {
+    pub fn rss_kb(&self) -> Result<u64> {
         self.pids().into_iter().map(rss_kb).sum()
     }
 
@@ -736,5 +759,55 @@ fn raise_nofile() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+/// Go's ReverseProxy (`goproxy.go`), built by `cargo xtask bench` (`REDIRECT_BENCH_GOPROXY`).
+/// Stopped on drop.
+struct GoProxy {
+    child: Child,
+}
+
+impl GoProxy {
+    fn start(ns: &NetNs, listen: &str, upstream: &str) -> Result<Self> {
+        let binary = std::env::var("REDIRECT_BENCH_GOPROXY").context(
+            "REDIRECT_BENCH_GOPROXY is not set: run the benchmark with `cargo xtask bench`",
+        )?;
+        let child = command_in(binary, None, Some(ns))?
+            .args([
+                "-listen",
+                listen,
+                "-upstream",
+                &format!("http://{upstream}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the Go proxy")?;
+        let mut go = GoProxy { child };
+        let addr: SocketAddr = listen.parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ns.run(move || TcpStream::connect(addr).is_ok())? {
+            if let Some(status) = go.child.try_wait()? {
+                bail!("the Go proxy exited ({status}) instead of listening on {listen}");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the Go proxy did not listen on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(go)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for GoProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

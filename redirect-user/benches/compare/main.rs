@@ -3,8 +3,9 @@
 //!
 //! - Connect path (`connect`): plain connect, our connect4 program, one iptables DNAT rule, and
 //!   both with 1,000 and 10,000 other entries/rules.
-//! - HTTP path (`http`): our mock directly, the redirect plus our proxy, the redirect plus nginx,
-//!   driven by wrk; the daemon's RSS idle and with 10,000 connections.
+//! - HTTP path (`http`): our mock directly, the redirect plus our proxy, plus nginx, plus Go's
+//!   ReverseProxy, driven by wrk; the daemon's RSS idle and with 10,000 connections; then the
+//!   hostile section (`hostile`): body flood, idle flood, stalled reader, ours against nginx.
 //!
 //! Results print as one table and go to `target/bench/results.json`, `table.md` and
 //! `chart.png` (`report`). Needs root, wrk, nginx, iptables and a Python with matplotlib;
@@ -18,6 +19,7 @@
 mod support;
 
 mod connect;
+mod hostile;
 mod http;
 mod report;
 
@@ -77,6 +79,8 @@ fn main() -> ExitCode {
         let result = match role.as_str() {
             "connect-loop" => connect::connect_loop(&args),
             "hold" => http::hold_connections(&args),
+            // The kernel tests' floods (tests/support/child.rs).
+            "flood" | "idle-flood" => return ExitCode::from(support::child::run(&role) as u8),
             other => Err(anyhow::anyhow!("unknown role {other}")),
         };
         return match result {
@@ -94,8 +98,8 @@ fn main() -> ExitCode {
     } else {
         QUICK
     };
-    // `--only connect` or `--only http` runs one half (for working on it); the report then
-    // covers what ran.
+    // `--only connect`, `--only http` or `--only hostile` runs one part (for working on it);
+    // the report then covers what ran.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -131,19 +135,21 @@ fn run(mode: Mode, only: Option<&str>) -> Result<()> {
     let started = std::time::Instant::now();
     eprintln!("bench: {} mode", mode.name);
     if let Some(part) = only
-        && !matches!(part, "connect" | "http")
+        && !matches!(part, "connect" | "http" | "hostile")
     {
-        bail!("--only takes `connect` or `http`, not {part:?}");
+        bail!("--only takes `connect`, `http` or `hostile`, not {part:?}");
     }
-    let connect = match only {
-        Some("http") => None,
-        _ => Some(connect::run(&mode).context("connect path")?),
-    };
-    let http = match only {
-        Some("connect") => None,
-        _ => Some(http::run(&mode).context("HTTP path")?),
-    };
-    let results = report::Results::new(mode, connect, http, started.elapsed());
+    let runs = |part: &str| only.is_none_or(|o| o == part);
+    let connect = runs("connect")
+        .then(|| connect::run(&mode).context("connect path"))
+        .transpose()?;
+    let http = runs("http")
+        .then(|| http::run(&mode).context("HTTP path"))
+        .transpose()?;
+    let hostile = runs("hostile")
+        .then(|| hostile::run().context("hostile callers"))
+        .transpose()?;
+    let results = report::Results::new(mode, connect, http, hostile, started.elapsed());
     let dir = out_dir();
     std::fs::create_dir_all(&dir)?;
     print!("{}", results.table());

@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep, sleep_until},
@@ -57,6 +58,9 @@ enum Reading {
 
 pub struct Timed<S> {
     inner: S,
+    /// Bytes read ahead and served before the socket's: the byte that ended an idle wait, or
+    /// what a finished hyper connection had buffered.
+    prefix: Bytes,
     activity: Arc<Activity>,
     timeouts: Timeouts,
     reading: Reading,
@@ -76,6 +80,7 @@ impl<S> Timed<S> {
         let finished = activity.finished();
         let mut timed = Timed {
             inner,
+            prefix: Bytes::new(),
             activity,
             timeouts,
             reading: Reading::Idle { finished },
@@ -85,6 +90,12 @@ impl<S> Timed<S> {
         };
         timed.start_idle_clock();
         timed
+    }
+
+    /// Serves `bytes` before what the socket has next.
+    pub fn rewind(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty(), "rewound twice");
+        self.prefix = bytes;
     }
 
     fn start_idle_clock(&mut self) {
@@ -118,13 +129,25 @@ fn timed_out(what: &str) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Timed<S> {
-    /// A write-side operation under the send deadline. Only bytes written restart the idle
-    /// clock (an answer still going out is not idleness); hyper flushes at every wakeup.
+    /// Waits, holding no buffer, for the first byte of the next request (under the idle
+    /// deadline); false when the client closed instead.
+    pub async fn next_request(&mut self) -> io::Result<bool> {
+        if !self.prefix.is_empty() {
+            return Ok(true);
+        }
+        let mut byte = [0u8; 1];
+        if tokio::io::AsyncReadExt::read(self, &mut byte).await? == 0 {
+            return Ok(false);
+        }
+        self.prefix = Bytes::copy_from_slice(&byte);
+        Ok(true)
+    }
+
+    /// A write-side operation under the send deadline.
     fn send<T>(
         &mut self,
         cx: &mut Context<'_>,
         op: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
-        wrote: impl FnOnce(&T) -> bool,
     ) -> Poll<io::Result<T>> {
         // The answer to a request is being written: from here the connection is idle.
         self.follow_activity();
@@ -136,16 +159,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Timed<S> {
                 if self.send_deadline.expired(cx) {
                     return Poll::Ready(Err(timed_out("the client stopped reading")));
                 }
+                // Registers the idle timer too: hyper may not read again until woken.
+                let _ = self.read_deadline.expired(cx);
                 Poll::Pending
             }
-            Poll::Ready(done) => {
+            done => {
                 self.send_deadline.disarm();
-                if matches!(self.reading, Reading::Idle { .. }) && done.as_ref().is_ok_and(wrote) {
-                    self.start_idle_clock();
-                    // Registers the timer: hyper may not read again until something wakes it.
-                    let _ = self.read_deadline.expired(cx);
-                }
-                Poll::Ready(done)
+                done
             }
         }
     }
@@ -186,7 +206,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Timed<S> {
         let this = self.get_mut();
         this.follow_activity();
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        let read = if this.prefix.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            Poll::Ready(Ok(()))
+        };
+        match read {
             Poll::Ready(Ok(())) => {
                 if let Reading::Idle { finished } = this.reading
                     && buf.filled().len() > before
@@ -196,6 +223,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Timed<S> {
                         .arm(Instant::now() + this.timeouts.request_read);
                 }
                 Poll::Ready(Ok(()))
+            }
+            // An answer still going out is not idleness: that is the send deadline's.
+            Poll::Pending if this.send_deadline.armed && this.read_deadline.expired(cx) => {
+                this.start_idle_clock();
+                let _ = this.read_deadline.expired(cx);
+                Poll::Pending
             }
             Poll::Pending if this.read_deadline.expired(cx) => {
                 Poll::Ready(Err(timed_out(match this.reading {
@@ -214,8 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Timed<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .send(cx, |s, cx| s.poll_write(cx, buf), |&n| n > 0)
+        self.get_mut().send(cx, |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -224,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Timed<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.get_mut()
-            .send(cx, |s, cx| s.poll_write_vectored(cx, bufs), |&n| n > 0)
+            .send(cx, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -232,14 +264,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Timed<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut()
-            .send(cx, |s, cx| s.poll_flush(cx), |()| false)
+        self.get_mut().send(cx, |s, cx| s.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.linger.is_none() {
-            ready!(this.send(cx, |s, cx| s.poll_shutdown(cx), |()| false))?;
+            ready!(this.send(cx, |s, cx| s.poll_shutdown(cx)))?;
             if !this.activity.lingers() {
                 return Poll::Ready(Ok(()));
             }

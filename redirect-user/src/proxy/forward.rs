@@ -22,7 +22,7 @@ use super::{
     admission::connection_options,
     budget::{BodyError, Budget},
     connection::plain,
-    upstream::{self, Connector, MAX_RESPONSE_HEAD, UpstreamClient},
+    upstream::Upstream,
 };
 use crate::config::UpstreamSettings;
 
@@ -35,20 +35,20 @@ pub const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
 pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct Forwarder {
-    client: UpstreamClient,
+    upstream: Upstream,
     settings: UpstreamSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
     #[error("{}", error_chain(.0))]
-    Upstream(hyper_util::client::legacy::Error),
+    Connect(std::io::Error),
+    #[error("{}", error_chain(.0))]
+    Upstream(hyper::Error),
     #[error("its response's body: {0}")]
     Body(#[from] BodyError),
     #[error("it sent transfer coding {0:?}; only chunked is supported")]
     Coding(String),
-    #[error("its response head is larger than {MAX_RESPONSE_HEAD} bytes")]
-    HeadTooLarge,
     #[error("invalid request target: {0}")]
     Target(#[from] hyper::http::Error),
 }
@@ -59,11 +59,12 @@ impl Forwarder {
         settings: UpstreamSettings,
         exemptions: Option<std::sync::Arc<crate::ebpf::Exemptions>>,
     ) -> Self {
-        let connector = Connector::new(exemptions, settings.connect_timeout);
-        Forwarder {
-            client: upstream::client(connector),
-            settings,
-        }
+        let upstream = Upstream::new(
+            settings.url.authority.clone(),
+            exemptions,
+            settings.connect_timeout,
+        );
+        Forwarder { upstream, settings }
     }
 
     pub fn max_request_body(&self) -> usize {
@@ -110,31 +111,31 @@ impl Forwarder {
         budget: &Budget,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let mut sent_again = false;
-        let resp = loop {
-            match self
-                .client
-                .request(self.upstream_request(parts, body.clone())?)
+        let (mut lease, resp) = loop {
+            let mut lease = self
+                .upstream
+                .lease(sent_again)
+                .await
+                .map_err(ForwardError::Connect)?;
+            match lease
+                .send(self.upstream_request(parts, body.clone())?)
                 .await
             {
-                Ok(resp) => break resp,
+                Ok(resp) => break (lease, resp),
                 // A kept-alive connection the upstream had just closed, found only once the
-                // request was on it: safe to repeat for an idempotent method.
-                Err(e) if !sent_again && idempotent(&parts.method) && closed_unanswered(&e) => {
+                // request was on it: safe to repeat, on a new one, for an idempotent method.
+                Err(e)
+                    if lease.reused
+                        && !sent_again
+                        && idempotent(&parts.method)
+                        && closed_unanswered(&e) =>
+                {
                     sent_again = true;
                 }
                 Err(e) => return Err(ForwardError::Upstream(e)),
             }
         };
         let (mut head, body) = resp.into_parts();
-        // hyper's client bounds what it buffers of a head, not the head itself.
-        let head_size: usize = head
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum();
-        if head_size > MAX_RESPONSE_HEAD {
-            return Err(ForwardError::HeadTooLarge);
-        }
         if let Some(coding) = head.headers.get(header::TRANSFER_ENCODING)
             && !coding
                 .as_bytes()
@@ -147,7 +148,10 @@ impl Forwarder {
         }
         strip_hop_by_hop(&mut head.headers);
         let declared = body.size_hint().exact();
-        let body = budget.collect(body, MAX_RESPONSE_BODY, declared).await?;
+        let body = lease
+            .drive(budget.collect(body, MAX_RESPONSE_BODY, declared))
+            .await?;
+        lease.release();
         Ok(Response::from_parts(head, Full::new(body)))
     }
 
@@ -157,9 +161,8 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Request<Full<Bytes>>, ForwardError> {
         let authority = &self.settings.url.authority;
+        // Origin-form on the wire (the connection is the upstream's already).
         let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.clone())
             .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
             .build()?;
         let mut headers = parts.headers.clone();
@@ -209,10 +212,8 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
-fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_incomplete_message)
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -239,8 +240,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Removes the hop-by-hop headers: the fixed list and any named in `Connection`.
+/// Removes the hop-by-hop headers: the fixed list and any named in `Connection`. Most
+/// messages carry none, so one pass over the names decides whether there is anything to do.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = connection_options(headers).collect();
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);

@@ -47,8 +47,9 @@ use crate::mock::ec2::Ec2Mock;
 
 /// Largest request head (request line and headers) read: beyond it, 431.
 pub const MAX_HEAD: usize = 32 << 10;
-/// Most header lines in a head: beyond it, 431.
-pub const MAX_HEADERS: usize = 128;
+/// Most header lines in a head: beyond it, 431 (hyper's default, which parses them without
+/// an allocation).
+pub const MAX_HEADERS: usize = 100;
 /// Bytes that buffered request and response bodies may take in all.
 pub const BODY_BUDGET: usize = 32 << 20;
 
@@ -100,14 +101,14 @@ impl ProxyStats {
     }
 }
 
-/// What every connection shares.
+/// What every connection of a worker shares; all but the backend is shared by the workers.
 struct Shared {
     backend: Backend,
     names: OwnNames,
     timeouts: Timeouts,
     http: http1::Builder,
     stats: Arc<ProxyStats>,
-    idle: IdleList,
+    idle: Arc<IdleList>,
     /// One permit per connection slot.
     slots: Arc<Semaphore>,
     budget: Budget,
@@ -118,53 +119,79 @@ impl Shared {
         let mut http = http1::Builder::new();
         http.header_read_timeout(None)
             .max_buf_size(MAX_HEAD)
-            .max_header_size(MAX_HEAD)
-            .max_headers(MAX_HEADERS);
+            .max_header_size(MAX_HEAD);
         Arc::new(Shared {
             backend,
             names,
             timeouts: limits.timeouts,
             http,
             stats: Arc::default(),
-            idle: IdleList::default(),
+            idle: Arc::default(),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             budget: Budget::new(budget),
         })
     }
+
+    /// Another worker's: its own backend, everything else in common.
+    fn with_backend(&self, backend: Backend) -> Arc<Self> {
+        Arc::new(Shared {
+            backend,
+            names: self.names.clone(),
+            timeouts: self.timeouts,
+            http: self.http.clone(),
+            stats: Arc::clone(&self.stats),
+            idle: Arc::clone(&self.idle),
+            slots: Arc::clone(&self.slots),
+            budget: self.budget.clone(),
+        })
+    }
 }
 
-/// The running proxy.
+/// The running proxy: worker threads, each with a single-threaded runtime that accepts on
+/// listening sockets of its own (SO_REUSEPORT: the kernel spreads new connections over the
+/// workers) and serves what it accepted, with its own upstream connections, as nginx's worker
+/// processes do. A request, its upstream exchange and
+/// their wakeups stay on one thread; tokio's work-stealing runtime moved them between
+/// threads, at a cross-CPU wakeup each (BENCHMARKS.md). The limits are the workers' together.
 pub struct Proxy {
     stats: Arc<ProxyStats>,
-    accepting: TaskTracker,
-    connections: TaskTracker,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
-    /// Serves `listeners` on the current runtime until `shutdown` is cancelled.
+    /// Starts one worker per element of `listeners` (its listening sockets), each with the
+    /// backend `backend()` makes, serving until `shutdown` is cancelled; then each lets its
+    /// requests in progress finish for up to `grace` (idle connections close at once).
     pub fn spawn(
-        listeners: Vec<std::net::TcpListener>,
-        backend: Backend,
+        listeners: Vec<Vec<std::net::TcpListener>>,
+        backend: impl Fn() -> Backend,
         names: OwnNames,
         limits: Limits,
         shutdown: &CancellationToken,
+        grace: Duration,
     ) -> std::io::Result<Self> {
-        let shared = Shared::new(backend, names, limits, BODY_BUDGET);
-        let stats = Arc::clone(&shared.stats);
-        let (accepting, connections) = (TaskTracker::new(), TaskTracker::new());
-        for listener in listeners {
-            accepting.spawn(listener::accept_loop(
-                TcpListener::from_std(listener)?,
-                Arc::clone(&shared),
-                connections.clone(),
-                shutdown.clone(),
-            ));
+        let first = Shared::new(backend(), names, limits, BODY_BUDGET);
+        let stats = Arc::clone(&first.stats);
+        let mut threads = Vec::new();
+        for (i, listeners) in listeners.into_iter().enumerate() {
+            let shared = if i == 0 {
+                Arc::clone(&first)
+            } else {
+                first.with_backend(backend())
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let shutdown = shutdown.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("proxy-{i}"))
+                    .spawn(move || runtime.block_on(work(listeners, shared, shutdown, grace)))?,
+            );
         }
-        accepting.close();
         Ok(Proxy {
             stats,
-            accepting,
-            connections,
+            workers: threads,
         })
     }
 
@@ -172,21 +199,51 @@ impl Proxy {
         Arc::clone(&self.stats)
     }
 
-    /// After shutdown: waits for the accept loops, then up to `grace` for the requests in
-    /// progress (idle connections close at once).
-    pub async fn join(self, grace: Duration) {
-        self.accepting.wait().await;
-        self.connections.close();
-        let open = self.connections.len();
-        if open == 0 {
-            return;
+    /// Waits for the workers to finish (after shutdown).
+    pub async fn join(self) {
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// One worker: accepts until shutdown, then drains.
+async fn work(
+    listeners: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let connections = TaskTracker::new();
+    let mut accepting = tokio::task::JoinSet::new();
+    for listener in listeners {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                accepting.spawn(listener::accept_loop(
+                    listener,
+                    Arc::clone(&shared),
+                    connections.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => tracing::error!("proxy worker: cannot use a listening socket: {e}"),
         }
-        tracing::info!("waiting up to {grace:?} for {open} open connection(s)");
-        if tokio::time::timeout(grace, self.connections.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections still busy after {grace:?}; closing them");
-        }
+    }
+    accepting.join_all().await;
+    connections.close();
+    let open = connections.len();
+    if open == 0 {
+        return;
+    }
+    tracing::info!("waiting up to {grace:?} for {open} open connection(s)");
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still busy after {grace:?}; closing them");
     }
 }
