@@ -31,13 +31,15 @@ pub struct Refusal {
     pub reason: &'static str,
 }
 
-const fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
-    Refusal { status, reason }
+fn bad(reason: &'static str) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason,
+    }
 }
 
 /// The host names an absolute-form target may carry: the metadata service's own (the
 /// targets, the upstream, `metadata.google.internal`) and the proxy's listen addresses.
-/// Lower case, IPv6 without brackets.
 #[derive(Debug, Clone, Default)]
 pub struct OwnNames(Vec<String>);
 
@@ -45,13 +47,9 @@ impl OwnNames {
     pub fn new(names: impl IntoIterator<Item = String>) -> Self {
         OwnNames(names.into_iter().map(|n| normalize(&n)).collect())
     }
-
-    fn contains(&self, authority: &Authority) -> bool {
-        let host = normalize(authority.host());
-        self.0.contains(&host)
-    }
 }
 
+/// Lower case, IPv6 without brackets.
 fn normalize(host: &str) -> String {
     host.trim_start_matches('[')
         .trim_end_matches(']')
@@ -62,38 +60,58 @@ fn normalize(host: &str) -> String {
 /// exactly one valid Host (none only for HTTP/1.0), no header names with `_`.
 pub fn admit(parts: &mut Parts, names: &OwnNames) -> Result<(), Refusal> {
     if parts.method == Method::CONNECT {
-        return Err(refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported",
-        ));
+        let reason = "CONNECT is not supported";
+        return Err(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason,
+        });
     }
     let uri = &parts.uri;
-    let target_len = uri.path_and_query().map_or(0, |p| p.as_str().len())
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
         + uri.authority().map_or(0, |a| a.as_str().len());
-    if target_len > MAX_TARGET {
-        return Err(refuse(
-            StatusCode::URI_TOO_LONG,
-            "the request target is too long",
-        ));
+    if target > MAX_TARGET {
+        let reason = "the request target is too long";
+        return Err(Refusal {
+            status: StatusCode::URI_TOO_LONG,
+            reason,
+        });
     }
     if let Some(authority) = parts.uri.authority().cloned() {
         absolute_to_origin(parts, authority, names)?;
     } else if !parts.uri.path().starts_with('/') {
         // `*` (asterisk-form), or a path without its leading slash.
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "the request target must be a path",
-        ));
+        return Err(bad("the request target must be a path"));
     }
     check_host(parts.version, &parts.headers)?;
-    check_framing(&parts.headers)?;
-    if connection_options(&parts.headers).any(|name| name == header::HOST) {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "Connection may not name Host",
-        ));
+    let mut codings = parts.headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (Some(_), Some(_)) => return Err(bad("Transfer-Encoding on more than one line")),
+        (Some(coding), None)
+            if !coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked") =>
+        {
+            let reason = "transfer codings other than chunked are not supported";
+            return Err(Refusal {
+                status: StatusCode::NOT_IMPLEMENTED,
+                reason,
+            });
+        }
+        _ => {}
     }
-    drop_underscored(&mut parts.headers);
+    if connection_options(&parts.headers).any(|name| name == header::HOST) {
+        return Err(bad("Connection may not name Host"));
+    }
+    let underscored: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        parts.headers.remove(name);
+    }
     Ok(())
 }
 
@@ -104,36 +122,25 @@ fn absolute_to_origin(
     authority: Authority,
     names: &OwnNames,
 ) -> Result<(), Refusal> {
-    if parts.uri.scheme_str() != Some("http") {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "the request target must be a path or an http:// URL",
-        ));
-    }
-    if !names.contains(&authority) {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "the request target names another host; this is not an open proxy",
-        ));
-    }
-    let Some(path) = parts
+    let not_ours = bad("the request target must be a path, or an http:// URL of this service");
+    let path = parts
         .uri
         .path_and_query()
-        .filter(|p| p.as_str().starts_with('/'))
-    else {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "the request target must be a path or an http:// URL",
-        ));
+        .filter(|p| p.as_str().starts_with('/'));
+    let (Some(path), Some("http")) = (path, parts.uri.scheme_str()) else {
+        return Err(not_ours);
     };
-    let origin = Uri::builder()
+    if !names.0.contains(&normalize(authority.host())) {
+        return Err(not_ours);
+    }
+    let invalid = |_| bad("invalid request target");
+    parts.uri = Uri::builder()
         .path_and_query(path.clone())
         .build()
-        .map_err(|_| refuse(StatusCode::BAD_REQUEST, "invalid request target"))?;
-    let host = HeaderValue::from_str(authority.as_str())
-        .map_err(|_| refuse(StatusCode::BAD_REQUEST, "invalid request target"))?;
-    parts.uri = origin;
+        .map_err(invalid)?;
     // RFC 9112 §3.2.2: the target's authority replaces whatever Host says.
+    let host =
+        HeaderValue::from_str(authority.as_str()).map_err(|_| bad("invalid request target"))?;
     parts.headers.insert(header::HOST, host);
     Ok(())
 }
@@ -143,78 +150,37 @@ fn check_host(version: Version, headers: &HeaderMap) -> Result<(), Refusal> {
     let mut hosts = headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if version == Version::HTTP_10 => Ok(()),
-        (None, _) => Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "HTTP/1.1 requires a Host header",
-        )),
-        (Some(_), Some(_)) => Err(refuse(StatusCode::BAD_REQUEST, "more than one Host header")),
+        (None, _) => Err(bad("HTTP/1.1 requires a Host header")),
+        (Some(_), Some(_)) => Err(bad("more than one Host header")),
         (Some(host), None) if valid_host(host.as_bytes()) => Ok(()),
-        (Some(_), None) => Err(refuse(StatusCode::BAD_REQUEST, "invalid Host header")),
+        (Some(_), None) => Err(bad("invalid Host header")),
     }
 }
 
 /// `uri-host [ ":" port ]`, nothing more.
 fn valid_host(value: &[u8]) -> bool {
-    if value.is_empty() || value.contains(&b'@') {
-        return false;
-    }
     let Ok(authority) = Authority::try_from(value) else {
         return false;
     };
-    match authority.as_str().strip_prefix(authority.host()) {
-        Some("") => true,
-        Some(port) => port.strip_prefix(':').is_some_and(|p| {
-            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
-        }),
-        None => false,
-    }
+    let port = authority.as_str().strip_prefix(authority.host());
+    !value.is_empty()
+        && !value.contains(&b'@')
+        && port.is_some_and(|p| {
+            p.is_empty()
+                || p.strip_prefix(':')
+                    .is_some_and(|n| n.parse::<u16>().is_ok())
+        })
 }
 
-fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
-    match (codings.next(), codings.next()) {
-        (None, _) => Ok(()),
-        (Some(_), Some(_)) => Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "Transfer-Encoding on more than one line",
-        )),
-        (Some(coding), None)
-            if coding
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked") =>
-        {
-            Ok(())
-        }
-        (Some(_), None) => Err(refuse(
-            StatusCode::NOT_IMPLEMENTED,
-            "transfer codings other than chunked are not supported",
-        )),
-    }
-}
-
-/// The header names listed in `Connection` (RFC 9110 §7.6.1), lower case.
+/// The header names listed in `Connection` (RFC 9110 §7.6.1).
 pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
-    headers
+    let values = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.to_str().ok());
+    values
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-}
-
-fn drop_underscored(headers: &mut HeaderMap) {
-    if !headers.keys().any(|name| name.as_str().contains('_')) {
-        return;
-    }
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
-    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,8 @@
-//! One client connection: hyper's HTTP/1.1 server on a [`Timed`] socket, each request
-//! admitted (`admission`), its body read within the limits, then answered by the backend.
+//! One client connection: hyper's HTTP/1.1 server, each request admitted (`admission`), its
+//! body read within the limits, then answered by the backend; between requests the
+//! connection is parked out of hyper.
 
-use std::{
-    convert::Infallible,
-    future::poll_fn,
-    pin::Pin,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{convert::Infallible, future::poll_fn, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,23 +13,27 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     ProxyStats, Shared,
     admission::{self, Refusal},
     budget::BodyError,
-    deadlines::Timed,
     idle::{Activity, IdleList},
+    socket::ClientSocket,
 };
 
 /// How long a kept-alive connection stays in hyper's hands without a request before it is
-/// parked: hyper keeps two 8 KiB buffers per connection, a parked one only its socket and
-/// timers (about 4 KB), as nginx frees a keep-alive connection's buffers. Long enough that a
-/// client sending request after request keeps its hyper connection, short enough that a
-/// burst of connections left idle never holds much (10,000 idle connections: 40 MB).
-const PARK_AFTER: Duration = Duration::from_millis(10);
+/// parked: hyper keeps two 8 KiB buffers per connection, a parked one only its socket (about
+/// 4 KB), as nginx frees a keep-alive connection's buffers. A client sending request after
+/// request keeps its hyper connection; a crowd of idle ones holds little (10,000: 40 MB).
+pub(super) const PARK_AFTER: Duration = Duration::from_millis(10);
+
+/// How long, and how much, a refused client may go on sending before the connection is
+/// closed on it (nginx's lingering close): it then reads its answer instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// Serves one connection until the client or the proxy closes it. On shutdown, and when the
 /// listener needs its slot, it finishes the request in progress, if any, and closes.
@@ -42,46 +41,41 @@ pub(super) async fn serve<S>(stream: S, shared: &Arc<Shared>, shutdown: &Cancell
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    shared
-        .stats
-        .connections_open
-        .fetch_add(1, Ordering::Relaxed);
+    ProxyStats::add(&shared.stats.connections_open, 1);
     let activity = shared.idle.track();
     let _open = Open(shared, &activity);
-    let mut io = Timed::new(stream, Arc::clone(&activity), shared.timeouts);
+    let mut io = ClientSocket::new(stream, Arc::clone(&activity), shared.timeouts.send);
     loop {
         match serve_requests(io, shared, &activity, shutdown).await {
             Some((mut parked, true)) => {
-                // Parked: nothing but the socket until a request begins.
+                // Parked: nothing but the socket until a request begins, or the idle timeout.
+                let idle = shared.timeouts.idle.unwrap_or(Duration::MAX);
                 tokio::select! {
-                    next = parked.next_request() => match next {
-                        Ok(true) => {}
-                        Ok(false) | Err(_) => return,
-                    },
+                    next = tokio::time::timeout(idle, parked.next_request()) => {
+                        if !matches!(next, Ok(Ok(true))) {
+                            return close(parked, false).await;
+                        }
+                    }
                     () = shutdown.cancelled() => return,
                     () = activity.evicted() => return,
                 }
                 io = parked;
             }
-            Some((mut done, false)) => {
-                // A FIN, lingering if a refused body is still coming (see `deadlines`).
-                let _ = done.shutdown().await;
-                return;
-            }
+            Some((done, false)) => return close(done, activity.lingers()).await,
             None => return,
         }
     }
 }
 
-/// Runs a hyper connection until it is done. `Some((io, true))`: parked after
-/// [`PARK_AFTER`] without a request, the socket (and whatever hyper had read of it) back
-/// for the next request; `Some((io, false))`: to be closed; `None`: already dropped.
+/// Runs a hyper connection until it is done. `Some((io, true))`: parked after [`PARK_AFTER`]
+/// without a request, the socket (and whatever hyper had read of it) back for the next one;
+/// `Some((io, false))`: to be closed; `None`: already dropped.
 async fn serve_requests<S>(
-    io: Timed<S>,
+    io: ClientSocket<S>,
     shared: &Arc<Shared>,
     activity: &Arc<Activity>,
     shutdown: &CancellationToken,
-) -> Option<(Timed<S>, bool)>
+) -> Option<(ClientSocket<S>, bool)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -109,7 +103,7 @@ where
         Err(result) => (result, false),
         Ok(park) => {
             // Keep-alive off: an idle connection is done at once, a busy one after its
-            // answer (whose head went out before this, so it does not say `close`).
+            // answer (whose head has gone out already, so it does not say `close`).
             Pin::new(&mut conn).graceful_shutdown();
             (poll_fn(|cx| conn.poll_without_shutdown(cx)).await, park)
         }
@@ -125,17 +119,35 @@ where
     Some((io, park))
 }
 
-/// Resolves once no request has been handled, or begun, for `period`.
+/// Resolves once no request has been handled, begun, or begun to arrive for `period`.
 async fn idle_for(activity: &Activity, period: Duration) {
     let mut last = activity.finished();
     loop {
         tokio::time::sleep(period).await;
         let now = activity.finished();
-        if !activity.is_busy() && now == last {
+        if !activity.is_busy() && !activity.is_arriving() && now == last {
             return;
         }
         last = now;
     }
+}
+
+/// Closes with a FIN; lingering first when a refused request's body is still coming.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut io: ClientSocket<S>, linger: bool) {
+    if io.shutdown().await.is_err() || !linger {
+        return;
+    }
+    let drain = async {
+        // On the heap: in the future, it would enlarge every connection's task.
+        let (mut scratch, mut drained) = (vec![0u8; 4096], 0);
+        while drained < LINGER_BYTES {
+            match io.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Counts the connection as open and keeps it in the idle list while it lives.
@@ -144,22 +156,12 @@ struct Open<'a>(&'a Shared, &'a Arc<Activity>);
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.0.idle.unlist(self.1);
-        self.0
-            .stats
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+        ProxyStats::add(&self.0.stats.connections_open, -1);
     }
 }
 
 /// The connection is busy while this lives (see `idle`).
 struct Handling<'a>(&'a IdleList, &'a Arc<Activity>);
-
-impl<'a> Handling<'a> {
-    fn start(list: &'a IdleList, activity: &'a Arc<Activity>) -> Self {
-        list.busy(activity);
-        Handling(list, activity)
-    }
-}
 
 impl Drop for Handling<'_> {
     fn drop(&mut self) {
@@ -172,99 +174,95 @@ async fn handle(
     shared: &Shared,
     activity: &Arc<Activity>,
 ) -> Response<Full<Bytes>> {
-    let _handling = Handling::start(&shared.idle, activity);
-    ProxyStats::count(&shared.stats.requests);
+    shared.idle.busy(activity);
+    let _handling = Handling(&shared.idle, activity);
+    ProxyStats::add(&shared.stats.requests, 1);
     fault_injection(req.uri().path());
     let (mut parts, body) = req.into_parts();
-    let body = match admission::admit(&mut parts, &shared.names) {
-        Ok(()) => read_body(body, shared, activity).await,
-        Err(refusal) => {
-            if !body.is_end_stream() {
-                activity.linger();
-            }
-            Err(refusal)
-        }
+    let admitted = admission::admit(&mut parts, &shared.names);
+    let body = match admitted {
+        Ok(()) => read_body(body, shared).await,
+        Err(refusal) => Err((refusal, !body.is_end_stream())),
     };
     match body {
         Ok(body) => {
             let req = Request::from_parts(parts, body);
             shared.backend.respond(req, &shared.budget).await
         }
-        Err(refusal) => refused(shared, refusal),
+        Err((refusal, unread)) => {
+            if unread {
+                activity.linger();
+            }
+            refused(shared, refusal)
+        }
     }
 }
 
 /// The request body, whole, if the backend takes one that large and the budget has room; it
-/// must arrive within the request read timeout.
-async fn read_body(body: Incoming, shared: &Shared, activity: &Activity) -> Result<Bytes, Refusal> {
+/// must arrive within the request read timeout. A refusal says whether the body, or some of
+/// it, was left unread.
+async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, (Refusal, bool)> {
     if body.is_end_stream() {
         return Ok(Bytes::new());
     }
     let declared = body.size_hint().exact();
-    let limit = shared.backend.body_limit();
-    let read = shared.budget.collect(body, limit, declared);
+    let read = shared
+        .budget
+        .collect(body, shared.backend.body_limit(), declared);
+    let refuse = |status, reason, unread| (Refusal { status, reason }, unread);
     match tokio::time::timeout(shared.timeouts.request_read, read).await {
         Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) => {
-            if !matches!(e, BodyError::Read(_)) {
-                activity.linger();
-            }
-            Err(e.into())
-        }
-        Err(_) => Err(Refusal {
-            status: StatusCode::REQUEST_TIMEOUT,
-            reason: "the request body did not arrive in time",
-        }),
+        Ok(Err(BodyError::TooLarge(_))) => Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is too large",
+            true,
+        )),
+        Ok(Err(BodyError::Exhausted)) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many bodies in flight; retry",
+            true,
+        )),
+        Ok(Err(BodyError::Read(_))) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the request body is malformed",
+            false,
+        )),
+        Err(_) => Err(refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive in time",
+            false,
+        )),
     }
 }
 
 /// The proxy's own answer to a request it will not pass on; the connection closes after it.
 fn refused(shared: &Shared, refusal: Refusal) -> Response<Full<Bytes>> {
-    ProxyStats::count(&shared.stats.refused);
+    ProxyStats::add(&shared.stats.refused, 1);
     tracing::debug!("refused: {} {}", refusal.status.as_u16(), refusal.reason);
     let mut resp = plain(refusal.status, format!("redirect: {}\n", refusal.reason));
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    if refusal.status == StatusCode::SERVICE_UNAVAILABLE {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let close = HeaderValue::from_static("close");
+    resp.headers_mut().insert(header::CONNECTION, close);
+    resp
+}
+
+/// A `text/plain` answer of the proxy's own; a 503 says when to retry.
+pub(super) fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
 
-/// A `text/plain` answer of the proxy's own.
-pub(super) fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    resp
-}
-
-/// `REDIRECT_FAULT_PANIC_PATH=/some/path`: a request for that path panics its handler. For
-/// the real-kernel test that a panic anywhere stops the daemon (see `main`'s panic hook);
-/// read once.
+/// `REDIRECT_FAULT_PANIC_PATH=/some/path`: a request for that path panics its handler, for
+/// the real-kernel test that a panic anywhere stops the daemon (`main`'s panic hook).
 fn fault_injection(path: &str) {
     static PANIC_PATH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let panic_path = PANIC_PATH.get_or_init(|| std::env::var("REDIRECT_FAULT_PANIC_PATH").ok());
     if panic_path.as_deref() == Some(path) {
         panic!("fault injection: REDIRECT_FAULT_PANIC_PATH={path}");
-    }
-}
-
-impl From<BodyError> for Refusal {
-    fn from(e: BodyError) -> Self {
-        let (status, reason) = match e {
-            BodyError::TooLarge(_) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the request body is too large",
-            ),
-            BodyError::Exhausted => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many request bodies in flight; retry",
-            ),
-            BodyError::Read(_) => (StatusCode::BAD_REQUEST, "the request body is malformed"),
-        };
-        Refusal { status, reason }
     }
 }

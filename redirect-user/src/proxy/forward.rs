@@ -1,11 +1,11 @@
 //! Forwarding to the real metadata service (`--upstream`).
 //!
 //! Method, target, header values and body go upstream as admitted (`admission`), less the
-//! hop-by-hop headers (RFC 9110 §7.6.1); header names in the case hyper gives them (lower).
-//! Nothing is added: metadata services refuse token traffic that carries `X-Forwarded-For`,
-//! so no XFF, `Forwarded` or `Via`. Both bodies are buffered whole within the budget (as
-//! nginx's `proxy_buffering`), so the upstream only ever sees a `Content-Length` body, and a
-//! response that fails midway is a 502, not a truncated 200.
+//! hop-by-hop headers (RFC 9110 §7.6.1), names in the case hyper gives them (lower). Nothing
+//! is added: metadata services refuse token traffic that carries `X-Forwarded-For`, so no
+//! XFF, `Forwarded` or `Via`. Both bodies are buffered whole within the budget (nginx's
+//! `proxy_buffering`): the upstream only ever sees a `Content-Length` body, and a response
+//! that fails midway is a 502, not a truncated 200.
 
 use std::time::Duration;
 
@@ -22,49 +22,42 @@ use super::{
     admission::connection_options,
     budget::{BodyError, Budget},
     connection::plain,
-    upstream::Upstream,
+    upstream::{MAX_RESPONSE_HEAD, UpstreamClient},
 };
-use crate::config::UpstreamSettings;
+use crate::{config::UpstreamSettings, ebpf::Exemptions};
 
 /// Largest upstream response body passed on: beyond it, a 502.
 pub const MAX_RESPONSE_BODY: usize = 16 << 20;
-/// A GCE `wait_for_change` long poll without `timeout_sec` is given this long, one with it
-/// at most [`MAX_LONG_POLL`], each plus [`LONG_POLL_MARGIN`] for the answer to arrive.
+/// A GCE `wait_for_change` long poll is given its `timeout_sec` (this without one, at most
+/// [`MAX_LONG_POLL`]) plus [`LONG_POLL_MARGIN`], instead of the upstream timeout.
 pub const DEFAULT_LONG_POLL: Duration = Duration::from_secs(300);
 pub const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
 pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct Forwarder {
-    upstream: Upstream,
+    client: UpstreamClient,
     settings: UpstreamSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
-    #[error("{}", error_chain(.0))]
-    Connect(std::io::Error),
-    #[error("{}", error_chain(.0))]
-    Upstream(hyper::Error),
+    #[error("{}", chain(.0))]
+    Upstream(hyper_util::client::legacy::Error),
     #[error("its response's body: {0}")]
     Body(#[from] BodyError),
     #[error("it sent transfer coding {0:?}; only chunked is supported")]
     Coding(String),
+    #[error("its response head is larger than {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLarge,
     #[error("invalid request target: {0}")]
     Target(#[from] hyper::http::Error),
 }
 
 impl Forwarder {
     /// `exemptions` is `None` only where no programs are loaded (unit tests, the fuzzer).
-    pub fn new(
-        settings: UpstreamSettings,
-        exemptions: Option<std::sync::Arc<crate::ebpf::Exemptions>>,
-    ) -> Self {
-        let upstream = Upstream::new(
-            settings.url.authority.clone(),
-            exemptions,
-            settings.connect_timeout,
-        );
-        Forwarder { upstream, settings }
+    pub fn new(settings: UpstreamSettings, exemptions: Option<std::sync::Arc<Exemptions>>) -> Self {
+        let client = super::upstream::client(exemptions, settings.connect_timeout);
+        Forwarder { client, settings }
     }
 
     pub fn max_request_body(&self) -> usize {
@@ -74,34 +67,23 @@ impl Forwarder {
     /// A client that goes away drops this future, and with it the upstream request.
     pub async fn forward(&self, req: Request<Bytes>, budget: &Budget) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
-        let budget_for = self.deadline(&parts.uri);
-        let url = &self.settings.url;
-        match tokio::time::timeout(budget_for, self.exchange(&parts, body, budget)).await {
-            Ok(Ok(resp)) => resp,
+        let limit = self.deadline(&parts.uri);
+        let exchange = self.exchange(&parts, body, budget);
+        let (status, why) = match tokio::time::timeout(limit, exchange).await {
+            Ok(Ok(resp)) => return resp,
             Ok(Err(ForwardError::Body(BodyError::Exhausted))) => {
-                let mut resp = plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "redirect: too many responses in flight; retry\n".to_owned(),
-                );
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                resp
+                let busy = "redirect: too many responses in flight; retry\n";
+                return plain(StatusCode::SERVICE_UNAVAILABLE, busy.to_owned());
             }
-            Ok(Err(e)) => {
-                tracing::warn!("upstream {url}: {e}");
-                plain(
-                    StatusCode::BAD_GATEWAY,
-                    format!("redirect: upstream {url} failed: {e}\n"),
-                )
-            }
-            Err(_) => {
-                tracing::warn!("upstream {url} sent no response within {budget_for:?}");
-                plain(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("redirect: upstream {url} sent no response within {budget_for:?}\n"),
-                )
-            }
-        }
+            Ok(Err(e)) => (StatusCode::BAD_GATEWAY, format!("failed: {e}")),
+            Err(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("sent no response within {limit:?}"),
+            ),
+        };
+        let url = &self.settings.url;
+        tracing::warn!("upstream {url} {why}");
+        plain(status, format!("redirect: upstream {url} {why}\n"))
     }
 
     async fn exchange(
@@ -111,31 +93,31 @@ impl Forwarder {
         budget: &Budget,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let mut sent_again = false;
-        let (mut lease, resp) = loop {
-            let mut lease = self
-                .upstream
-                .lease(sent_again)
-                .await
-                .map_err(ForwardError::Connect)?;
-            match lease
-                .send(self.upstream_request(parts, body.clone())?)
+        let resp = loop {
+            match self
+                .client
+                .request(self.upstream_request(parts, body.clone())?)
                 .await
             {
-                Ok(resp) => break (lease, resp),
+                Ok(resp) => break resp,
                 // A kept-alive connection the upstream had just closed, found only once the
-                // request was on it: safe to repeat, on a new one, for an idempotent method.
-                Err(e)
-                    if lease.reused
-                        && !sent_again
-                        && idempotent(&parts.method)
-                        && closed_unanswered(&e) =>
-                {
-                    sent_again = true;
+                // request was on it: safe to repeat, for an idempotent method.
+                Err(e) if !sent_again && idempotent(&parts.method) && closed_unanswered(&e) => {
+                    sent_again = true
                 }
                 Err(e) => return Err(ForwardError::Upstream(e)),
             }
         };
         let (mut head, body) = resp.into_parts();
+        // hyper's client bounds what it buffers of a head, not the head itself.
+        let head_size: usize = head
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if head_size > MAX_RESPONSE_HEAD {
+            return Err(ForwardError::HeadTooLarge);
+        }
         if let Some(coding) = head.headers.get(header::TRANSFER_ENCODING)
             && !coding
                 .as_bytes()
@@ -143,15 +125,12 @@ impl Forwarder {
                 .eq_ignore_ascii_case(b"chunked")
         {
             return Err(ForwardError::Coding(
-                String::from_utf8_lossy(coding.as_bytes()).into_owned(),
+                String::from_utf8_lossy(coding.as_bytes()).into(),
             ));
         }
         strip_hop_by_hop(&mut head.headers);
         let declared = body.size_hint().exact();
-        let body = lease
-            .drive(budget.collect(body, MAX_RESPONSE_BODY, declared))
-            .await?;
-        lease.release();
+        let body = budget.collect(body, MAX_RESPONSE_BODY, declared).await?;
         Ok(Response::from_parts(head, Full::new(body)))
     }
 
@@ -161,10 +140,11 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Request<Full<Bytes>>, ForwardError> {
         let authority = &self.settings.url.authority;
-        // Origin-form on the wire (the connection is the upstream's already).
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = Uri::builder()
-            .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-            .build()?;
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(target);
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
         // Answered by hyper before the body was read; the length is the body's own.
@@ -173,58 +153,55 @@ impl Forwarder {
         if !headers.contains_key(header::HOST)
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
-            // HTTP/1.0 clients may omit Host; the upstream gets one.
-            headers.insert(header::HOST, host);
+            headers.insert(header::HOST, host); // HTTP/1.0 may omit it; the upstream gets one
         }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
+        *req.uri_mut() = uri.build()?;
         *req.headers_mut() = headers;
         Ok(req)
     }
 
-    /// The budget of one exchange: the upstream timeout, or for a GCE long poll its own
-    /// `timeout_sec` (GCE's `wait_for_change` only exists under `/computeMetadata/`).
+    /// The budget of one exchange: the upstream timeout, or a GCE long poll's own (GCE's
+    /// `wait_for_change` exists only under `/computeMetadata/`).
     fn deadline(&self, uri: &Uri) -> Duration {
-        let params = || {
-            uri.query()
-                .unwrap_or_default()
+        let query = uri.query().unwrap_or_default();
+        let param = |name: &str| {
+            query
                 .split('&')
-                .filter_map(|kv| kv.split_once('='))
+                .find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name))
+                .map(|(_, v)| v)
         };
         let long_poll = uri.path().starts_with("/computeMetadata/")
-            && params().any(|(k, v)| k == "wait_for_change" && v.eq_ignore_ascii_case("true"));
+            && param("wait_for_change").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         if !long_poll {
             return self.settings.timeout;
         }
-        let asked = params()
-            .find(|(k, _)| *k == "timeout_sec")
-            .and_then(|(_, v)| v.parse::<u64>().ok())
+        let asked = param("timeout_sec")
+            .and_then(|v| v.parse().ok())
             .map(Duration::from_secs);
         asked.unwrap_or(DEFAULT_LONG_POLL).min(MAX_LONG_POLL) + LONG_POLL_MARGIN
     }
 }
 
 fn idempotent(method: &Method) -> bool {
+    use Method as M;
     matches!(
         *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        M::GET | M::HEAD | M::OPTIONS | M::PUT | M::DELETE | M::TRACE
     )
 }
 
-fn closed_unanswered(e: &hyper::Error) -> bool {
-    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
+/// "client error (Connect): tcp connect error: Connection refused (os error 111)"
+fn chain(e: &dyn std::error::Error) -> String {
+    let causes = std::iter::successors(Some(e), |e| e.source()).map(|e| e.to_string());
+    causes.collect::<Vec<_>>().join(": ")
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
 }
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1, and the old `Keep-Alive`/`Proxy-Connection`.

@@ -3,7 +3,7 @@
 //!
 //! A connection is idle whenever no request of its is being handled: before its first request,
 //! between requests, and while a head is still arriving (a slow head is the cheapest thing to
-//! give up). Each connection's [`Activity`] is shared by its socket (see `deadlines`), its
+//! give up). Each connection's [`Activity`] is shared by its socket (see `socket`), its
 //! request handler and this list.
 
 use std::{
@@ -22,9 +22,11 @@ pub struct Activity {
     /// Its key in the idle list; 0 while it is not listed. Changed under the list's lock.
     key: AtomicU64,
     busy: AtomicBool,
-    /// Requests finished so far: the socket restarts its idle clock when this changes.
+    /// Requests finished so far.
     finished: AtomicU64,
-    /// A refused request's body was left unread: close lingering (see `deadlines`).
+    /// Bytes have arrived since the last request began or ended: one is on its way.
+    arriving: AtomicBool,
+    /// A refused request's body was left unread: close lingering (see `connection`).
     linger: AtomicBool,
     /// The listener needs this connection's slot.
     evicted: Notify,
@@ -37,6 +39,16 @@ impl Activity {
 
     pub fn finished(&self) -> u64 {
         self.finished.load(Ordering::Acquire)
+    }
+
+    pub fn arriving(&self) {
+        if !self.is_busy() {
+            self.arriving.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_arriving(&self) -> bool {
+        self.arriving.load(Ordering::Relaxed)
     }
 
     pub fn linger(&self) {
@@ -76,6 +88,7 @@ impl IdleList {
     /// A request of `activity`'s connection is being handled.
     pub fn busy(&self, activity: &Arc<Activity>) {
         activity.busy.store(true, Ordering::Release);
+        activity.arriving.store(false, Ordering::Relaxed);
         self.unlist(activity);
     }
 
@@ -87,6 +100,7 @@ impl IdleList {
         inner.by_age.insert(key, Arc::clone(activity));
         activity.key.store(key, Ordering::Relaxed);
         activity.finished.fetch_add(1, Ordering::AcqRel);
+        activity.arriving.store(false, Ordering::Relaxed);
         activity.busy.store(false, Ordering::Release);
     }
 

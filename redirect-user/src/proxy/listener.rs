@@ -45,7 +45,7 @@ pub(super) async fn accept_loop(
             Ok(slot) => slot,
             Err(_) => {
                 if shared.idle.evict_oldest() {
-                    ProxyStats::count(&shared.stats.evicted);
+                    ProxyStats::add(&shared.stats.evicted, 1);
                 }
                 // Every connection busy: the new one waits for the first to finish (their
                 // requests are bounded by the timeouts).
@@ -57,7 +57,7 @@ pub(super) async fn accept_loop(
                 }
             }
         };
-        ProxyStats::count(&shared.stats.connections_total);
+        ProxyStats::add(&shared.stats.connections_total, 1);
         let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
         connections.spawn(async move {
             connection::serve(stream, &shared, &shutdown).await;
@@ -74,16 +74,13 @@ struct AcceptFailures {
 }
 
 impl AcceptFailures {
-    const FIRST_PAUSE: Duration = Duration::from_millis(50);
-    const MAX_PAUSE: Duration = Duration::from_secs(1);
-
     /// Counts a failure; returns how long to wait before the next accept.
     fn failed(&mut self, listener: &TcpListener, e: &std::io::Error) -> Duration {
         self.count += 1;
         if self.count == 1 {
+            let on = local(listener);
             tracing::warn!(
-                "cannot accept connections on {}: {e}; retrying, without a line per retry",
-                local(listener)
+                "cannot accept connections on {on}: {e}; retrying, without a line per retry"
             );
         }
         Self::pause(self.count)
@@ -91,19 +88,15 @@ impl AcceptFailures {
 
     fn ended(&mut self, listener: &TcpListener) {
         if self.count > 0 {
-            tracing::info!(
-                "accepting connections on {} again, after {} failed accepts",
-                local(listener),
-                self.count
-            );
-            self.count = 0;
+            let (on, failed) = (local(listener), std::mem::take(&mut self.count));
+            tracing::info!("accepting connections on {on} again, after {failed} failed accepts");
         }
     }
 
     /// 50 ms after the first failure, doubling up to 1 s.
     fn pause(count: u64) -> Duration {
         let doublings = count.saturating_sub(1).min(5) as u32;
-        (Self::FIRST_PAUSE * 2u32.pow(doublings)).min(Self::MAX_PAUSE)
+        (Duration::from_millis(50) * 2u32.pow(doublings)).min(Duration::from_secs(1))
     }
 }
 
@@ -123,6 +116,6 @@ mod tests {
             .map(|n| AcceptFailures::pause(n).as_millis())
             .collect();
         assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
-        assert_eq!(AcceptFailures::pause(u64::MAX), AcceptFailures::MAX_PAUSE);
+        assert_eq!(AcceptFailures::pause(u64::MAX), Duration::from_secs(1));
     }
 }

@@ -5,20 +5,20 @@
 //! it, so nothing a caller sends may take from the others what they need:
 //! - connections: at most [`Limits::max_connections`]; at the limit the connection idle
 //!   longest is closed to admit the new one (`listener`, `idle`);
-//! - time: idle, request-read and send timeouts on every socket (`deadlines`), a budget for
-//!   each upstream exchange (`forward`);
+//! - time: idle, request-read and send timeouts on every connection ([`Timeouts`]), a
+//!   budget for each upstream exchange (`forward`);
 //! - memory: heads up to [`MAX_HEAD`] bytes, bodies only where the backend takes one, and
 //!   every buffered body within one [`budget::Budget`].
 
 mod admission;
 mod budget;
 mod connection;
-mod deadlines;
 pub mod forward;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 mod idle;
 mod listener;
+mod socket;
 #[cfg(test)]
 mod tests;
 mod upstream;
@@ -34,12 +34,12 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, server::conn::http1};
+use hyper_util::rt::TokioTimer;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use admission::OwnNames;
 use budget::Budget;
-pub use deadlines::Timeouts;
 use forward::Forwarder;
 use idle::IdleList;
 
@@ -77,6 +77,18 @@ impl Backend {
 }
 
 #[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A parked connection idle this long is closed (nginx's `keepalive_timeout`); `None`:
+    /// never. A request in progress, however long (a long poll), is never idle.
+    pub idle: Option<Duration>,
+    /// A head must be complete within this of its first byte (the slowloris cut-off: hyper's
+    /// header read timeout), a body within this more.
+    pub request_read: Duration,
+    /// A write that makes no progress for this long closes the connection (`socket`).
+    pub send: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Client connections held at once.
     pub max_connections: usize,
@@ -96,63 +108,65 @@ pub struct ProxyStats {
 }
 
 impl ProxyStats {
-    fn count(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn add(counter: &AtomicU64, delta: i64) {
+        counter.fetch_add(delta as u64, Ordering::Relaxed); // wraps: -1 subtracts
     }
 }
 
-/// What every connection of a worker shares; all but the backend is shared by the workers.
+/// What every connection of a worker shares: its backend, and what all workers share.
 struct Shared {
     backend: Backend,
+    common: Arc<Common>,
+}
+
+struct Common {
     names: OwnNames,
     timeouts: Timeouts,
     http: http1::Builder,
     stats: Arc<ProxyStats>,
-    idle: Arc<IdleList>,
+    idle: IdleList,
     /// One permit per connection slot.
     slots: Arc<Semaphore>,
     budget: Budget,
 }
 
+impl std::ops::Deref for Shared {
+    type Target = Common;
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
 impl Shared {
     fn new(backend: Backend, names: OwnNames, limits: Limits, budget: usize) -> Arc<Self> {
         let mut http = http1::Builder::new();
-        http.header_read_timeout(None)
+        // The timer runs from the moment hyper waits for a head: for a parked connection, from
+        // its next request's first byte (see `connection`).
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.timeouts.request_read)
             .max_buf_size(MAX_HEAD)
             .max_header_size(MAX_HEAD);
-        Arc::new(Shared {
-            backend,
+        let common = Common {
             names,
             timeouts: limits.timeouts,
             http,
             stats: Arc::default(),
-            idle: Arc::default(),
+            idle: IdleList::default(),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             budget: Budget::new(budget),
-        })
-    }
-
-    /// Another worker's: its own backend, everything else in common.
-    fn with_backend(&self, backend: Backend) -> Arc<Self> {
+        };
         Arc::new(Shared {
             backend,
-            names: self.names.clone(),
-            timeouts: self.timeouts,
-            http: self.http.clone(),
-            stats: Arc::clone(&self.stats),
-            idle: Arc::clone(&self.idle),
-            slots: Arc::clone(&self.slots),
-            budget: self.budget.clone(),
+            common: Arc::new(common),
         })
     }
 }
 
-/// The running proxy: worker threads, each with a single-threaded runtime that accepts on
-/// listening sockets of its own (SO_REUSEPORT: the kernel spreads new connections over the
-/// workers) and serves what it accepted, with its own upstream connections, as nginx's worker
-/// processes do. A request, its upstream exchange and
-/// their wakeups stay on one thread; tokio's work-stealing runtime moved them between
-/// threads, at a cross-CPU wakeup each (BENCHMARKS.md). The limits are the workers' together.
+/// The running proxy: worker threads, each with a single-threaded runtime, listening sockets
+/// of its own (SO_REUSEPORT: the kernel spreads new connections over the workers) and its own
+/// upstream connections, as nginx's worker processes. A request, its upstream exchange and
+/// their wakeups stay on one thread (a cross-CPU wakeup costs tens of microseconds on a VM:
+/// BENCHMARKS.md). The limits are the workers' together.
 pub struct Proxy {
     stats: Arc<ProxyStats>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -174,10 +188,12 @@ impl Proxy {
         let stats = Arc::clone(&first.stats);
         let mut threads = Vec::new();
         for (i, listeners) in listeners.into_iter().enumerate() {
-            let shared = if i == 0 {
-                Arc::clone(&first)
-            } else {
-                first.with_backend(backend())
+            let shared = match i {
+                0 => Arc::clone(&first),
+                _ => Arc::new(Shared {
+                    backend: backend(),
+                    common: Arc::clone(&first.common),
+                }),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
