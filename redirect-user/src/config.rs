@@ -765,7 +765,47 @@ mod tests {
         assert!(s.cgroups.is_empty());
         assert_eq!(s.control_socket, paths::default_control_socket());
         assert_eq!(s.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(s.request_read_timeout, DEFAULT_REQUEST_READ_TIMEOUT);
+        assert_eq!(s.send_timeout, DEFAULT_SEND_TIMEOUT);
+        assert_eq!(
+            s.max_connections, None,
+            "derived from the descriptor limit at start"
+        );
         assert!(!s.ebpf_log);
+    }
+
+    /// What SIGHUP applies live (the mock's values) and what it names for a restart.
+    #[test]
+    fn a_reload_names_what_needs_a_restart() {
+        let mock = Overrides {
+            mock: Some(MockKind::Ec2),
+            ..Default::default()
+        };
+        let before = Settings::resolve(parse("").unwrap(), mock.clone()).unwrap();
+        let same_but_values = parse("[ec2]\ninstance_id = \"i-new\"\n").unwrap();
+        let after = Settings::resolve(same_but_values, mock.clone()).unwrap();
+        assert!(
+            before.restart_only_changes(&after).is_empty(),
+            "mock values change live"
+        );
+        let moved = parse("listen = [\"127.0.0.1:9\"]\nsend_timeout = \"1s\"\n").unwrap();
+        let after = Settings::resolve(moved, mock).unwrap();
+        assert_eq!(
+            before.restart_only_changes(&after),
+            ["listen", "send_timeout"]
+        );
+        let upstream = Overrides {
+            upstream: Some("http://127.0.0.1:9".parse().unwrap()),
+            ..Default::default()
+        };
+        let after = Settings::resolve(parse("").unwrap(), upstream).unwrap();
+        assert_eq!(
+            before.restart_only_changes(&after),
+            [
+                "mock/upstream/redirect_to (and the upstream's settings)",
+                "workers"
+            ]
+        );
     }
 
     #[test]
@@ -781,6 +821,10 @@ mod tests {
             upstream_timeout = "2s"
             shutdown_grace = "1s"
             idle_timeout = "0s"
+            request_read_timeout = "3s"
+            send_timeout = "20s"
+            max_connections = 500
+            max_request_body = "1MiB"
             ebpf_log = true
 
             [ec2]
@@ -798,6 +842,10 @@ mod tests {
         assert_eq!(up.url.to_string(), "http://169.254.169.254");
         assert_eq!(up.connect_timeout, Duration::from_millis(250));
         assert_eq!(up.timeout, Duration::from_secs(2));
+        assert_eq!(up.max_request_body, 1 << 20);
+        assert_eq!(s.request_read_timeout, Duration::from_secs(3));
+        assert_eq!(s.send_timeout, Duration::from_secs(20));
+        assert_eq!(s.max_connections, Some(500));
         assert_eq!(s.proxy.v4, Some("10.1.0.1:9000".parse().unwrap()));
         assert_eq!(s.proxy.v6, Some("[fd00::1]:9000".parse().unwrap()));
         assert_eq!(s.targets.len(), 2);
@@ -888,6 +936,22 @@ mod tests {
 
         let e = err("targets = [\"[::ffff:169.254.169.254]:80\"]\n");
         assert!(e.contains("key `targets[0]`"), "{e}");
+
+        let e = err("send_timeout = \"0s\"\n");
+        assert!(
+            e.contains("key `send_timeout`: invalid timeout \"0s\": must be more than 0s"),
+            "{e}"
+        );
+        let e = err("max_connections = 0\n");
+        assert!(
+            e.contains("key `max_connections`: invalid connection limit"),
+            "{e}"
+        );
+        let e = err("max_request_body = \"lots\"\n");
+        assert!(
+            e.contains("key `max_request_body`: invalid size \"lots\""),
+            "{e}"
+        );
 
         // Syntax errors have a line but no key.
         let e = err("mock = \"ec2\"\nlisten = [\n");

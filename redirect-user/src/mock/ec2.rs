@@ -709,6 +709,29 @@ mod tests {
         assert_eq!(xff.status(), StatusCode::FORBIDDEN);
     }
 
+    /// SIGHUP's reload: new values at once, and the tokens issued before still valid.
+    #[test]
+    fn a_reload_serves_new_values_and_keeps_tokens() {
+        let m = mock();
+        let put = req(Method::PUT, TOKEN_PATH, &[(TOKEN_TTL_HEADER, "60")]);
+        let token = body(m.handle(&put));
+        assert!(!m.reload(Ec2Values::default()), "unchanged");
+        assert!(m.reload(Ec2Values {
+            instance_id: "i-reloaded".into(),
+            ..Default::default()
+        }));
+        let get = req(
+            Method::GET,
+            "/latest/meta-data/instance-id",
+            &[(TOKEN_HEADER, &token)],
+        );
+        let resp = m.handle(&get);
+        assert_eq!(
+            (resp.status(), body(resp)),
+            (StatusCode::OK, "i-reloaded".into())
+        );
+    }
+
     #[test]
     fn token_expiry() {
         let m = mock();
