@@ -1,13 +1,13 @@
 //! Forwarding to the real metadata service (`--upstream`).
 //!
 //! Method, target, header values and body go upstream as admitted (`admission`), less the
-//! hop-by-hop headers (RFC 9110 §7.6.1), names in the case hyper gives them (lower). Nothing
-//! is added: metadata services refuse token traffic that carries `X-Forwarded-For`, so no
-//! XFF, `Forwarded` or `Via`. Both bodies are buffered whole within the budget (nginx's
-//! `proxy_buffering`): the upstream only ever sees a `Content-Length` body, and a response
-//! that fails midway is a 502, not a truncated 200.
+//! hop-by-hop headers (RFC 9110 §7.6.1); header names in the case hyper gives them (lower).
+//! Nothing is added: metadata services refuse token traffic that carries `X-Forwarded-For`,
+//! so no XFF, `Forwarded` or `Via`. Both bodies are buffered whole within the budget (as
+//! nginx's `proxy_buffering`), so the upstream only ever sees a `Content-Length` body, and a
+//! response that fails midway is a 502, not a truncated 200.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -22,7 +22,7 @@ use super::{
     admission::connection_options,
     budget::{BodyError, Budget},
     connection::plain,
-    upstream::{MAX_RESPONSE_HEAD, UpstreamClient},
+    upstream::Upstream,
 };
 use crate::{config::UpstreamSettings, ebpf::Exemptions};
 
@@ -35,29 +35,28 @@ pub const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
 pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct Forwarder {
-    client: UpstreamClient,
+    upstream: Upstream,
     settings: UpstreamSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
     #[error("{}", chain(.0))]
-    Upstream(hyper_util::client::legacy::Error),
+    Connect(std::io::Error),
+    #[error("{}", chain(.0))]
+    Upstream(hyper::Error),
     #[error("its response's body: {0}")]
     Body(#[from] BodyError),
     #[error("it sent transfer coding {0:?}; only chunked is supported")]
     Coding(String),
-    #[error("its response head is larger than {MAX_RESPONSE_HEAD} bytes")]
-    HeadTooLarge,
-    #[error("invalid request target: {0}")]
-    Target(#[from] hyper::http::Error),
 }
 
 impl Forwarder {
     /// `exemptions` is `None` only where no programs are loaded (unit tests, the fuzzer).
-    pub fn new(settings: UpstreamSettings, exemptions: Option<std::sync::Arc<Exemptions>>) -> Self {
-        let client = super::upstream::client(exemptions, settings.connect_timeout);
-        Forwarder { client, settings }
+    pub fn new(settings: UpstreamSettings, exemptions: Option<Arc<Exemptions>>) -> Self {
+        let authority = settings.url.authority.clone();
+        let upstream = Upstream::new(authority, exemptions, settings.connect_timeout);
+        Forwarder { upstream, settings }
     }
 
     pub fn max_request_body(&self) -> usize {
@@ -93,31 +92,28 @@ impl Forwarder {
         budget: &Budget,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let mut sent_again = false;
-        let resp = loop {
-            match self
-                .client
-                .request(self.upstream_request(parts, body.clone())?)
+        let (mut lease, resp) = loop {
+            let mut lease = self
+                .upstream
+                .lease(sent_again)
                 .await
-            {
-                Ok(resp) => break resp,
+                .map_err(ForwardError::Connect)?;
+            match lease.send(self.upstream_request(parts, body.clone())).await {
+                Ok(resp) => break (lease, resp),
                 // A kept-alive connection the upstream had just closed, found only once the
-                // request was on it: safe to repeat, for an idempotent method.
-                Err(e) if !sent_again && idempotent(&parts.method) && closed_unanswered(&e) => {
-                    sent_again = true
+                // request was on it: safe to repeat, on a new one, for an idempotent method.
+                Err(e)
+                    if lease.reused
+                        && !sent_again
+                        && idempotent(&parts.method)
+                        && closed_unanswered(&e) =>
+                {
+                    sent_again = true;
                 }
                 Err(e) => return Err(ForwardError::Upstream(e)),
             }
         };
         let (mut head, body) = resp.into_parts();
-        // hyper's client bounds what it buffers of a head, not the head itself.
-        let head_size: usize = head
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum();
-        if head_size > MAX_RESPONSE_HEAD {
-            return Err(ForwardError::HeadTooLarge);
-        }
         if let Some(coding) = head.headers.get(header::TRANSFER_ENCODING)
             && !coding
                 .as_bytes()
@@ -130,36 +126,31 @@ impl Forwarder {
         }
         strip_hop_by_hop(&mut head.headers);
         let declared = body.size_hint().exact();
-        let body = budget.collect(body, MAX_RESPONSE_BODY, declared).await?;
+        let body = lease
+            .drive(budget.collect(body, MAX_RESPONSE_BODY, declared))
+            .await?;
+        lease.release();
         Ok(Response::from_parts(head, Full::new(body)))
     }
 
-    fn upstream_request(
-        &self,
-        parts: &Parts,
-        body: Bytes,
-    ) -> Result<Request<Full<Bytes>>, ForwardError> {
-        let authority = &self.settings.url.authority;
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.clone())
-            .path_and_query(target);
+    fn upstream_request(&self, parts: &Parts, body: Bytes) -> Request<Full<Bytes>> {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
         // Answered by hyper before the body was read; the length is the body's own.
         headers.remove(header::EXPECT);
         headers.remove(header::CONTENT_LENGTH);
         if !headers.contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            && let Ok(host) = HeaderValue::from_str(self.settings.url.authority.as_str())
         {
             headers.insert(header::HOST, host); // HTTP/1.0 may omit it; the upstream gets one
         }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri.build()?;
+        // Origin-form (see `admission`), as it goes on the wire: the connection is the
+        // upstream's already.
+        *req.uri_mut() = parts.uri.clone();
         *req.headers_mut() = headers;
-        Ok(req)
+        req
     }
 
     /// The budget of one exchange: the upstream timeout, or a GCE long poll's own (GCE's
@@ -167,10 +158,8 @@ impl Forwarder {
     fn deadline(&self, uri: &Uri) -> Duration {
         let query = uri.query().unwrap_or_default();
         let param = |name: &str| {
-            query
-                .split('&')
-                .find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name))
-                .map(|(_, v)| v)
+            let mut pairs = query.split('&').filter_map(|kv| kv.split_once('='));
+            pairs.find(|(k, _)| *k == name).map(|(_, v)| v)
         };
         let long_poll = uri.path().starts_with("/computeMetadata/")
             && param("wait_for_change").is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -192,16 +181,14 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
-/// "client error (Connect): tcp connect error: Connection refused (os error 111)"
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    e.is_incomplete_message() || e.is_canceled() || e.is_closed()
+}
+
+/// "connect to 127.0.0.1:9 ...: Connection refused (os error 111)"
 fn chain(e: &dyn std::error::Error) -> String {
     let causes = std::iter::successors(Some(e), |e| e.source()).map(|e| e.to_string());
     causes.collect::<Vec<_>>().join(": ")
-}
-
-fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_incomplete_message)
 }
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1, and the old `Keep-Alive`/`Proxy-Connection`.

@@ -1,61 +1,147 @@
-//! The connections to the upstream metadata service: hyper-util's pooled client (keep-alive
-//! reuse; a request given a pooled connection that turns out dead is sent again on a new one)
-//! over our own connector, which exempts each socket from the redirect before it connects.
+//! The connections to the upstream metadata service: hyper's HTTP/1.1 client connections in a
+//! small pool, each driven by the task of the request that holds it (no task of its own, so
+//! a proxied request crosses no channel to another task and back), on sockets exempt from
+//! the redirect before they connect.
 
-use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc, task, time::Duration};
+use std::{
+    future::{Future, pending, poll_fn},
+    io,
+    net::SocketAddr,
+    pin::{Pin, pin},
+    sync::{Arc, Mutex, PoisonError},
+    task::Poll,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::Uri;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use hyper::{
+    Request, Response,
+    body::Incoming,
+    client::conn::http1::{self, Connection, SendRequest},
+    http::uri::Authority,
 };
-use tokio::net::{TcpSocket, TcpStream};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    time::Instant,
+};
 
 use crate::ebpf::Exemptions;
 
 /// Largest upstream response head: beyond it, a 502.
 pub const MAX_RESPONSE_HEAD: usize = 64 << 10;
+/// How long an unused upstream connection is kept (nginx's upstream `keepalive_timeout`).
+const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Unused upstream connections kept at most (nginx's `keepalive 64`, as in the benchmark).
+const POOL_MAX_IDLE: usize = 64;
 
-pub type UpstreamClient = Client<Connector, Full<Bytes>>;
+type Body = Full<Bytes>;
 
-/// `exemptions` is `None` only where no programs are loaded (unit tests, the fuzzer).
-pub fn client(exemptions: Option<Arc<Exemptions>>, connect_timeout: Duration) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        // nginx's upstream `keepalive_timeout`, and `keepalive 64` as in the benchmark.
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(64)
-        .http1_max_buf_size(MAX_RESPONSE_HEAD)
-        // The request's own Host goes upstream (see `forward`).
-        .set_host(false)
-        .build(Connector {
-            exemptions,
-            connect_timeout,
-        })
+struct Pooled {
+    sender: SendRequest<Body>,
+    /// `None` once it has ended (the upstream closed it, or it failed).
+    connection: Option<Connection<TokioIo<TcpStream>, Body>>,
+    idle_since: Instant,
 }
 
-/// Connects to the upstream on sockets exempt from the redirect.
-#[derive(Clone)]
-pub struct Connector {
+pub struct Upstream {
+    authority: Authority,
+    /// `None` only where no programs are loaded (unit tests, the fuzzer).
     exemptions: Option<Arc<Exemptions>>,
     connect_timeout: Duration,
+    idle: Mutex<Vec<Pooled>>,
 }
 
-impl Connector {
-    async fn connect(self, uri: Uri) -> io::Result<TokioIo<TcpStream>> {
-        let host = uri.host().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let mut last = io::Error::other(format!("{host} has no address"));
-        for addr in tokio::net::lookup_host((host, uri.port_u16().unwrap_or(80))).await? {
-            match self.connect_to(addr).await {
-                Ok(stream) => return Ok(TokioIo::new(stream)),
-                Err(e) => last = e,
+/// A connection held for one exchange; back to the pool with [`Lease::release`], closed if
+/// dropped.
+pub struct Lease<'a> {
+    upstream: &'a Upstream,
+    pooled: Pooled,
+    /// It served an earlier exchange: the upstream may have closed it meanwhile.
+    pub reused: bool,
+}
+
+impl Upstream {
+    pub fn new(
+        authority: Authority,
+        exemptions: Option<Arc<Exemptions>>,
+        connect_timeout: Duration,
+    ) -> Self {
+        Upstream {
+            authority,
+            exemptions,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A kept connection that is still open and ready, else a new one (`fresh`: always new).
+    pub async fn lease(&self, fresh: bool) -> io::Result<Lease<'_>> {
+        while let Some(mut pooled) = if fresh { None } else { self.take_idle() } {
+            // Polling the connection notices an upstream that closed it while it was kept.
+            let Pooled {
+                sender, connection, ..
+            } = &mut pooled;
+            let ready = tokio::select! {
+                biased;
+                ready = sender.ready() => ready.is_ok(),
+                _ = drive(connection) => false,
+            };
+            if ready {
+                return Ok(Lease {
+                    upstream: self,
+                    pooled,
+                    reused: true,
+                });
             }
         }
-        Err(last)
+        let stream = self.connect().await?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(MAX_RESPONSE_HEAD)
+            .max_header_size(MAX_RESPONSE_HEAD)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        let pooled = Pooled {
+            sender,
+            connection: Some(connection),
+            idle_since: Instant::now(),
+        };
+        Ok(Lease {
+            upstream: self,
+            pooled,
+            reused: false,
+        })
+    }
+
+    fn take_idle(&self) -> Option<Pooled> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        // Most recently used last; the oldest go once unused for POOL_IDLE.
+        let pooled = idle.pop()?;
+        let expired = pooled.idle_since.elapsed() >= POOL_IDLE;
+        if expired {
+            idle.clear();
+            return None;
+        }
+        Some(pooled)
+    }
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let host = self
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = self.authority.port_u16().unwrap_or(80);
+        let mut last = None;
+        for addr in tokio::net::lookup_host((host, port)).await? {
+            match self.connect_to(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other(format!("{host} has no address"))))
     }
 
     async fn connect_to(&self, addr: SocketAddr) -> io::Result<TcpStream> {
@@ -69,28 +155,87 @@ impl Connector {
             .as_ref()
             .map(|e| e.exempt(&socket))
             .transpose()?;
-        let timeout = self.connect_timeout;
-        let stream = tokio::time::timeout(timeout, socket.connect(addr))
+        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(addr))
             .await
             .map_err(|_| {
-                let why = format!("connect to {addr} timed out after {timeout:?}");
-                io::Error::new(io::ErrorKind::TimedOut, why)
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connect to {addr} timed out after {:?}",
+                        self.connect_timeout
+                    ),
+                )
             })??;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut task::Context<'_>) -> task::Poll<io::Result<()>> {
-        task::Poll::Ready(Ok(()))
+impl Lease<'_> {
+    /// Sends `req` and waits for the response head.
+    pub async fn send(&mut self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
+        let Pooled {
+            sender, connection, ..
+        } = &mut self.pooled;
+        let response = sender.send_request(req);
+        run_with(connection, response).await
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(self.clone().connect(uri))
+    /// Runs `work` (reading the response body) while driving the connection.
+    pub async fn drive<T>(&mut self, work: impl Future<Output = T>) -> T {
+        run_with(&mut self.pooled.connection, work).await
     }
+
+    /// The exchange is complete: the connection is kept for the next one, unless it ended.
+    pub fn release(mut self) {
+        if self.pooled.connection.is_none() || self.pooled.sender.is_closed() {
+            return;
+        }
+        self.pooled.idle_since = Instant::now();
+        let mut idle = self
+            .upstream
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push(self.pooled);
+        }
+    }
+}
+
+/// Polls `work` and the connection together, on this task. `work` is polled again right
+/// after the connection (which may just have handed it its response), instead of in a wakeup
+/// of its own. If the connection ends first, `work` ends with what hyper makes of that.
+async fn run_with<T>(
+    connection: &mut Option<Connection<TokioIo<TcpStream>, Body>>,
+    work: impl Future<Output = T>,
+) -> T {
+    let mut work = pin!(work);
+    poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(done);
+        }
+        if let Some(conn) = connection
+            && let Poll::Ready(ended) = Pin::new(conn).poll(cx)
+        {
+            if let Err(e) = ended {
+                tracing::debug!("upstream connection: {e}");
+            }
+            *connection = None;
+        }
+        work.as_mut().poll(cx)
+    })
+    .await
+}
+
+/// Drives the connection until it ends (then marks it ended); never resolves for one that
+/// has.
+async fn drive(connection: &mut Option<Connection<TokioIo<TcpStream>, Body>>) {
+    let Some(conn) = connection else {
+        return pending().await;
+    };
+    if let Err(e) = conn.await {
+        tracing::debug!("upstream connection: {e}");
+    }
+    *connection = None;
 }
