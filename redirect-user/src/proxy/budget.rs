@@ -53,29 +53,33 @@ impl Budget {
                 return Err(BodyError::TooLarge(limit));
             }
             self.grow(&mut reserved, expected)?;
-            data.reserve(expected);
         }
         let mut body = std::pin::pin!(body);
+        // Most bodies come in one frame, which is kept as it is; more are copied together.
+        let mut first: Option<Bytes> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
             let Ok(chunk) = frame.into_data() else {
                 continue; // trailers: not forwarded
             };
-            if data.len() + chunk.len() > limit {
+            let so_far = first.as_ref().map_or(data.len(), Bytes::len);
+            if so_far + chunk.len() > limit {
                 return Err(BodyError::TooLarge(limit));
             }
             let held = reserved.as_ref().map_or(0, |r| r.num_permits());
-            self.grow(
-                &mut reserved,
-                (data.len() + chunk.len()).saturating_sub(held),
-            )?;
-            data.extend_from_slice(&chunk);
+            self.grow(&mut reserved, (so_far + chunk.len()).saturating_sub(held))?;
+            match first.take() {
+                None if data.is_empty() => first = Some(chunk),
+                earlier => {
+                    data.extend_from_slice(&earlier.unwrap_or_default());
+                    data.extend_from_slice(&chunk);
+                }
+            }
         }
+        let data = first.unwrap_or_else(|| data.freeze());
         Ok(match reserved {
-            Some(permit) => Bytes::from_owner(Held {
-                data: data.freeze(),
-                _permit: permit,
-            }),
+            Some(_permit) if data.is_empty() => Bytes::new(),
+            Some(_permit) => Bytes::from_owner(Held { data, _permit }),
             None => Bytes::new(),
         })
     }
