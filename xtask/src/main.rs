@@ -140,16 +140,27 @@ fn ebpf_cargo(workspace: &Path) -> Result<Command> {
     ensure_rust_src(&toolchain)?;
     let nightly = Nightly::probe(&toolchain)?;
     let linker_dir = ensure_bpf_linker(&nightly)?;
+    nightly_cargo(
+        &toolchain,
+        linker_dir,
+        &workspace.join("redirect-ebpf"),
+        &workspace.join("target/ebpf"),
+    )
+}
+
+/// A `cargo` of the nightly `toolchain` in `dir`, with `tools` first on PATH, its own
+/// `target` directory, and none of the variables of the `cargo xtask` invocation that would
+/// override its config.
+fn nightly_cargo(toolchain: &str, tools: PathBuf, dir: &Path, target: &Path) -> Result<Command> {
     let path = env::join_paths(
-        std::iter::once(linker_dir)
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+        std::iter::once(tools).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
     )?;
     let mut cargo = Command::new("cargo");
     cargo
-        .current_dir(workspace.join("redirect-ebpf"))
+        .current_dir(dir)
         .arg(format!("+{toolchain}"))
         .env("PATH", path)
-        .env("CARGO_TARGET_DIR", workspace.join("target/ebpf"));
+        .env("CARGO_TARGET_DIR", target);
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTFLAGS",
@@ -287,31 +298,20 @@ fn fuzz(workspace: &Path, seconds: u64, extra: &[OsString]) -> Result<()> {
     let fuzz_dir = workspace.join("redirect-user/fuzz");
     let corpus = fuzz_dir.join("corpus/request");
     std::fs::create_dir_all(&corpus)?;
-    let path = env::join_paths(
-        std::iter::once(cargo_fuzz)
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    let mut cargo = nightly_cargo(
+        &ebpf_toolchain(),
+        cargo_fuzz,
+        &workspace.join("redirect-user"),
+        &workspace.join("target/fuzz"),
     )?;
-    let mut cargo = Command::new("cargo");
     cargo
-        .current_dir(workspace.join("redirect-user"))
-        .arg(format!("+{}", ebpf_toolchain()))
         .args(["fuzz", "run", "request"])
         .arg(&corpus)
         .arg(fuzz_dir.join("seeds/request"))
-        .env("PATH", path)
         .env("REDIRECT_EBPF_OBJECT", object)
-        .env("CARGO_TARGET_DIR", workspace.join("target/fuzz"))
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
         .args(extra);
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC",
-    ] {
-        cargo.env_remove(var);
-    }
     run(&mut cargo)
         .context("fuzzing (a crash leaves its input in redirect-user/fuzz/artifacts/request/)")
 }
