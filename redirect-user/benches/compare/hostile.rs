@@ -21,8 +21,8 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use crate::{
-    http::Nginx,
-    support::{ChildGuard, Daemon, NetNs, TestCgroup, child, command_in, sh},
+    http::{Nginx, path, rss_kb},
+    support::{ChildGuard, Daemon, NetNs, TestCgroup, child, command_in, sh, user_data_config},
 };
 
 const MOCK: &str = "127.0.0.1:8280";
@@ -54,14 +54,7 @@ pub fn run() -> Result<Vec<HostileRow>> {
     let (unused, via_ours, via_nginx) =
         (cg.child("unused")?, cg.child("ours")?, cg.child("nginx")?);
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("mock.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "mock = \"ec2\"\n[ec2]\nuser_data = \"{}\"\n",
-            "x".repeat(USER_DATA)
-        ),
-    )?;
+    let config = user_data_config(dir.path(), USER_DATA)?;
     let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info");
     let _mock = quiet(&[
         "--config",
@@ -116,19 +109,6 @@ pub fn run() -> Result<Vec<HostileRow>> {
         });
     }
     Ok(rows)
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("bench paths are UTF-8")
-}
-
-fn rss_kb(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS for pid {pid}"))
 }
 
 /// The test support's `flood` role from `cgroup`, with the proxy's RSS sampled every 10 ms.

@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::{
     Mode,
-    support::{Daemon, NetNs, TestCgroup, child, command_in, host_program},
+    support::{Daemon, NetNs, TestCgroup, child, command_in, host_program, status_kb},
 };
 
 const MOCK: &str = "127.0.0.1:8080";
@@ -353,7 +353,7 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
     })
 }
 
-fn path(p: &Path) -> &str {
+pub fn path(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
 }
 
@@ -513,22 +513,13 @@ fn cpu_set(cpu: Option<usize>) -> Result<libc::cpu_set_t> {
 const HELD_SETTLE: Duration = Duration::from_secs(4);
 
 /// Resident memory of a process, in KiB.
-fn rss_kb(pid: u32) -> Result<u64> {
+pub fn rss_kb(pid: u32) -> Result<u64> {
     status_kb(pid, "VmRSS:")
 }
 
 /// Peak resident memory of a process, in KiB.
 fn peak_rss_kb(pid: u32) -> Result<u64> {
     status_kb(pid, "VmHWM:")
-}
-
-fn status_kb(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} for pid {pid}"))
 }
 
 /// Each figure's median over a cell's runs; errors are summed (any makes the cell invalid).
@@ -707,7 +698,7 @@ pub fn hold_connections(args: &[String]) -> Result<()> {
     };
     let addr: SocketAddr = addr.parse()?;
     let n: usize = n.parse()?;
-    raise_nofile();
+    child::raise_nofile();
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
         let mut stream = TcpStream::connect(addr).with_context(|| format!("connection {i}"))?;
@@ -744,20 +735,6 @@ fn read_response(stream: &mut TcpStream) -> Result<()> {
             .context("no content-length")?;
         if buf.len() >= end + 4 + length {
             return Ok(());
-        }
-    }
-}
-
-fn raise_nofile() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls with a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

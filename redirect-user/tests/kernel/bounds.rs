@@ -284,14 +284,7 @@ fn stalled_readers_are_closed_after_the_send_timeout() -> Result<()> {
     let cg = TestCgroup::new()?;
     let client = cg.child("client")?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("redirect.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "mock = \"ec2\"\n[ec2]\nuser_data = \"{}\"\n",
-            "x".repeat(USER_DATA)
-        ),
-    )?;
+    let config = support::user_data_config(dir.path(), USER_DATA)?;
     let daemon = Daemon::start(
         &[
             "--config",

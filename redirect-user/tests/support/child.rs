@@ -98,7 +98,7 @@ fn connect(args: &[String]) -> Result<serde_json::Value, String> {
 }
 
 /// The soft descriptor limit up to the hard one: the floods hold many sockets.
-fn raise_nofile() {
+pub fn raise_nofile() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

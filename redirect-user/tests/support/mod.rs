@@ -435,12 +435,7 @@ impl Daemon {
 
     /// A `kB` field of the daemon's /proc status (`VmRSS:`, `VmHWM:`).
     pub fn memory_kb(&self, field: &str) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {field} in the daemon's status"))
+        status_kb(self.pid(), field)
     }
 
     /// `redirect status --json` against this daemon, run from `netns`.
@@ -479,6 +474,27 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// A `kB` field of a process's /proc status (`VmRSS:`, `VmHWM:`).
+pub fn status_kb(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} for pid {pid}"))
+}
+
+/// A config file in `dir` for the EC2 mock whose user data is `size` bytes (a large answer).
+pub fn user_data_config(dir: &Path, size: usize) -> Result<PathBuf> {
+    let config = dir.join("mock.toml");
+    let text = format!(
+        "mock = \"ec2\"\n[ec2]\nuser_data = \"{}\"\n",
+        "x".repeat(size)
+    );
+    std::fs::write(&config, text)?;
+    Ok(config)
 }
 
 /// Sets RLIMIT_NOFILE (soft and hard) of the process `cmd` starts.
