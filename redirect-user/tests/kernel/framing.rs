@@ -277,35 +277,15 @@ struct Received {
 
 /// A strict recording upstream: it reads requests framed by Content-Length only (what the
 /// proxy must send) and answers each with 200 `ok` and its Content-Length.
-struct Recorder {
-    received: Arc<Mutex<Vec<Received>>>,
-    listener: TcpListener,
-}
+struct Recorder(support::TestServer<Received>);
 
 impl Recorder {
     fn start(ns: &NetNs, addr: SocketAddr) -> Result<Self> {
-        let listener = ns.run(move || TcpListener::bind(addr))??;
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let (accepting, log) = (listener.try_clone()?, Arc::clone(&received));
-        thread::spawn(move || {
-            for stream in accepting.incoming() {
-                let Ok(stream) = stream else { return };
-                let log = Arc::clone(&log);
-                thread::spawn(move || record(stream, &log));
-            }
-        });
-        Ok(Recorder { received, listener })
+        support::TestServer::start(ns, addr, record).map(Recorder)
     }
 
     fn take(&self) -> Vec<Received> {
-        std::mem::take(&mut *self.received.lock().unwrap())
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        // SAFETY: shutdown(2) on our own listening socket wakes its accept loop, which ends.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        self.0.take()
     }
 }
 

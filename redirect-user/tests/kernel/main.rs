@@ -20,10 +20,10 @@ mod upstream;
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::Command,
-    sync::{Arc, Mutex},
+    sync::Mutex,
     thread,
 };
 

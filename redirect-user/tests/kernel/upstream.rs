@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::routing::recorded_sockets;
+use support::TestServer;
 
 pub const TESTS: &[(&str, TestFn)] = &[
     (
@@ -21,36 +22,16 @@ pub const TESTS: &[(&str, TestFn)] = &[
 /// A stand-in for the real metadata service: records each raw request head (exactly as it
 /// arrived) and answers `upstream:<request target>`, or never
 /// answers when `silent`.
-pub struct StandIn {
-    heads: Arc<Mutex<Vec<String>>>,
-    listener: TcpListener,
-}
+pub struct StandIn(TestServer<String>);
 
 impl StandIn {
     pub fn start(ns: &NetNs, addr: SocketAddr, silent: bool) -> Result<Self> {
-        let listener = ns.run(move || TcpListener::bind(addr))??;
-        let heads = Arc::new(Mutex::new(Vec::new()));
-        let (accepting, log) = (listener.try_clone()?, Arc::clone(&heads));
-        thread::spawn(move || {
-            for stream in accepting.incoming() {
-                let Ok(stream) = stream else { return };
-                let log = Arc::clone(&log);
-                thread::spawn(move || serve_raw(stream, &log, silent));
-            }
-        });
-        Ok(StandIn { heads, listener })
+        let serve = move |stream, log: &Mutex<Vec<String>>| serve_raw(stream, log, silent);
+        TestServer::start(ns, addr, serve).map(StandIn)
     }
 
     pub fn heads(&self) -> Vec<String> {
-        self.heads.lock().unwrap().clone()
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        // Wakes the accept loop, which then ends.
-        // SAFETY: shutdown(2) on our own listening socket.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        self.0.log()
     }
 }
 

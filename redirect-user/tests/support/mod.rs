@@ -476,6 +476,53 @@ impl Drop for Daemon {
     }
 }
 
+/// A TCP server in `netns` standing in for an upstream: each connection is served on a
+/// thread of its own by `serve`, which adds what it saw to the shared log. It stops
+/// accepting when dropped.
+pub struct TestServer<T> {
+    log: Arc<Mutex<Vec<T>>>,
+    listener: std::net::TcpListener,
+}
+
+impl<T: Send + 'static> TestServer<T> {
+    pub fn start(
+        netns: &NetNs,
+        addr: std::net::SocketAddr,
+        serve: impl Fn(std::net::TcpStream, &Mutex<Vec<T>>) + Copy + Send + 'static,
+    ) -> Result<Self> {
+        let listener = netns.run(move || std::net::TcpListener::bind(addr))??;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (accepting, shared) = (listener.try_clone()?, Arc::clone(&log));
+        thread::spawn(move || {
+            for stream in accepting.incoming() {
+                let Ok(stream) = stream else { return };
+                let log = Arc::clone(&shared);
+                thread::spawn(move || serve(stream, &log));
+            }
+        });
+        Ok(TestServer { log, listener })
+    }
+
+    /// The log, emptied.
+    pub fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+impl<T: Clone> TestServer<T> {
+    pub fn log(&self) -> Vec<T> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl<T> Drop for TestServer<T> {
+    fn drop(&mut self) {
+        // Wakes the accept loop, which then ends.
+        // SAFETY: shutdown(2) on our own listening socket.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
 /// A `kB` field of a process's /proc status (`VmRSS:`, `VmHWM:`).
 pub fn status_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
