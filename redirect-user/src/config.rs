@@ -385,21 +385,32 @@ pub fn default_workers(backend: &Backend) -> usize {
     }
 }
 
-/// A worker count: 1 to 1024.
-pub fn parse_workers(s: &str) -> Result<usize, String> {
+/// A number from 1 to `max`; `what` names it in the error.
+fn parse_count(s: &str, what: &str, max: usize) -> Result<usize, String> {
     match s.parse::<usize>() {
-        Ok(n @ 1..=1024) => Ok(n),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(format!(
-            "invalid worker count {s:?}: expected a number from 1 to 1024"
+            "invalid {what} {s:?}: expected a number from 1 to {max}"
         )),
     }
 }
 
-fn de_workers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+/// A config value checked by the same parser as its flag.
+fn de_count<'de, D: Deserializer<'de>>(
+    d: D,
+    parse: fn(&str) -> Result<usize, String>,
+) -> Result<Option<usize>, D::Error> {
     let n = u64::deserialize(d)?;
-    parse_workers(&n.to_string())
-        .map(Some)
-        .map_err(de::Error::custom)
+    parse(&n.to_string()).map(Some).map_err(de::Error::custom)
+}
+
+/// A worker count: 1 to 1024.
+pub fn parse_workers(s: &str) -> Result<usize, String> {
+    parse_count(s, "worker count", 1024)
+}
+
+fn de_workers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    de_count(d, parse_workers)
 }
 
 /// Parses durations such as `1s`, `500ms`, `2m`.
@@ -442,19 +453,11 @@ fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Erro
 
 /// A connection limit: 1 to 1,000,000.
 pub fn parse_max_connections(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n @ 1..=1_000_000) => Ok(n),
-        _ => Err(format!(
-            "invalid connection limit {s:?}: expected a number from 1 to 1000000"
-        )),
-    }
+    parse_count(s, "connection limit", 1_000_000)
 }
 
 fn de_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    let n = u64::deserialize(d)?;
-    parse_max_connections(&n.to_string())
-        .map(Some)
-        .map_err(de::Error::custom)
+    de_count(d, parse_max_connections)
 }
 
 /// Settings for `redirect run` after defaults, file and flags are combined.
