@@ -68,6 +68,8 @@ impl Activity {
 #[derive(Default)]
 pub struct IdleList {
     inner: Mutex<Inner>,
+    /// A connection has been listed: a listener waiting to make room can try again.
+    listed: Notify,
 }
 
 #[derive(Default)]
@@ -102,6 +104,8 @@ impl IdleList {
         activity.finished.fetch_add(1, Ordering::AcqRel);
         activity.arriving.store(false, Ordering::Relaxed);
         activity.busy.store(false, Ordering::Release);
+        drop(inner);
+        self.listed.notify_waiters();
     }
 
     /// The connection is gone.
@@ -120,6 +124,20 @@ impl IdleList {
         activity.key.store(0, Ordering::Relaxed);
         activity.evicted.notify_one();
         true
+    }
+
+    /// Asks the connection idle longest to close, once one is: every connection may be busy,
+    /// or just accepted and not yet listed, when a listener needs room.
+    pub async fn evict_oldest_when_idle(&self) {
+        loop {
+            // Registered before looking, so that a connection listed in between is not missed.
+            let mut listed = std::pin::pin!(self.listed.notified());
+            listed.as_mut().enable();
+            if self.evict_oldest() {
+                return;
+            }
+            listed.await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -148,5 +166,23 @@ mod tests {
         list.unlist(&a);
         assert!(!list.evict_oldest(), "a is gone");
         assert_eq!(a.finished(), 2, "tracked, then one request");
+    }
+
+    #[tokio::test]
+    async fn with_every_connection_busy_eviction_waits_for_one_to_be_idle() {
+        let list = Arc::new(IdleList::default());
+        let (a, b) = (list.track(), list.track());
+        list.busy(&a);
+        list.busy(&b);
+        let evict = tokio::spawn({
+            let list = Arc::clone(&list);
+            async move { list.evict_oldest_when_idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!evict.is_finished(), "nothing is idle yet");
+        list.idle(&b);
+        evict.await.unwrap();
+        b.evicted().await;
+        assert!(!list.evict_oldest(), "b was taken, a is still busy");
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::OwnedSemaphorePermit};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{ProxyStats, Shared, connection};
@@ -43,19 +43,10 @@ pub(super) async fn accept_loop(
         };
         let slot = match Arc::clone(&shared.slots).try_acquire_owned() {
             Ok(slot) => slot,
-            Err(_) => {
-                if shared.idle.evict_oldest() {
-                    ProxyStats::add(&shared.stats.evicted, 1);
-                }
-                // Every connection busy: the new one waits for the first to finish (their
-                // requests are bounded by the timeouts).
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    slot = Arc::clone(&shared.slots).acquire_owned() => {
-                        slot.expect("the slots are never closed")
-                    }
-                }
-            }
+            Err(_) => match make_room(&shared, &shutdown).await {
+                Some(slot) => slot,
+                None => return,
+            },
         };
         ProxyStats::add(&shared.stats.connections_total, 1);
         let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
@@ -63,6 +54,22 @@ pub(super) async fn accept_loop(
             connection::serve(stream, &shared, &shutdown).await;
             drop(slot);
         });
+    }
+}
+
+/// At the limit: closes the connection idle longest, waiting for one to be idle if every
+/// connection is busy (their requests are bounded by the timeouts), and returns the first
+/// slot freed, by it or by any connection that ends first; `None` on shutdown.
+async fn make_room(shared: &Shared, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+    let mut slot = std::pin::pin!(Arc::clone(&shared.slots).acquire_owned());
+    tokio::select! {
+        () = shutdown.cancelled() => return None,
+        freed = &mut slot => return freed.ok(),
+        () = shared.idle.evict_oldest_when_idle() => ProxyStats::add(&shared.stats.evicted, 1),
+    }
+    tokio::select! {
+        () = shutdown.cancelled() => None,
+        freed = slot => freed.ok(),
     }
 }
 

@@ -288,6 +288,81 @@ async fn at_the_limit_the_longest_idle_connection_makes_room() {
     assert_eq!(proxy.stats().evicted.load(Ordering::Relaxed), 1);
 }
 
+/// At the limit with every connection busy, the new one waits, and is admitted as soon as
+/// one of them is idle again (not when the idle timeout closes one).
+#[tokio::test]
+async fn at_the_limit_with_every_connection_busy_the_first_to_be_idle_makes_room() {
+    let slow = vec![
+        Reply::After(Duration::from_millis(100), OK),
+        Reply::Send(OK),
+    ];
+    let (upstream, mut seen) = stand_in(vec![slow.clone(), slow, vec![Reply::Send(OK)]]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Without the wait, the new connection would be admitted only when this closes one.
+    let limits = Limits {
+        max_connections: 2,
+        timeouts: Timeouts {
+            idle: Some(Duration::from_secs(30)),
+            ..LIMITS.timeouts
+        },
+    };
+    let proxy = Proxy::spawn(
+        vec![vec![listener]],
+        || Backend::Upstream(Forwarder::new(upstream_settings(upstream), None)),
+        names(),
+        limits,
+        &CancellationToken::new(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    const GET: &[u8] = b"GET /x HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(GET).await.unwrap();
+        held.push(c);
+    }
+    for _ in 0..2 {
+        seen.recv().await.unwrap(); // both requests are upstream: both connections busy
+    }
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(GET).await.unwrap();
+    let answer = read_response(&mut third).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+        "{answer}"
+    );
+    assert_eq!(proxy.stats().evicted.load(Ordering::Relaxed), 1);
+    let mut kept = 0;
+    for mut c in held {
+        let answer = read_response(&mut c).await;
+        assert!(
+            answer.ends_with("ok"),
+            "its own request was answered: {answer}"
+        );
+        // The one closed for the new connection ends; the other serves its next request.
+        if c.write_all(GET).await.is_ok() && read_response(&mut c).await.ends_with("ok") {
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 1, "one of the two was closed for the new one");
+}
+
+/// Reads one response with a 2-byte body, or what came before the connection ended.
+async fn read_response(c: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    while !out.ends_with(b"ok") {
+        let mut buf = [0; 1024];
+        match c.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// One keep-alive GET for the instance id on `c`; the response as read.
 async fn get(c: &mut TcpStream) -> String {
     c.write_all(GET_ID).await.unwrap();
