@@ -38,10 +38,39 @@ pub mod names {
     pub const PROXIES4: &str = "PROXIES4";
     pub const PROXIES6: &str = "PROXIES6";
 
+    /// `HashMap<u64, u8>` of [`crate::MAX_SERVED_NETNS`]: cookies of the network namespaces
+    /// where the daemon listens on the proxy endpoints (its own and those it planted
+    /// listeners in). A rewrite from any other namespace is reported in [`NETNS_EVENTS`].
+    pub const SERVED_NETNS: &str = "SERVED_NETNS";
+    /// `Array<u32>` of one: non-zero while the daemon plants listeners, so that rewrites look
+    /// [`SERVED_NETNS`] up only then (not with `--redirect-to`).
+    pub const NETNS_ACTIVE: &str = "NETNS_ACTIVE";
+    /// `RingBuf` of [`crate::NETNS_EVENT_BYTES`] carrying [`crate::NetnsEvent`]s.
+    pub const NETNS_EVENTS: &str = "NETNS_EVENTS";
+
     pub const PROG_CONNECT4: &str = "redirect_connect4";
     pub const PROG_CONNECT6: &str = "redirect_connect6";
     pub const PROG_GETPEERNAME4: &str = "redirect_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "redirect_getpeername6";
+}
+
+/// Network namespaces the daemon can serve at once (each with its own listeners).
+pub const MAX_SERVED_NETNS: u32 = 65_536;
+/// Size of the namespace event ring buffer: about 10,000 events of 16 bytes (plus headers)
+/// before the daemon must have read some; when full, events are dropped and counted.
+pub const NETNS_EVENT_BYTES: u32 = 256 << 10;
+
+/// One event of [`names::NETNS_EVENTS`]: a connect was rewritten in a network namespace
+/// without the daemon's listeners. It fails (nothing listens there); the daemon plants
+/// listeners for the next ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsEvent {
+    /// `bpf_get_current_pid_tgid()`: thread group id (the pid) in the upper 32 bits, thread id
+    /// in the lower, both as the initial pid namespace numbers them.
+    pub pid_tgid: u64,
+    /// The namespace's cookie (what `SO_NETNS_COOKIE` returns).
+    pub netns_cookie: u64,
 }
 
 /// How many targets of one address family the daemon accepts. A host redirects a handful of
@@ -261,11 +290,16 @@ pub enum Counter {
     PeernameRestored = 5,
     /// Rewrites whose original destination could not be stored (getpeername will show the proxy).
     StorageFailed = 6,
+    /// Rewrites in a network namespace without the daemon's listeners (refused, until the
+    /// daemon has planted them).
+    NetnsUnserved = 7,
+    /// Namespace events lost because the ring buffer was full.
+    NetnsEventsDropped = 8,
 }
 
 impl Counter {
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Connect4Passed,
         Counter::Connect4Rewritten,
@@ -274,6 +308,8 @@ impl Counter {
         Counter::Exempted,
         Counter::PeernameRestored,
         Counter::StorageFailed,
+        Counter::NetnsUnserved,
+        Counter::NetnsEventsDropped,
     ];
 
     /// Stable name, used in `redirect status` output and its JSON.
@@ -286,6 +322,8 @@ impl Counter {
             Counter::Exempted => "exempted_own_connects",
             Counter::PeernameRestored => "getpeername_restored",
             Counter::StorageFailed => "storage_failed",
+            Counter::NetnsUnserved => "netns_unserved",
+            Counter::NetnsEventsDropped => "netns_events_dropped",
         }
     }
 }
@@ -297,6 +335,7 @@ pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0x
 const _: () = assert!(size_of::<SockAddr4>() == 8);
 const _: () = assert!(size_of::<SockAddr6>() == 20);
 const _: () = assert!(size_of::<OriginalDest>() == 48);
+const _: () = assert!(size_of::<NetnsEvent>() == 16);
 const _: () = assert!(align_of::<OriginalDest>() == 8);
 const _: () = assert!(ORIGINAL_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<TargetSlot4>() == 20);
@@ -320,6 +359,27 @@ mod user {
     unsafe impl aya::Pod for super::TargetSlot4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TargetSlot6 {}
+
+    impl super::NetnsEvent {
+        /// Reads an event from a ring-buffer record; `None` for a record of another size.
+        pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+            if bytes.len() != size_of::<Self>() {
+                return None;
+            }
+            // SAFETY: the length matches and every bit pattern is a valid NetnsEvent (plain
+            // integers); read_unaligned because a ring buffer record is only 8-byte aligned
+            // by convention.
+            Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) })
+        }
+
+        pub fn pid(&self) -> u32 {
+            (self.pid_tgid >> 32) as u32
+        }
+
+        pub fn tid(&self) -> u32 {
+            self.pid_tgid as u32
+        }
+    }
 
     impl From<SocketAddrV4> for SockAddr4 {
         fn from(sa: SocketAddrV4) -> Self {

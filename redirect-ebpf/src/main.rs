@@ -19,15 +19,16 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, ORIGINAL_SLOTS, OriginalDest, SockAddr4, SockAddr6,
-    TARGET_SLOTS, TargetSlot, TargetSlot4, TargetSlot6, V4_MAPPED_PREFIX,
+    Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, MAX_SERVED_NETNS, NETNS_EVENT_BYTES, NetnsEvent,
+    ORIGINAL_SLOTS, OriginalDest, SockAddr4, SockAddr6, TARGET_SLOTS, TargetSlot, TargetSlot4,
+    TargetSlot6, V4_MAPPED_PREFIX,
 };
 
 /// Return value that lets the (possibly rewritten) syscall proceed. 0 would fail it with EPERM.
@@ -73,6 +74,16 @@ static PROXIES4: HashMap<SockAddr4, SockAddr4> = HashMap::with_max_entries(MAX_P
 
 #[map]
 static PROXIES6: HashMap<SockAddr6, SockAddr6> = HashMap::with_max_entries(MAX_PROXIES, 0);
+
+/// Network namespaces with the daemon's listeners, by cookie (see `check_served`).
+#[map]
+static SERVED_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SERVED_NETNS, 0);
+
+#[map]
+static NETNS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static NETNS_EVENTS: RingBuf = RingBuf::with_byte_size(NETNS_EVENT_BYTES, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
@@ -131,6 +142,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Option<()> {
     write(sa, |s| &raw mut s.user_ip4, proxy.addr);
     write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
     count(Counter::Connect4Rewritten);
+    check_served(ctx);
     debug!(
         ctx,
         "connect4 {:i}:{} -> {:i}:{}",
@@ -190,6 +202,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Option<()> {
     set_user_ip6(sa, proxy.addr);
     write(sa, |s| &raw mut s.user_port, u32::from(proxy.port));
     count(Counter::Connect6Rewritten);
+    check_served(ctx);
     debug!(
         ctx,
         "connect6 rewritten to port {}",
@@ -320,6 +333,40 @@ fn is_exempt(ctx: &SockAddrContext) -> bool {
     EXEMPT_ACTIVE.get(0).is_some_and(|&active| active != 0)
         // SAFETY: only the presence of the key is used.
         && unsafe { EXEMPT_SOCKETS.get(socket_cookie(ctx)) }.is_some()
+}
+
+/// A rewrite sends the connect to a loopback endpoint of the caller's own network namespace:
+/// if the daemon has no listener there yet, it hears of it (the connect itself is refused).
+#[inline(always)]
+fn check_served(ctx: &SockAddrContext) {
+    if !netns_active() {
+        return;
+    }
+    // SAFETY: the helper only reads the socket behind the context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: only the presence of the key is used.
+    if unsafe { SERVED_NETNS.get(cookie) }.is_some() {
+        return;
+    }
+    count(Counter::NetnsUnserved);
+    report(cookie);
+}
+
+#[inline(always)]
+fn netns_active() -> bool {
+    NETNS_ACTIVE.get(0).is_some_and(|&active| active != 0)
+}
+
+/// Tells the daemon which task connected from the namespace `netns_cookie`.
+#[inline(always)]
+fn report(netns_cookie: u64) {
+    let event = NetnsEvent {
+        pid_tgid: bpf_get_current_pid_tgid(),
+        netns_cookie,
+    };
+    if NETNS_EVENTS.output::<NetnsEvent>(&event, 0).is_err() {
+        count(Counter::NetnsEventsDropped);
+    }
 }
 
 /// `port` in network byte order.

@@ -75,6 +75,10 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_size_opt")]
     pub max_request_body: Option<usize>,
     pub ebpf_log: Option<bool>,
+    /// Docker's API socket: "auto" (DOCKER_HOST, else /var/run/docker.sock), "off", or a
+    /// socket path (`unix:///run/docker.sock`).
+    #[serde(default, deserialize_with = "de_docker_opt")]
+    pub docker: Option<DockerApi>,
     /// Proxy worker threads.
     #[serde(default, deserialize_with = "de_workers")]
     pub workers: Option<usize>,
@@ -480,6 +484,8 @@ pub struct Settings {
     /// `None`: derived from the descriptor limit at start.
     pub max_connections: Option<usize>,
     pub ebpf_log: bool,
+    /// Where Docker's events and container names come from.
+    pub docker: DockerApi,
     /// Proxy worker threads, each with its own runtime and listening sockets.
     pub workers: usize,
     /// Load this object instead of the embedded one (development).
@@ -546,8 +552,42 @@ pub struct Overrides {
     pub max_request_body: Option<usize>,
     pub ebpf_log: bool,
     pub ebpf_object: Option<PathBuf>,
+    pub docker: Option<DockerApi>,
     pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
     pub workers: Option<usize>,
+}
+
+/// Where the daemon asks Docker about containers (`docker` key, `--docker` flag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerApi {
+    /// `DOCKER_HOST` if set, else `/var/run/docker.sock`; absent is fine.
+    Auto,
+    Off,
+    /// A Unix socket.
+    Socket(PathBuf),
+}
+
+/// `auto`, `off`, or the socket as a path or `unix://` URL.
+pub fn parse_docker(s: &str) -> Result<DockerApi, String> {
+    match s {
+        "auto" => Ok(DockerApi::Auto),
+        "off" => Ok(DockerApi::Off),
+        _ => {
+            let path = s.strip_prefix("unix://").unwrap_or(s);
+            if path.starts_with('/') {
+                Ok(DockerApi::Socket(PathBuf::from(path)))
+            } else {
+                Err(format!(
+                    "`{s}`: expected auto, off, or the path of Docker's socket (unix:///var/run/docker.sock)"
+                ))
+            }
+        }
+    }
+}
+
+fn de_docker_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DockerApi>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_docker(&s).map(Some).map_err(de::Error::custom)
 }
 
 impl Settings {
@@ -673,6 +713,7 @@ impl Settings {
                 .unwrap_or(DEFAULT_SEND_TIMEOUT),
             max_connections: flags.max_connections.or(file.max_connections),
             ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
+            docker: flags.docker.or(file.docker).unwrap_or(DockerApi::Auto),
             workers,
             ebpf_object: flags.ebpf_object,
         })
@@ -715,6 +756,7 @@ impl Settings {
             ("control_socket", self.control_socket == new.control_socket),
             ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
             ("idle_timeout", self.idle_timeout == new.idle_timeout),
+            ("docker", self.docker == new.docker),
             (
                 "request_read_timeout",
                 self.request_read_timeout == new.request_read_timeout,

@@ -22,11 +22,13 @@ use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    caller::Caller,
     cgroup::{self, Cgroup},
-    config::{Backend as BackendSettings, ProxyAddrs, Settings, Sources, Target},
+    config::{Backend as BackendSettings, DockerApi, ProxyAddrs, Settings, Sources, Target},
     control::ControlSocket,
     ebpf::{Redirector, Route},
     mock::ec2::Ec2Mock,
+    netns::Planter,
     privileges,
     proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
     status::{self, Status},
@@ -119,10 +121,16 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         },
     };
     let names = own_names(&settings, &endpoints);
+    let host = Arc::new(Caller::new(
+        crate::netns::own_netns().unwrap_or_default(),
+        true,
+        String::new(),
+    ));
     let proxy = backend
         .map(|backend| {
             Proxy::spawn(
                 listeners,
+                &host,
                 backend,
                 names,
                 limits,
@@ -131,24 +139,61 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             )
         })
         .transpose()?;
+    // Listeners in the callers' namespaces, wherever a route leads to loopback.
+    let endpoints = namespace_endpoints(&routes);
+    let stop_planter = CancellationToken::new();
+    let mut served = None;
+    if let (Some(proxy), false) = (&proxy, endpoints.is_empty()) {
+        let mut planter = Planter::new(
+            endpoints,
+            cgroups.iter().map(|c| c.path.clone()).collect(),
+            mount.clone(),
+            proxy.sink(),
+            stop_proxy.clone(),
+            redirector.netns_watch()?,
+        )
+        .context("watching network namespaces")?;
+        planter.serve_existing().await;
+        served = Some(planter.status());
+        let (found, containers) = tokio::sync::mpsc::channel(256);
+        if settings.docker != DockerApi::Off {
+            tokio::spawn(crate::docker::watch_sandboxes(
+                crate::docker::SANDBOXES.into(),
+                found.clone(),
+                stop_planter.clone(),
+            ));
+        }
+        tokio::spawn(crate::docker::watch(
+            settings.docker.clone(),
+            found,
+            stop_planter.clone(),
+        ));
+        tokio::spawn(planter.run(containers, stop_planter.clone()));
+    }
     let redirector = Arc::new(Mutex::new(redirector));
 
     let status_fn = {
         let redirector = Arc::clone(&redirector);
+        let host = Arc::clone(&host);
         let stats = proxy.as_ref().map(Proxy::stats);
         let serving = serving.clone();
         let started = Instant::now();
         let max_connections = serves.then_some(limits.max_connections);
         Arc::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
-            build_status(
+            let mut status = build_status(
                 &redirector,
                 &serving,
                 stats.as_deref(),
                 max_connections,
                 &listen,
                 started,
-            )
+            );
+            if let Some(served) = &served {
+                status.namespaces = served.statuses();
+            }
+            status.host_requests = host.requests();
+            status
         })
     };
     let stop_control = CancellationToken::new();
@@ -185,6 +230,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
+    stop_planter.cancel();
     stop_proxy.cancel();
     if let Some(proxy) = proxy {
         proxy.join().await;
@@ -261,6 +307,24 @@ fn max_connections(settings: &Settings) -> usize {
         Some(n) => n,
         None => derived,
     }
+}
+
+/// The loopback endpoints the routes lead to, once each: where a caller in another network
+/// namespace is sent within its own namespace. An IPv4-mapped endpoint is its IPv4 address.
+fn namespace_endpoints(routes: &[Route]) -> Vec<SocketAddr> {
+    let mut endpoints: Vec<SocketAddr> = Vec::new();
+    for route in routes {
+        let mut addr = route.proxy;
+        if let SocketAddr::V6(v6) = addr
+            && let Some(v4) = v6.ip().to_ipv4_mapped()
+        {
+            addr = SocketAddr::from((v4, v6.port()));
+        }
+        if addr.ip().is_loopback() && !endpoints.contains(&addr) {
+            endpoints.push(addr);
+        }
+    }
+    endpoints
 }
 
 /// The host names absolute-form request targets may carry: the targets, the listen
@@ -559,6 +623,8 @@ fn build_status(
         redirects,
         counters,
         programs,
+        namespaces: Vec::new(),
+        host_requests: 0,
         proxy: {
             let count = |pick: fn(&ProxyStats) -> &AtomicU64| {
                 stats.map_or(0, |s| pick(s).load(Ordering::Relaxed))

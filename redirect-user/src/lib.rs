@@ -2,12 +2,15 @@
 //! on a Linux host, without iptables. See README.md. The binary (`main.rs`) is the command
 //! line over these modules; the fuzz targets use the proxy from here.
 
+pub mod caller;
 pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod docker;
 pub mod ebpf;
 pub mod mock;
+pub mod netns;
 pub mod paths;
 pub mod privileges;
 pub mod proxy;

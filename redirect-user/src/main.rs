@@ -123,6 +123,10 @@ struct RunArgs {
     /// connections. [default: the number of CPUs with --upstream, 1 with --mock]
     #[arg(long, value_name = "N", value_parser = config::parse_workers)]
     workers: Option<usize>,
+    /// Docker's API socket, for container starts and names: `auto` (DOCKER_HOST, else
+    /// /var/run/docker.sock, fine if absent), `off`, or a socket path. [default: auto]
+    #[arg(long, value_name = "SOCKET", value_parser = config::parse_docker)]
+    docker: Option<config::DockerApi>,
     /// Turn on the eBPF programs' debug logs (one line per rewritten connect).
     #[arg(long)]
     ebpf_log: bool,
@@ -213,6 +217,7 @@ fn run(args: RunArgs) -> Result<()> {
             max_request_body: args.max_request_body,
             ebpf_log: args.ebpf_log,
             ebpf_object: args.ebpf_object,
+            docker: args.docker,
             http_tokens: args.http_tokens,
             workers: args.workers,
         },

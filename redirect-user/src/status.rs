@@ -21,6 +21,12 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     pub programs: Vec<ProgramStatus>,
     pub proxy: ProxyStatus,
+    /// Network namespaces other than the daemon's where it listens (`crate::netns`).
+    #[serde(default)]
+    pub namespaces: Vec<crate::netns::NamespaceStatus>,
+    /// Requests from the daemon's own namespace (host processes, host-network containers).
+    #[serde(default)]
+    pub host_requests: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +130,25 @@ impl Status {
                 "run stats off (sysctl kernel.bpf_stats_enabled=1)".to_owned()
             };
             let _ = writeln!(s, "  {:<22} id {:<6} {stats}", p.name, p.id);
+        }
+        let _ = writeln!(
+            s,
+            "callers:   host {} requests; {} other network namespaces served ({} connects came before theirs was)",
+            self.host_requests,
+            self.namespaces.len(),
+            c("netns_unserved")
+        );
+        for n in &self.namespaces {
+            let on = if n.listening.is_empty() {
+                "nothing: the port is taken there".to_owned()
+            } else {
+                n.listening.join(", ")
+            };
+            let _ = writeln!(
+                s,
+                "  {}  {} requests  {}  pid {}  on {on}",
+                n.netns, n.requests, n.caller, n.pid
+            );
         }
         let p = &self.proxy;
         let _ = writeln!(

@@ -33,8 +33,10 @@ use redirect_common::{
 use crate::cgroup::Cgroup;
 
 pub mod exempt;
+pub mod netns;
 
 pub use exempt::Exemptions;
+pub use netns::{NetnsEvents, NetnsWatch};
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time (see build.rs).
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("REDIRECT_EBPF_OBJECT"));

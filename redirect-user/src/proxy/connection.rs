@@ -16,6 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
+use crate::caller::Caller;
+
 use super::{
     ProxyStats, Shared,
     admission::{self, Refusal},
@@ -37,8 +39,12 @@ const LINGER_BYTES: usize = 1 << 20;
 
 /// Serves one connection until the client or the proxy closes it. On shutdown, and when the
 /// listener needs its slot, it finishes the request in progress, if any, and closes.
-pub(super) async fn serve<S>(stream: S, shared: &Arc<Shared>, shutdown: &CancellationToken)
-where
+pub(super) async fn serve<S>(
+    stream: S,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    caller: Arc<Caller>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     ProxyStats::add(&shared.stats.connections_open, 1);
@@ -46,7 +52,7 @@ where
     let _open = Open(shared, &activity);
     let mut io = ClientSocket::new(stream, Arc::clone(&activity), shared.timeouts.send);
     loop {
-        match serve_requests(io, shared, &activity, shutdown).await {
+        match serve_requests(io, shared, &activity, &caller, shutdown).await {
             Some((mut parked, true)) => {
                 // Parked: nothing but the socket until a request begins, or the idle timeout.
                 let idle = shared.timeouts.idle.unwrap_or(Duration::MAX);
@@ -74,17 +80,22 @@ async fn serve_requests<S>(
     io: ClientSocket<S>,
     shared: &Arc<Shared>,
     activity: &Arc<Activity>,
+    caller: &Arc<Caller>,
     shutdown: &CancellationToken,
 ) -> Option<(ClientSocket<S>, bool)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = {
-        let (shared, activity) = (Arc::clone(shared), Arc::clone(activity));
+        let (shared, activity, caller) =
+            (Arc::clone(shared), Arc::clone(activity), Arc::clone(caller));
         service_fn(move |req| {
             let (shared, activity) = (Arc::clone(&shared), Arc::clone(&activity));
+            let caller = Arc::clone(&caller);
             // Boxed: hyper keeps a slot of the future's size per connection.
-            Box::pin(async move { Ok::<_, Infallible>(handle(req, &shared, &activity).await) })
+            Box::pin(
+                async move { Ok::<_, Infallible>(handle(req, &shared, &activity, caller).await) },
+            )
         })
     };
     let mut conn = shared.http.serve_connection(TokioIo::new(io), service);
@@ -170,14 +181,18 @@ impl Drop for Handling<'_> {
     }
 }
 
+/// One request: admitted, its body read, answered; then one line in the access log (target
+/// `access`) naming the caller.
 async fn handle(
     req: Request<Incoming>,
     shared: &Shared,
     activity: &Arc<Activity>,
+    caller: Arc<Caller>,
 ) -> Response<Full<Bytes>> {
     shared.idle.busy(activity);
     let _handling = Handling(&shared.idle, activity);
     ProxyStats::add(&shared.stats.requests, 1);
+    caller.count_request();
     fault_injection(req.uri().path());
     let (mut parts, body) = req.into_parts();
     let admitted = admission::admit(&mut parts, &shared.names);
@@ -185,8 +200,11 @@ async fn handle(
         Ok(()) => read_body(body, shared).await,
         Err(refusal) => Err((refusal, !body.is_end_stream())),
     };
-    match body {
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    let resp = match body {
         Ok(body) => {
+            // The backend sees who asks (policy, per-caller answers).
+            parts.extensions.insert(Arc::clone(&caller));
             let req = Request::from_parts(parts, body);
             shared.backend.respond(req, &shared.budget).await
         }
@@ -196,7 +214,9 @@ async fn handle(
             }
             refused(shared, refusal)
         }
-    }
+    };
+    tracing::info!(target: "access", "{caller} {method} {path} {}", resp.status().as_u16());
+    resp
 }
 
 /// The request body, whole, if the backend takes one that large and the budget has room; it

@@ -35,7 +35,12 @@ async fn serve(input: &[u8]) -> Vec<u8> {
     let shared = Shared::new(backend, names, limits, BODY_BUDGET);
     let (client, server) = tokio::io::duplex(64 << 10);
     let serving = tokio::spawn(async move {
-        connection::serve(server, &shared, &CancellationToken::new()).await;
+        let host = Arc::new(crate::caller::Caller::new(
+            "net:[1]".to_owned(),
+            true,
+            String::new(),
+        ));
+        connection::serve(server, &shared, &CancellationToken::new(), host).await;
     });
     let (mut read, mut write) = tokio::io::split(client);
     let send = async {

@@ -10,9 +10,11 @@ use tokio::{net::TcpListener, sync::OwnedSemaphorePermit};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{ProxyStats, Shared, connection};
+use crate::caller::Caller;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
+    caller: Arc<Caller>,
     shared: Arc<Shared>,
     connections: TaskTracker,
     shutdown: CancellationToken,
@@ -50,8 +52,9 @@ pub(super) async fn accept_loop(
         };
         ProxyStats::add(&shared.stats.connections_total, 1);
         let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        let caller = Arc::clone(&caller);
         connections.spawn(async move {
-            connection::serve(stream, &shared, &shutdown).await;
+            connection::serve(stream, &shared, &shutdown, caller).await;
             drop(slot);
         });
     }

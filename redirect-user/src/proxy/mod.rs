@@ -43,7 +43,7 @@ use budget::Budget;
 use forward::Forwarder;
 use idle::IdleList;
 
-use crate::mock::ec2::Ec2Mock;
+use crate::{caller::Caller, mock::ec2::Ec2Mock};
 
 /// Largest request head (request line and headers) read: beyond it, 431.
 pub const MAX_HEAD: usize = 32 << 10;
@@ -170,14 +170,44 @@ impl Shared {
 pub struct Proxy {
     stats: Arc<ProxyStats>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    sink: ListenerSink,
+}
+
+/// A listening socket handed to the running proxy, served until `stop` is cancelled, and who
+/// connects to it.
+type Added = (std::net::TcpListener, CancellationToken, Arc<Caller>);
+
+/// Hands listening sockets opened after the start (in other network namespaces, see
+/// `crate::netns`) to the workers, in turn.
+#[derive(Clone)]
+pub struct ListenerSink {
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<Added>>,
+    next: Arc<AtomicU64>,
+}
+
+impl ListenerSink {
+    /// Serves `listener` until `stop` (make it a child of the proxy's shutdown token) is
+    /// cancelled; its connections then finish their request in progress and close.
+    pub fn add(
+        &self,
+        listener: std::net::TcpListener,
+        stop: CancellationToken,
+        caller: Arc<Caller>,
+    ) {
+        let next = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.workers.len();
+        // A worker only stops at shutdown, when the listener is not wanted any more.
+        let _ = self.workers[next].send((listener, stop, caller));
+    }
 }
 
 impl Proxy {
-    /// Starts one worker per element of `listeners` (its listening sockets), each with the
-    /// backend `backend()` makes, serving until `shutdown` is cancelled; then each lets its
-    /// requests in progress finish for up to `grace` (idle connections close at once).
+    /// Starts one worker per element of `listeners` (its listening sockets, in the daemon's
+    /// own namespace: their callers are `host`), each with the backend `backend()` makes,
+    /// serving until `shutdown` is cancelled; then each lets its requests in progress finish
+    /// for up to `grace` (idle connections close at once).
     pub fn spawn(
         listeners: Vec<Vec<std::net::TcpListener>>,
+        host: &Arc<Caller>,
         backend: impl Fn() -> Backend,
         names: OwnNames,
         limits: Limits,
@@ -187,7 +217,10 @@ impl Proxy {
         let first = Shared::new(backend(), names, limits, BODY_BUDGET);
         let stats = Arc::clone(&first.stats);
         let mut threads = Vec::new();
+        let mut senders = Vec::new();
         for (i, listeners) in listeners.into_iter().enumerate() {
+            let (sender, added) = tokio::sync::mpsc::unbounded_channel();
+            senders.push(sender);
             let shared = match i {
                 0 => Arc::clone(&first),
                 _ => Arc::new(Shared {
@@ -198,17 +231,28 @@ impl Proxy {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let shutdown = shutdown.clone();
+            let (shutdown, host) = (shutdown.clone(), Arc::clone(host));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("proxy-{i}"))
-                    .spawn(move || runtime.block_on(work(listeners, shared, shutdown, grace)))?,
+                    .spawn(move || {
+                        runtime.block_on(work(listeners, host, added, shared, shutdown, grace))
+                    })?,
             );
         }
         Ok(Proxy {
             stats,
             workers: threads,
+            sink: ListenerSink {
+                workers: senders,
+                next: Arc::default(),
+            },
         })
+    }
+
+    /// Where to hand listening sockets opened later.
+    pub fn sink(&self) -> ListenerSink {
+        self.sink.clone()
     }
 
     pub fn stats(&self) -> Arc<ProxyStats> {
@@ -227,26 +271,49 @@ impl Proxy {
     }
 }
 
-/// One worker: accepts until shutdown, then drains.
+/// One worker: accepts on its listeners and on those added later until shutdown, then
+/// drains.
 async fn work(
     listeners: Vec<std::net::TcpListener>,
+    host: Arc<Caller>,
+    mut added: tokio::sync::mpsc::UnboundedReceiver<Added>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
     let connections = TaskTracker::new();
     let mut accepting = tokio::task::JoinSet::new();
-    for listener in listeners {
+    let accept = |accepting: &mut tokio::task::JoinSet<()>, listener, stop, caller| {
         match TcpListener::from_std(listener) {
             Ok(listener) => {
+                let (shared, connections) = (Arc::clone(&shared), connections.clone());
                 accepting.spawn(listener::accept_loop(
                     listener,
-                    Arc::clone(&shared),
-                    connections.clone(),
-                    shutdown.clone(),
+                    caller,
+                    shared,
+                    connections,
+                    stop,
                 ));
             }
             Err(e) => tracing::error!("proxy worker: cannot use a listening socket: {e}"),
+        }
+    };
+    for listener in listeners {
+        accept(
+            &mut accepting,
+            listener,
+            shutdown.clone(),
+            Arc::clone(&host),
+        );
+    }
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some((listener, stop, caller)) = added.recv() => {
+                accept(&mut accepting, listener, stop, caller);
+            }
+            // Reaps the accept loops of listeners stopped before shutdown.
+            Some(_) = accepting.join_next() => {}
         }
     }
     accepting.join_all().await;

@@ -31,6 +31,10 @@ const LIMITS: Limits = Limits {
     },
 };
 
+fn host() -> Arc<Caller> {
+    Arc::new(Caller::new("net:[1]".to_owned(), true, String::new()))
+}
+
 fn names() -> OwnNames {
     OwnNames::new(["169.254.169.254".to_owned(), "127.0.0.1".to_owned()])
 }
@@ -58,9 +62,9 @@ fn forwarding_to(addr: SocketAddr) -> Arc<Shared> {
 fn connect(shared: &Arc<Shared>) -> DuplexStream {
     let (client, server) = duplex(64 << 10);
     let shared = Arc::clone(shared);
-    tokio::spawn(
-        async move { connection::serve(server, &shared, &CancellationToken::new()).await },
-    );
+    tokio::spawn(async move {
+        connection::serve(server, &shared, &CancellationToken::new(), host()).await
+    });
     client
 }
 
@@ -261,6 +265,7 @@ async fn at_the_limit_the_longest_idle_connection_makes_room() {
     };
     let proxy = Proxy::spawn(
         vec![vec![listener]],
+        &host(),
         || Backend::Ec2(Arc::clone(&mock)),
         names(),
         limits,
@@ -310,6 +315,7 @@ async fn at_the_limit_with_every_connection_busy_the_first_to_be_idle_makes_room
     };
     let proxy = Proxy::spawn(
         vec![vec![listener]],
+        &host(),
         || Backend::Upstream(Forwarder::new(upstream_settings(upstream), None)),
         names(),
         limits,
@@ -734,7 +740,7 @@ async fn a_connection_task_stays_small() {
     let shared = mock();
     let (_client, server) = duplex(64);
     let shutdown = CancellationToken::new();
-    let serving = connection::serve(server, &shared, &shutdown);
+    let serving = connection::serve(server, &shared, &shutdown, host());
     let size = size_of_val(&serving);
     assert!(size <= 2 << 10, "{size} bytes");
 }

@@ -14,6 +14,7 @@ mod errors;
 mod framing;
 mod lifecycle;
 mod mock;
+mod namespaces;
 mod routing;
 mod upstream;
 
@@ -93,6 +94,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         mock::TESTS,
         routing::TESTS,
         containers::TESTS,
+        namespaces::TESTS,
         upstream::TESTS,
         lifecycle::TESTS,
         bounds::TESTS,

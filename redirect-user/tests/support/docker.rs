@@ -71,17 +71,16 @@ pub struct Container {
 impl Container {
     /// `docker run -d --network none IMAGE ARGS...`
     pub fn run(image: &Image, args: &[&str]) -> Result<Self> {
+        Self::run_with(image, &[], args)
+    }
+
+    /// `docker run -d --network none DOCKER_ARGS... IMAGE ARGS...`
+    pub fn run_with(image: &Image, docker_args: &[&str], args: &[&str]) -> Result<Self> {
         let name = super::unique("redirect-test-ctr");
         sh(Command::new("docker")
-            .args([
-                "run",
-                "-d",
-                "--name",
-                &name,
-                "--network",
-                "none",
-                &image.name,
-            ])
+            .args(["run", "-d", "--name", &name, "--network", "none"])
+            .args(docker_args)
+            .arg(&image.name)
             .args(args))?;
         // Constructed first so that a failure below still removes the container.
         let mut container = Container { name, pid: 0 };
@@ -124,5 +123,51 @@ impl Drop for Container {
         let _ = Command::new("docker")
             .args(["rm", "-f", &self.name])
             .output();
+    }
+}
+
+/// `docker run --rm --network none DOCKER_ARGS... IMAGE ARGS...` in the foreground: its
+/// stdout, whatever the exit status.
+pub fn run_once(image: &Image, docker_args: &[&str], args: &[&str]) -> Result<String> {
+    let name = super::unique("redirect-test-ctr");
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--name", &name, "--network", "none"])
+        .args(docker_args)
+        .arg(&image.name)
+        .args(args)
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// A cgroup parent for containers inside a test cgroup: `--cgroup-parent` takes it relative
+/// to the hierarchy's root. On a v1 hybrid host Docker also makes it in every v1 hierarchy,
+/// where the test cgroup's guard does not look: removed on drop.
+pub struct CgroupParent {
+    pub relative: String,
+}
+
+impl CgroupParent {
+    pub fn new(cgroup: &std::path::Path) -> Result<Self> {
+        let mount = super::cgroup2_mount()?;
+        let relative = format!("/{}", cgroup.strip_prefix(&mount)?.display());
+        Ok(CgroupParent { relative })
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let top = self
+            .relative
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        for mount in super::cgroup1_mounts() {
+            super::remove_cgroup_tree(&mount.join(top));
+        }
     }
 }

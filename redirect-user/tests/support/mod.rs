@@ -67,7 +67,7 @@ pub fn sweep_leftovers() {
     {
         let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
-    if let Ok(mount) = cgroup2_mount() {
+    for mount in cgroup2_mount().into_iter().chain(cgroup1_mounts()) {
         for cg in names(&mount).iter().filter(|n| gone(n, "redirect-test-")) {
             remove_cgroup_tree(&mount.join(cg));
         }
@@ -98,9 +98,23 @@ pub fn sweep_leftovers() {
     }
 }
 
+/// The cgroup v1 hierarchies' mount points (none on a pure v2 host).
+pub fn cgroup1_mounts() -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            right.starts_with("cgroup ").then(|| PathBuf::from(point))
+        })
+        .collect()
+}
+
 /// rmdir depth first: cgroupfs directories cannot be emptied, only removed once their children
 /// are. A cgroup that still has processes stays.
-fn remove_cgroup_tree(dir: &Path) {
+pub fn remove_cgroup_tree(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {

@@ -1,0 +1,552 @@
+//! Listening in every network namespace that redirected callers live in.
+//!
+//! The programs rewrite a connect to a loopback endpoint (`127.0.0.1:8170`), and loopback is
+//! per network namespace: a container's connect lands on the container's own loopback. So the
+//! daemon listens there too. A socket created after `setns()` into a namespace belongs to that
+//! namespace for life, wherever the process that holds it runs: the daemon enters a
+//! namespace for a moment, opens its listeners, comes back, and accepts on them like on its
+//! own. A connection never leaves the caller's namespace: no route, bridge, firewall rule or
+//! exposed port is involved, and it works with `--network none`.
+//!
+//! Namespaces are found three ways: a scan of `/proc` at start; Docker's events, before a
+//! container's first command runs (`crate::docker`); and the kernel's report of a rewrite in
+//! a namespace without listeners, for runtimes we do not know (see [`crate::ebpf::netns`]). A
+//! namespace is served while some process lives in it, and only if one of its processes is
+//! in an attached cgroup. The sweep closes the listeners of namespaces left without
+//! processes (the listeners themselves would keep the namespace alive).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use redirect_common::NetnsEvent;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    caller::Caller,
+    docker::{Container, Found, Started},
+    ebpf::{NetnsEvents, NetnsWatch},
+    proxy::ListenerSink,
+};
+
+/// How often namespaces are checked for processes left in them.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Backlog of a planted listener: a namespace holds one container's callers.
+const BACKLOG: i32 = 1024;
+
+/// A network namespace, as `stat` of its `/proc/<pid>/ns/net` file names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetnsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NetnsId {
+    fn of(path: &Path) -> io::Result<Self> {
+        Ok(Self::from_meta(&std::fs::metadata(path)?))
+    }
+
+    fn from_meta(meta: &std::fs::Metadata) -> Self {
+        NetnsId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// A namespace held open: the descriptor keeps it alive even when the process it was found
+/// by exits right after.
+struct NetnsFile {
+    id: NetnsId,
+    file: File,
+}
+
+impl NetnsFile {
+    fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let id = NetnsId::from_meta(&file.metadata()?);
+        Ok(NetnsFile { id, file })
+    }
+}
+
+impl std::fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "net:[{}]", self.ino) // as `readlink /proc/<pid>/ns/net` shows it
+    }
+}
+
+/// One served namespace, as `redirect status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamespaceStatus {
+    pub netns: String,
+    /// Who connects from there, as the access log names it.
+    pub caller: String,
+    /// A process in it: the one it was found by, or a later one.
+    pub pid: u32,
+    /// The cgroup of the process it was found by (for a container, its id is in it).
+    pub cgroup: String,
+    /// Endpoints listened on; fewer than the daemon's when something else holds the port.
+    pub listening: Vec<String>,
+    pub requests: u64,
+    /// The Docker container it belongs to, if Docker says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+}
+
+/// A served namespace, as the planter keeps it.
+struct Entry {
+    pid: u32,
+    listening: Vec<String>,
+    caller: Arc<Caller>,
+}
+
+/// What the planter shares with `redirect status`.
+#[derive(Clone, Default)]
+pub struct Served(Arc<Mutex<BTreeMap<NetnsId, Entry>>>);
+
+impl Served {
+    pub fn statuses(&self) -> Vec<NamespaceStatus> {
+        let entries = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .values()
+            .map(|e| NamespaceStatus {
+                netns: e.caller.netns.clone(),
+                caller: e.caller.to_string(),
+                pid: e.pid,
+                cgroup: e.caller.cgroup.clone(),
+                listening: e.listening.clone(),
+                requests: e.caller.requests(),
+                container: e.caller.container().cloned(),
+            })
+            .collect()
+    }
+}
+
+struct Planted {
+    cookie: u64,
+    pid: u32,
+    stop: CancellationToken,
+}
+
+/// Finds namespaces, opens listeners in them, and closes those of namespaces gone.
+pub struct Planter {
+    /// The loopback endpoints the routes send connects to.
+    endpoints: Vec<SocketAddr>,
+    /// The attached cgroups, as paths under `mount`.
+    cgroups: Vec<PathBuf>,
+    mount: PathBuf,
+    sink: ListenerSink,
+    /// The proxy's shutdown: each namespace's listeners stop with a child of it.
+    shutdown: CancellationToken,
+    watch: NetnsWatch,
+    events: Option<NetnsEvents>,
+    home: NetnsId,
+    planted: HashMap<NetnsId, Planted>,
+    status: Served,
+}
+
+impl Planter {
+    /// Marks the daemon's own namespace as served (its listeners are the proxy's own) and
+    /// turns the kernel's reports on.
+    pub fn new(
+        endpoints: Vec<SocketAddr>,
+        cgroups: Vec<PathBuf>,
+        mount: PathBuf,
+        sink: ListenerSink,
+        shutdown: CancellationToken,
+        (mut watch, events): (NetnsWatch, NetnsEvents),
+    ) -> anyhow::Result<Self> {
+        let home = NetnsId::of(Path::new("/proc/thread-self/ns/net"))?;
+        let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        watch.serve(netns_cookie(probe.as_fd())?)?;
+        watch.activate()?;
+        Ok(Planter {
+            endpoints,
+            cgroups,
+            mount,
+            sink,
+            shutdown,
+            watch,
+            events: Some(events),
+            home,
+            planted: HashMap::new(),
+            status: Served::default(),
+        })
+    }
+
+    pub fn status(&self) -> Served {
+        self.status.clone()
+    }
+
+    /// Serves the namespaces that exist now: call before saying the daemon is ready.
+    pub async fn serve_existing(&mut self) {
+        self.scan().await;
+    }
+
+    /// Serves the namespaces of containers Docker starts and those the kernel reports,
+    /// until `stop`.
+    pub async fn run(mut self, mut docker: mpsc::Receiver<Found>, stop: CancellationToken) {
+        let events = self.events.take().expect("run once");
+        // SAFETY: the AsyncFd owns the ring buffer, and with it the descriptor, for as long as
+        // it is registered.
+        let registered = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) };
+        let mut events = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                let e = e.into_parts().1;
+                tracing::error!(
+                    "cannot wait for namespace events: {e}; only the scans find namespaces"
+                );
+                return self.sweep_until(stop).await;
+            }
+        };
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                ready = events.readable_mut() => match ready {
+                    Ok(mut guard) => {
+                        let batch = guard.get_inner_mut().drain();
+                        guard.clear_ready();
+                        for event in batch {
+                            self.on_event(event).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("namespace events: {e}");
+                        return self.sweep_until(stop).await;
+                    }
+                },
+                Some(found) = docker.recv() => match found {
+                    Found::Sandbox(file) => self.on_sandbox(file).await,
+                    Found::Started(started) => self.on_container(started).await,
+                },
+                _ = sweep.tick() => self.sweep().await,
+            }
+        }
+    }
+
+    /// A namespace Docker mounted for a container about to start: served with the container's
+    /// first process, found in it (runc's init, waiting to run the entrypoint).
+    async fn on_sandbox(&mut self, file: File) {
+        let Ok(meta) = file.metadata() else { return };
+        let ns = NetnsFile {
+            id: NetnsId::from_meta(&meta),
+            file,
+        };
+        if self.is_known(ns.id) {
+            return;
+        }
+        if let Some(&pid) = Self::namespaces().get(&ns.id) {
+            self.consider(ns, pid).await;
+        }
+    }
+
+    /// A container Docker started (or found running): its namespace, now, and its names.
+    async fn on_container(&mut self, started: Started) {
+        let path = PathBuf::from(format!("/proc/{}/ns/net", started.pid));
+        let Ok(ns) = NetnsFile::open(&path) else {
+            return; // gone already
+        };
+        let id = ns.id;
+        if id == self.home {
+            return; // the host's network: served by the daemon's own listeners
+        }
+        if !self.planted.contains_key(&id) {
+            self.consider(ns, started.pid).await;
+        }
+        if let Some(entry) = self.lock_status().get_mut(&id) {
+            entry.caller.set_container(started.container);
+        }
+    }
+
+    async fn sweep_until(mut self, stop: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = sweep.tick() => {
+                    self.sweep().await;
+                    self.scan().await;
+                }
+            }
+        }
+    }
+
+    /// A reported connect: its thread's namespace, or, if the thread is gone already, a scan
+    /// for any new namespace.
+    async fn on_event(&mut self, event: NetnsEvent) {
+        let path = PathBuf::from(format!("/proc/{}/task/{}/ns/net", event.pid(), event.tid()));
+        match NetnsFile::open(&path) {
+            Ok(ns) => {
+                if !self.is_known(ns.id) {
+                    self.consider(ns, event.pid()).await;
+                }
+            }
+            // The connecting thread is gone: any namespace still in use is found this way.
+            Err(_) => self.scan().await,
+        }
+        tracing::debug!(
+            "pid {} connected from network namespace {:#x} before it was served",
+            event.pid(),
+            event.netns_cookie
+        );
+    }
+
+    fn is_known(&self, id: NetnsId) -> bool {
+        id == self.home || self.planted.contains_key(&id)
+    }
+
+    /// Every namespace with a process in it now, with one such process.
+    fn namespaces() -> BTreeMap<NetnsId, u32> {
+        let mut found = BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return found;
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Ok(id) = NetnsId::of(&entry.path().join("ns/net")) {
+                found.entry(id).or_insert(pid);
+            }
+        }
+        found
+    }
+
+    async fn scan(&mut self) {
+        for (id, pid) in Self::namespaces() {
+            if self.is_known(id) {
+                continue;
+            }
+            if let Ok(ns) = NetnsFile::open(Path::new(&format!("/proc/{pid}/ns/net")))
+                && ns.id == id
+            {
+                self.consider(ns, pid).await;
+            }
+        }
+    }
+
+    /// Plants listeners in `ns` if `pid` (a process found in it) is in an attached cgroup.
+    async fn consider(&mut self, ns: NetnsFile, pid: u32) {
+        let id = ns.id;
+        let Some(cgroup) = self.attached_cgroup_of(pid) else {
+            return;
+        };
+        let endpoints = self.endpoints.clone();
+        let opened = tokio::task::spawn_blocking(move || open_listeners(&ns, &endpoints)).await;
+        let opened = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => {
+                tracing::warn!("cannot listen in network namespace {id} (pid {pid}): {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("listening in network namespace {id}: {e}");
+                return;
+            }
+        };
+        let stop = self.shutdown.child_token();
+        let caller = Arc::new(Caller::new(id.to_string(), false, cgroup.clone()));
+        let mut listening = Vec::new();
+        for (addr, listener) in opened.listeners {
+            listening.push(addr.to_string());
+            self.sink.add(listener, stop.clone(), Arc::clone(&caller));
+        }
+        for (addr, e) in &opened.failed {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                tracing::warn!(
+                    "network namespace {id} (pid {pid}, cgroup {cgroup}): something there already listens on {addr}; its connects redirected to {addr} reach that program, not redirect"
+                );
+            } else {
+                tracing::debug!("network namespace {id}: cannot listen on {addr}: {e}");
+            }
+        }
+        // Marked served even with no listener: a rewrite there is not news any more.
+        if let Err(e) = self.watch.serve(opened.cookie) {
+            tracing::warn!("network namespace {id}: {e}");
+        }
+        tracing::info!(
+            "listening in network namespace {id} (pid {pid}, cgroup {cgroup}) on {}",
+            if listening.is_empty() {
+                "nothing".to_owned()
+            } else {
+                listening.join(", ")
+            }
+        );
+        self.lock_status().insert(
+            id,
+            Entry {
+                pid,
+                listening,
+                caller,
+            },
+        );
+        self.planted.insert(
+            id,
+            Planted {
+                cookie: opened.cookie,
+                pid,
+                stop,
+            },
+        );
+    }
+
+    /// Closes the listeners of namespaces without processes.
+    async fn sweep(&mut self) {
+        let still = |id: &NetnsId, pid: u32| {
+            NetnsId::of(Path::new(&format!("/proc/{pid}/ns/net"))).is_ok_and(|now| now == *id)
+        };
+        let stale: Vec<NetnsId> = self
+            .planted
+            .iter()
+            .filter(|(id, p)| !still(id, p.pid))
+            .map(|(id, _)| *id)
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let living = Self::namespaces();
+        for id in stale {
+            if let Some(&pid) = living.get(&id) {
+                self.planted.get_mut(&id).expect("listed above").pid = pid;
+                if let Some(entry) = self.lock_status().get_mut(&id) {
+                    entry.pid = pid;
+                }
+                continue;
+            }
+            let planted = self.planted.remove(&id).expect("listed above");
+            planted.stop.cancel();
+            self.watch.unserve(planted.cookie);
+            self.lock_status().remove(&id);
+            tracing::info!("network namespace {id} has no processes left: closed its listeners");
+        }
+    }
+
+    /// The cgroup of `pid` (cgroup v2, relative to the hierarchy's root) if it is in, or
+    /// under, an attached cgroup.
+    fn attached_cgroup_of(&self, pid: u32) -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+        let full = self.mount.join(relative.trim_start_matches('/'));
+        self.cgroups
+            .iter()
+            .any(|c| full.starts_with(c))
+            .then_some(relative)
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, BTreeMap<NetnsId, Entry>> {
+        self.status.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The daemon's own network namespace, as `net:[inode]`.
+pub fn own_netns() -> io::Result<String> {
+    NetnsId::of(Path::new("/proc/thread-self/ns/net")).map(|id| id.to_string())
+}
+
+/// What [`open_listeners`] opened in a namespace.
+struct Opened {
+    cookie: u64,
+    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    failed: Vec<(SocketAddr, io::Error)>,
+}
+
+/// Enters `ns` on this thread, opens a listener on each endpoint, and comes back. Runs on a
+/// blocking-pool thread: no other task may run on a thread while it is in another namespace.
+fn open_listeners(ns: &NetnsFile, endpoints: &[SocketAddr]) -> io::Result<Opened> {
+    use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+    let home = File::open("/proc/thread-self/ns/net")?;
+    move_into_link_name_space(ns.file.as_fd(), Some(LinkNameSpaceType::Network))?;
+    let back = Back(home);
+    let mut opened = Opened {
+        cookie: 0,
+        listeners: Vec::new(),
+        failed: Vec::new(),
+    };
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    opened.cookie = netns_cookie(probe.as_fd())?;
+    for &addr in endpoints {
+        match listen(addr) {
+            Ok(listener) => opened.listeners.push((addr, listener)),
+            Err(e) => opened.failed.push((addr, e)),
+        }
+    }
+    drop(back);
+    Ok(opened)
+}
+
+/// Returns the thread to the daemon's namespace, whatever happened in the other one.
+struct Back(File);
+
+impl Drop for Back {
+    fn drop(&mut self) {
+        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+        if let Err(e) = move_into_link_name_space(self.0.as_fd(), Some(LinkNameSpaceType::Network))
+        {
+            // A pool thread left in a caller's namespace would open the daemon's next sockets
+            // there: stop instead (the panic hook exits the daemon).
+            panic!("cannot return to the daemon's network namespace: {e}");
+        }
+    }
+}
+
+/// A listener on a loopback endpoint of the current namespace. IP_FREEBIND: a namespace
+/// just made has its loopback down and no 127.0.0.1 yet (the runtime brings it up before
+/// the container's first command); the listener is bound already and serves once it is up.
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// The cookie of the namespace `socket` belongs to (`SO_NETNS_COOKIE`, Linux 5.14; neither
+/// rustix nor socket2 has it), the key the kernel programs see.
+fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

@@ -1,0 +1,286 @@
+//! Callers in network namespaces of their own, with the default loopback listen address: the
+//! daemon listens inside each namespace (see `netns`). Found by the scan at start, by
+//! Docker's events, or by the kernel's report of a rewrite from a namespace not served yet.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpListener,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+
+use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, child_role, command_in, curl, support, url};
+
+pub const TESTS: &[(&str, super::TestFn)] = &[
+    (
+        "a_namespace_that_exists_at_start_is_served_first_try",
+        a_namespace_that_exists_at_start_is_served_first_try,
+    ),
+    (
+        "a_namespace_made_later_is_served_from_its_second_connect",
+        a_namespace_made_later_is_served_from_its_second_connect,
+    ),
+    (
+        "namespaces_that_empty_close_their_listeners",
+        namespaces_that_empty_close_their_listeners,
+    ),
+    (
+        "a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner",
+        a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner,
+    ),
+    (
+        "docker_containers_are_served_from_their_first_command",
+        docker_containers_are_served_from_their_first_command,
+    ),
+];
+
+/// `net:[inode]` of a namespace file, as the daemon names namespaces.
+fn netns_name(path: &Path) -> Result<String> {
+    Ok(format!("net:[{}]", std::fs::metadata(path)?.ino()))
+}
+
+/// A process that keeps `ns` in use (a namespace without processes is not served).
+fn resident(cgroup: &Path, ns: &NetNs) -> Result<support::ChildGuard> {
+    let child = command_in("sleep", Some(cgroup), Some(ns))?
+        .arg("600")
+        .spawn()?;
+    Ok(support::ChildGuard(Some(child)))
+}
+
+/// Waits until the daemon has logged `needle` at least `n` times.
+fn wait_for_count(daemon: &Daemon, needle: &str, n: usize) -> Result<()> {
+    for _ in 0..200 {
+        if daemon.log().matches(needle).count() >= n {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("{needle:?} not logged {n} times:\n{}", daemon.log())
+}
+
+/// The status entry of the namespace named `name`.
+fn namespace(status: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    status["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["netns"] == name)
+        .cloned()
+}
+
+/// A namespace with a process in an attached cgroup before the daemon starts: its first
+/// connect is answered, on the default listen address, and the request is counted and logged
+/// under that namespace.
+fn a_namespace_that_exists_at_start_is_served_first_try() -> Result<()> {
+    let (host, app) = (NetNs::new()?, NetNs::new()?);
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let _resident = resident(&client, &app)?;
+    let daemon = Daemon::start(
+        &["--mock", "--cgroup", client.to_str().unwrap()],
+        &host,
+        None,
+    )?;
+    let answer = curl(&client, &app, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!(answer, (200, INSTANCE_ID.to_owned()));
+    let status = daemon.status(&host)?;
+    let name = netns_name(&app.path())?;
+    let entry = namespace(&status, &name).with_context(|| format!("{name} in {status}"))?;
+    assert_eq!(entry["requests"], 1, "{entry}");
+    assert_eq!(entry["listening"][0], "127.0.0.1:8170", "{entry}");
+    assert_eq!(status["counters"]["netns_unserved"], 0, "{status}");
+    let log = daemon.log();
+    ensure!(
+        log.contains(&format!("{name} (cgroup /"))
+            && log.contains("GET /latest/meta-data/instance-id 200"),
+        "the access log names the caller's namespace: {log}"
+    );
+    Ok(())
+}
+
+/// A namespace made after the start by something that is not Docker (`ip netns`): the kernel
+/// reports the first rewritten connect from it, which is refused, and the daemon listens there
+/// for the next ones.
+fn a_namespace_made_later_is_served_from_its_second_connect() -> Result<()> {
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon = Daemon::start(
+        &["--mock", "--cgroup", client.to_str().unwrap()],
+        &host,
+        None,
+    )?;
+    let app = NetNs::new()?;
+    let _resident = resident(&client, &app)?;
+    let first = child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(first["errno"], libc::ECONNREFUSED as i64, "{first}");
+    let name = netns_name(&app.path())?;
+    daemon.wait_for_log(&format!("listening in network namespace {name}"))?;
+    let answer = curl(&client, &app, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!(answer, (200, INSTANCE_ID.to_owned()));
+    let status = daemon.status(&host)?;
+    assert!(
+        status["counters"]["netns_unserved"].as_u64() >= Some(1),
+        "{status}"
+    );
+    Ok(())
+}
+
+/// Namespaces come and go; once a namespace has no processes, its listeners are closed (they
+/// would keep it alive), and the daemon holds no more descriptors than before.
+fn namespaces_that_empty_close_their_listeners() -> Result<()> {
+    const ROUNDS: usize = 20;
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon = Daemon::start(
+        &[
+            "--mock",
+            "--docker",
+            "off",
+            "--cgroup",
+            client.to_str().unwrap(),
+        ],
+        &host,
+        None,
+    )?;
+    let fds = || -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))?.count())
+    };
+    let before = fds()?;
+    for round in 1..=ROUNDS {
+        let app = NetNs::new()?;
+        let resident = resident(&client, &app)?;
+        child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
+        wait_for_count(&daemon, "listening in network namespace", round)?;
+        let answer = curl(&client, &app, &[], &url("/latest/meta-data/instance-id"))?;
+        assert_eq!(answer, (200, INSTANCE_ID.to_owned()), "round {round}");
+        drop(resident);
+    }
+    wait_for_count(
+        &daemon,
+        "has no processes left: closed its listeners",
+        ROUNDS,
+    )?;
+    let status = daemon.status(&host)?;
+    assert_eq!(
+        status["namespaces"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    // The listeners' accept loops let go of them at the next turn of their worker.
+    for _ in 0..100 {
+        if fds()? <= before {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("descriptors: {before} before, {} after", fds()?)
+}
+
+/// A program inside the namespace already listens on the daemon's endpoint: the daemon says
+/// so, and that program gets the namespace's own connects (never anyone else's).
+fn a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner() -> Result<()> {
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon = Daemon::start(
+        &["--mock", "--cgroup", client.to_str().unwrap()],
+        &host,
+        None,
+    )?;
+    let app = NetNs::new()?;
+    let _resident = resident(&client, &app)?;
+    let squatter = app.run(|| TcpListener::bind("127.0.0.1:8170"))??;
+    let accepting = squatter.try_clone()?; // the port stays taken after the owner's answer
+    let owner = thread::spawn(move || -> std::io::Result<()> {
+        for stream in accepting.incoming().take(1) {
+            let mut stream = stream?;
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head)?;
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nowner")?;
+        }
+        Ok(())
+    });
+    let r = child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["body"], "owner", "{r}");
+    owner
+        .join()
+        .map_err(|_| anyhow::anyhow!("owner thread"))??;
+    daemon.wait_for_log("something there already listens on 127.0.0.1:8170")?;
+    let status = daemon.status(&host)?;
+    let name = netns_name(&app.path())?;
+    let entry = namespace(&status, &name).with_context(|| format!("{name} in {status}"))?;
+    assert_eq!(
+        entry["listening"],
+        serde_json::json!(["127.0.0.1:8171"]),
+        "{entry}"
+    );
+    Ok(())
+}
+
+/// Unchanged Docker containers with `--network none`, the daemon on its default loopback
+/// address: one running before the daemon starts, and 20 whose very first command fetches
+/// from the metadata address, each answered first try. Callers are named by their container.
+fn docker_containers_are_served_from_their_first_command() -> Result<()> {
+    use support::docker::{CgroupParent, Container, Image, run_once};
+    let image = Image::import_with(&["curl", "sleep"])?;
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let parent = cg.child("docker")?;
+    let cgroup_parent = CgroupParent::new(&parent)?;
+    let in_parent = ["--cgroup-parent", cgroup_parent.relative.as_str()];
+    let labels = [
+        "--label",
+        "com.docker.compose.project=demo",
+        "--label",
+        "com.docker.compose.service=app",
+    ];
+    let before = Container::run_with(
+        &image,
+        &[&in_parent[..], &labels[..]].concat(),
+        &["sleep", "600"],
+    )?;
+    let daemon = Daemon::start(
+        &["--mock", "--cgroup", parent.to_str().unwrap()],
+        &host,
+        None,
+    )?;
+    daemon.wait_for_log("Docker: following container starts")?;
+    let curl_id = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "http://169.254.169.254/latest/meta-data/instance-id",
+    ];
+    assert_eq!(before.exec(&curl_id)?, (true, INSTANCE_ID.to_owned()));
+    let mut answered = 0;
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        let out = run_once(&image, &in_parent, &curl_id)?;
+        if out == INSTANCE_ID {
+            answered += 1;
+        } else {
+            failures.push(out);
+        }
+    }
+    assert_eq!(answered, 20, "answered first try: {failures:?}");
+    let status = daemon.status(&host)?;
+    let name = netns_name(&before.netns_path())?;
+    let entry = namespace(&status, &name).with_context(|| format!("{name} in {status}"))?;
+    assert_eq!(entry["container"]["name"], before.name.as_str(), "{entry}");
+    let caller = format!("container demo/app ({})", before.name);
+    assert_eq!(entry["caller"], caller.as_str(), "{entry}");
+    assert_eq!(entry["requests"], 1, "{entry}");
+    let log = daemon.log();
+    ensure!(
+        log.contains(&format!("{caller} GET /latest/meta-data/instance-id 200")),
+        "{log}"
+    );
+    drop(before);
+    Ok(())
+}
