@@ -11,9 +11,28 @@ use std::{
         OnceLock,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
-use crate::docker::Container;
+use tokio::sync::Notify;
+
+use crate::{docker::Container, policy::Policy};
+
+/// How long a request from a Docker container waits for Docker's description of it (its
+/// labels carry its policy) before it is refused.
+const IDENTITY_WAIT: Duration = Duration::from_secs(3);
+
+static OPEN: Policy = Policy {
+    deny: false,
+    allow: Vec::new(),
+    ec2_role: None,
+};
+
+static CLOSED: Policy = Policy {
+    deny: true,
+    allow: Vec::new(),
+    ec2_role: None,
+};
 
 #[derive(Debug)]
 pub struct Caller {
@@ -23,7 +42,11 @@ pub struct Caller {
     pub host: bool,
     /// The cgroup of the process the namespace was found by.
     pub cgroup: String,
-    container: OnceLock<Container>,
+    /// The Docker container id its cgroup names (`/docker/<id>`, `docker-<id>.scope`), if
+    /// any: its requests wait for Docker's description of it.
+    pub docker_id: Option<String>,
+    container: OnceLock<(Container, Policy)>,
+    described: Notify,
     requests: AtomicU64,
 }
 
@@ -32,19 +55,53 @@ impl Caller {
         Caller {
             netns,
             host,
+            docker_id: docker_id(&cgroup),
             cgroup,
             container: OnceLock::new(),
+            described: Notify::new(),
             requests: AtomicU64::new(0),
         }
     }
 
     /// The container this namespace belongs to, once Docker has said (set once).
     pub fn container(&self) -> Option<&Container> {
-        self.container.get()
+        self.container.get().map(|(c, _)| c)
     }
 
+    /// Docker's description: the names, and the policy its labels give.
     pub fn set_container(&self, container: Container) {
-        let _ = self.container.set(container);
+        let (policy, problems) = Policy::from_labels(&container.labels);
+        for problem in problems {
+            tracing::warn!(
+                "container {}: {problem}; its requests are refused until the label is fixed",
+                container.display_name()
+            );
+        }
+        if self.container.set((container, policy)).is_ok() {
+            self.described.notify_waiters();
+        }
+    }
+
+    /// The rules for this caller's requests. While the daemon follows Docker, a container's
+    /// wait for Docker's description (a request may come before the start event); without
+    /// one in time they are refused, since its labels may deny it. Without Docker there are
+    /// no labels: served.
+    pub async fn policy(&self) -> &Policy {
+        if self.docker_id.is_some() && self.container.get().is_none() && crate::docker::following()
+        {
+            let described = self.described.notified();
+            let mut described = std::pin::pin!(described);
+            described.as_mut().enable();
+            if self.container.get().is_none()
+                && tokio::time::timeout(IDENTITY_WAIT, described)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("{self}: Docker did not describe the container in time; refused");
+                return &CLOSED;
+            }
+        }
+        self.container.get().map_or(&OPEN, |(_, p)| p)
     }
 
     pub fn count_request(&self) {
@@ -64,5 +121,74 @@ impl fmt::Display for Caller {
             (None, true) => f.write_str("host"),
             (None, false) => write!(f, "{} (cgroup {})", self.netns, self.cgroup),
         }
+    }
+}
+
+/// The container id in a Docker cgroup path: the last component, `<64 hex>` (cgroupfs
+/// driver) or `docker-<64 hex>.scope` (systemd driver).
+fn docker_id(cgroup: &str) -> Option<String> {
+    let last = cgroup.rsplit('/').next()?;
+    let id = last
+        .strip_prefix("docker-")
+        .and_then(|s| s.strip_suffix(".scope"))
+        .unwrap_or(last);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_ids_from_both_cgroup_drivers() {
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(docker_id(&format!("/docker/{id}")), Some(id.clone()));
+        assert_eq!(
+            docker_id(&format!("/system.slice/docker-{id}.scope")),
+            Some(id.clone())
+        );
+        assert_eq!(docker_id(&format!("/ci/parent/{id}")), Some(id));
+        assert_eq!(
+            docker_id("/user.slice/user-1000.slice/session-2.scope"),
+            None
+        );
+        assert_eq!(docker_id("/"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_containers_requests_wait_for_its_description_and_fail_closed() {
+        crate::docker::set_following(true);
+        let id = "ab".repeat(32);
+        let caller = std::sync::Arc::new(Caller::new(
+            "net:[1]".into(),
+            false,
+            format!("/docker/{id}"),
+        ));
+        let waiting = tokio::spawn({
+            let caller = std::sync::Arc::clone(&caller);
+            async move { caller.policy().await.clone() }
+        });
+        tokio::task::yield_now().await;
+        let labels = [("redirect.deny".to_owned(), "true".to_owned())].into();
+        caller.set_container(Container {
+            id,
+            labels,
+            ..Container::default()
+        });
+        assert!(
+            waiting.await.unwrap().deny,
+            "the labels' policy, once described"
+        );
+        let undescribed = Caller::new(
+            "net:[2]".into(),
+            false,
+            format!("/docker/{}", "cd".repeat(32)),
+        );
+        assert!(undescribed.policy().await.deny, "refused after the wait");
+        let plain = Caller::new("net:[3]".into(), false, "/ci/job".into());
+        assert!(
+            !plain.policy().await.deny,
+            "not a container: nothing to wait for"
+        );
     }
 }

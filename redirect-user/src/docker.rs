@@ -16,6 +16,7 @@ use std::{
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -32,6 +33,19 @@ use crate::config::DockerApi;
 
 /// How long to wait before trying Docker's socket again (absent, or the engine restarting).
 const RETRY: Duration = Duration::from_secs(2);
+
+/// Whether the daemon follows Docker's events now: only then do containers' requests wait for
+/// Docker's description of them (see `Caller::policy`).
+static FOLLOWING: AtomicBool = AtomicBool::new(false);
+
+pub fn following() -> bool {
+    FOLLOWING.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+pub fn set_following(following: bool) {
+    FOLLOWING.store(following, Ordering::Relaxed);
+}
 
 /// Who a container is, as Docker describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -152,6 +166,7 @@ pub async fn watch(api: DockerApi, started: mpsc::Sender<Found>, stop: Cancellat
             () = stop.cancelled() => return,
             result = follow(&api, &started) => result,
         };
+        FOLLOWING.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => tracing::info!("Docker's event stream ended; reconnecting"),
             Err(e) if !warned => {
@@ -189,6 +204,7 @@ async fn follow(
     let running = docker
         .list_containers(Some(ListContainersOptionsBuilder::new().build()))
         .await?;
+    FOLLOWING.store(true, Ordering::Relaxed);
     tracing::info!(
         "Docker: following container starts ({} running)",
         running.len()

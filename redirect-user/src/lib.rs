@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod mock;
 pub mod netns;
 pub mod paths;
+pub mod policy;
 pub mod privileges;
 pub mod proxy;
 pub mod rlimit;

@@ -347,11 +347,25 @@ impl Planter {
     }
 
     /// Plants listeners in `ns` if `pid` (a process found in it) is in an attached cgroup.
+    /// When that process has exited already (a short-lived caller), another one in the
+    /// namespace decides.
     async fn consider(&mut self, ns: NetnsFile, pid: u32) {
         let id = ns.id;
-        let Some(cgroup) = self.attached_cgroup_of(pid) else {
-            return;
+        let (pid, cgroup) = match self.cgroup_of(pid) {
+            Some(cgroup) => (pid, cgroup),
+            None => {
+                let Some(&other) = Self::namespaces().get(&id) else {
+                    return; // nobody left in it
+                };
+                match self.cgroup_of(other) {
+                    Some(cgroup) => (other, cgroup),
+                    None => return,
+                }
+            }
         };
+        if !self.is_attached(&cgroup) {
+            return;
+        }
         let endpoints = self.endpoints.clone();
         let opened = tokio::task::spawn_blocking(move || open_listeners(&ns, &endpoints)).await;
         let opened = match opened {
@@ -386,7 +400,12 @@ impl Planter {
             tracing::warn!("network namespace {id}: {e}");
         }
         tracing::info!(
-            "listening in network namespace {id} (pid {pid}, cgroup {cgroup}) on {}",
+            "listening in network namespace {id} (pid {pid}, cgroup {cgroup}{}) on {}",
+            if caller.docker_id.is_some() {
+                ", a Docker container"
+            } else {
+                ""
+            },
             if listening.is_empty() {
                 "nothing".to_owned()
             } else {
@@ -442,16 +461,17 @@ impl Planter {
         }
     }
 
-    /// The cgroup of `pid` (cgroup v2, relative to the hierarchy's root) if it is in, or
-    /// under, an attached cgroup.
-    fn attached_cgroup_of(&self, pid: u32) -> Option<String> {
+    /// The cgroup of `pid` (cgroup v2, relative to the hierarchy's root); `None` once it has
+    /// exited.
+    fn cgroup_of(&self, pid: u32) -> Option<String> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
-        let full = self.mount.join(relative.trim_start_matches('/'));
-        self.cgroups
-            .iter()
-            .any(|c| full.starts_with(c))
-            .then_some(relative)
+        Some(text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned())
+    }
+
+    /// Whether `cgroup` is, or is under, an attached cgroup.
+    fn is_attached(&self, cgroup: &str) -> bool {
+        let full = self.mount.join(cgroup.trim_start_matches('/'));
+        self.cgroups.iter().any(|c| full.starts_with(c))
     }
 
     fn lock_status(&self) -> std::sync::MutexGuard<'_, BTreeMap<NetnsId, Entry>> {

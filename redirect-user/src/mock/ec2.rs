@@ -170,6 +170,9 @@ enum Node {
 /// tokens issued before a reload remain valid.
 pub struct Ec2Mock {
     current: RwLock<Arc<Instance>>,
+    /// The instance as callers with a role of their own (`redirect.ec2.role`) see it, by role
+    /// name: the same values and tokens, another instance profile. Cleared on reload.
+    by_role: RwLock<BTreeMap<String, Arc<Instance>>>,
 }
 
 /// The instance the mock serves now.
@@ -189,12 +192,49 @@ impl Ec2Mock {
         let instance = Instance::new(values, Arc::new(TokenIssuer::new()), SystemTime::now());
         Ec2Mock {
             current: RwLock::new(Arc::new(instance)),
+            by_role: RwLock::default(),
         }
     }
 
     /// Answers one request. Only method, path and headers matter; the body is never read.
     pub fn handle<B>(&self, req: &Request<B>) -> Resp {
-        self.instance().handle_at(req, SystemTime::now())
+        self.handle_as(req, None)
+    }
+
+    /// Answers one request of a caller whose instance profile is `role` (default: the
+    /// configured one).
+    pub fn handle_as<B>(&self, req: &Request<B>, role: Option<&str>) -> Resp {
+        let instance = match role {
+            Some(role) if role != self.instance().values.role_name => self.with_role(role),
+            _ => self.instance(),
+        };
+        instance.handle_at(req, SystemTime::now())
+    }
+
+    fn with_role(&self, role: &str) -> Arc<Instance> {
+        if let Some(instance) = self
+            .by_role
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(role)
+        {
+            return Arc::clone(instance);
+        }
+        let current = self.instance();
+        let values = Ec2Values {
+            role_name: role.to_owned(),
+            ..current.values.clone()
+        };
+        let instance = Arc::new(Instance::new(
+            values,
+            Arc::clone(&current.tokens),
+            current.started,
+        ));
+        self.by_role
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(role.to_owned(), Arc::clone(&instance));
+        instance
     }
 
     /// Serves `values` from now on; false when they are the ones served already.
@@ -205,6 +245,10 @@ impl Ec2Mock {
         }
         let next = Instance::new(values, Arc::clone(&current.tokens), current.started);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        self.by_role
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         true
     }
 
@@ -472,7 +516,8 @@ fn text(body: Bytes) -> Resp {
 }
 
 /// The XHTML error page the real service sends.
-fn error(status: StatusCode) -> Resp {
+/// The real service's error page for `status` (403 for a forbidden request).
+pub fn error(status: StatusCode) -> Resp {
     let title = format!(
         "{} - {}",
         status.as_u16(),

@@ -202,8 +202,11 @@ async fn handle(
     };
     let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
     let resp = match body {
+        Ok(_) if !caller.policy().await.permits(&path) => {
+            crate::mock::ec2::error(StatusCode::FORBIDDEN).map(Full::new)
+        }
         Ok(body) => {
-            // The backend sees who asks (policy, per-caller answers).
+            // The backend sees who asks (per-caller answers).
             parts.extensions.insert(Arc::clone(&caller));
             let req = Request::from_parts(parts, body);
             shared.backend.respond(req, &shared.budget).await

@@ -70,7 +70,14 @@ impl Backend {
 
     async fn respond(&self, req: Request<Bytes>, budget: &Budget) -> Response<Full<Bytes>> {
         match self {
-            Backend::Ec2(mock) => mock.handle(&req).map(Full::new),
+            Backend::Ec2(mock) => {
+                let caller = req.extensions().get::<Arc<Caller>>();
+                let role = match caller {
+                    Some(caller) => caller.policy().await.ec2_role.as_deref(),
+                    None => None,
+                };
+                mock.handle_as(&req, role).map(Full::new)
+            }
             Backend::Upstream(forwarder) => forwarder.forward(req, budget).await,
         }
     }

@@ -15,6 +15,7 @@ mod framing;
 mod lifecycle;
 mod mock;
 mod namespaces;
+mod policy;
 mod routing;
 mod upstream;
 
@@ -95,6 +96,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         routing::TESTS,
         containers::TESTS,
         namespaces::TESTS,
+        policy::TESTS,
         upstream::TESTS,
         lifecycle::TESTS,
         bounds::TESTS,

@@ -1,0 +1,68 @@
+//! Policy per container, from its `redirect.*` labels, on the identity the namespace
+//! attests: denied, limited to some paths, or given a role of its own by the mock. Applied
+//! from the container's very first request.
+
+use anyhow::Result;
+
+use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, support};
+
+pub const TESTS: &[(&str, super::TestFn)] = &[(
+    "container_labels_deny_limit_and_name_roles",
+    container_labels_deny_limit_and_name_roles,
+)];
+
+fn container_labels_deny_limit_and_name_roles() -> Result<()> {
+    use support::docker::{CgroupParent, Image, run_once};
+    let image = Image::import_with(&["curl"])?;
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let parent = cg.child("docker")?;
+    let cgroup_parent = CgroupParent::new(&parent)?;
+    let daemon = Daemon::start(
+        &["--mock", "--cgroup", parent.to_str().unwrap()],
+        &host,
+        None,
+    )?;
+    daemon.wait_for_log("Docker: following container starts")?;
+    // Prints the status, then the body.
+    let get = |labels: &[&str], path: &str| -> Result<String> {
+        let mut args = vec!["--cgroup-parent", cgroup_parent.relative.as_str()];
+        for label in labels {
+            args.extend(["--label", label]);
+        }
+        let url = format!("http://169.254.169.254{path}");
+        let curl = [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "%{http_code} ",
+            "-o",
+            "/dev/stdout",
+            &url,
+        ];
+        run_once(&image, &args, &curl)
+    };
+    let id = "/latest/meta-data/instance-id";
+    let roles = "/latest/meta-data/iam/security-credentials/";
+    assert_eq!(get(&[], id)?, format!("{INSTANCE_ID}200 "));
+    let denied = get(&["redirect.deny=true"], id)?;
+    assert!(
+        denied.contains("403 - Forbidden") && denied.ends_with("403 "),
+        "{denied}"
+    );
+    let limited = ["redirect.allow=/latest/meta-data/placement/"];
+    let outside = get(&limited, id)?;
+    assert!(outside.ends_with("403 "), "{outside}\n{}", daemon.log());
+    assert!(get(&limited, "/latest/meta-data/placement/region")?.ends_with("200 "));
+    assert_eq!(get(&["redirect.ec2.role=app-role"], roles)?, "app-role200 ");
+    assert_eq!(get(&[], roles)?, "redirect-mock-role200 ");
+    let bad = get(&["redirect.deny=yes"], id)?;
+    assert!(
+        bad.ends_with("403 "),
+        "a label that does not parse denies: {bad}"
+    );
+    daemon.wait_for_log("label redirect.deny=\"yes\": expected true or false")?;
+    Ok(())
+}
