@@ -8,8 +8,8 @@
 use std::{
     fmt,
     sync::{
-        OnceLock,
-        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -48,6 +48,8 @@ pub struct Caller {
     container: OnceLock<(Container, Policy)>,
     described: Notify,
     requests: AtomicU64,
+    /// Client connections from this caller now (see `proxy::listener`).
+    connections: AtomicUsize,
 }
 
 impl Caller {
@@ -60,6 +62,7 @@ impl Caller {
             container: OnceLock::new(),
             described: Notify::new(),
             requests: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
         }
     }
 
@@ -104,12 +107,27 @@ impl Caller {
         self.container.get().map_or(&OPEN, |(_, p)| p)
     }
 
+    /// Counts a new connection until the guard drops; the count includes it.
+    pub fn connection(self: &Arc<Self>) -> (CallerConnection, usize) {
+        let now = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        (CallerConnection(Arc::clone(self)), now)
+    }
+
     pub fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// One of a caller's connections, counted while it lives.
+pub struct CallerConnection(Arc<Caller>);
+
+impl Drop for CallerConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -159,13 +177,13 @@ mod tests {
     async fn a_containers_requests_wait_for_its_description_and_fail_closed() {
         crate::docker::set_following(true);
         let id = "ab".repeat(32);
-        let caller = std::sync::Arc::new(Caller::new(
+        let caller = Arc::new(Caller::new(
             "net:[1]".into(),
             false,
             format!("/docker/{id}"),
         ));
         let waiting = tokio::spawn({
-            let caller = std::sync::Arc::clone(&caller);
+            let caller = Arc::clone(&caller);
             async move { caller.policy().await.clone() }
         });
         tokio::task::yield_now().await;

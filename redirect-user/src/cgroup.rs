@@ -21,7 +21,8 @@ pub enum CgroupError {
     #[error("cannot read {}", paths::MOUNTINFO)]
     Mountinfo { source: io::Error },
     #[error(
-        "no cgroup v2 filesystem is mounted (redirect attaches to cgroup v2; mount it with `mount -t cgroup2 none /sys/fs/cgroup`)"
+        "no cgroup v2 filesystem is mounted (redirect attaches to cgroup v2; mount it with `mount -t cgroup2 none /sys/fs/cgroup`{})",
+        if in_container() { ", or, in a container, give it the host's: `-v /sys/fs/cgroup:/sys/fs/cgroup:ro`" } else { "" }
     )]
     NoCgroup2,
     #[error("cgroup {given} does not exist (cgroup v2 is mounted at {})", mount.display(), given = .given.display())]
@@ -30,6 +31,11 @@ pub enum CgroupError {
     NotCgroup2 { path: PathBuf, mount: PathBuf },
     #[error("cannot open cgroup {}", path.display())]
     Open { path: PathBuf, source: io::Error },
+}
+
+/// Whether this process runs in a container (Docker's, podman's marker files).
+fn in_container() -> bool {
+    Path::new("/.dockerenv").exists() || Path::new("/run/.containerenv").exists()
 }
 
 /// The mount point of the first cgroup2 filesystem in this mount namespace.

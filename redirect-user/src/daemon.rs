@@ -40,7 +40,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     // Installed first: from the ready line on, no signal may kill the daemon unannounced.
     let mut signals = Signals::install()?;
-    privileges::check().map_err(anyhow::Error::msg)?;
+    let privileges = privileges::check().map_err(anyhow::Error::msg)?;
     crate::rlimit::raise_nofile();
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
@@ -112,8 +112,10 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         }
         BackendSettings::External => None,
     };
+    let max_connections = max_connections(&settings);
     let limits = Limits {
-        max_connections: max_connections(&settings),
+        max_connections,
+        per_caller: Limits::per_caller_share(max_connections),
         timeouts: Timeouts {
             idle: (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout),
             request_read: settings.request_read_timeout,
@@ -143,7 +145,13 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     let endpoints = namespace_endpoints(&routes);
     let stop_planter = CancellationToken::new();
     let mut served = None;
-    if let (Some(proxy), false) = (&proxy, endpoints.is_empty()) {
+    if !privileges.enter_namespaces && !endpoints.is_empty() {
+        tracing::warn!(
+            "without CAP_SYS_ADMIN the daemon cannot listen inside other network namespaces: callers in containers get \"connection refused\" (add CAP_SYS_ADMIN)"
+        );
+    }
+    if let (Some(proxy), false, true) = (&proxy, endpoints.is_empty(), privileges.enter_namespaces)
+    {
         let mut planter = Planter::new(
             endpoints,
             cgroups.iter().map(|c| c.path.clone()).collect(),

@@ -44,6 +44,7 @@ pub(super) async fn serve<S>(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
     caller: Arc<Caller>,
+    over_budget: Option<usize>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -52,7 +53,7 @@ pub(super) async fn serve<S>(
     let _open = Open(shared, &activity);
     let mut io = ClientSocket::new(stream, Arc::clone(&activity), shared.timeouts.send);
     loop {
-        match serve_requests(io, shared, &activity, &caller, shutdown).await {
+        match serve_requests(io, shared, &activity, &caller, over_budget, shutdown).await {
             Some((mut parked, true)) => {
                 // Parked: nothing but the socket until a request begins, or the idle timeout.
                 let idle = shared.timeouts.idle.unwrap_or(Duration::MAX);
@@ -81,6 +82,7 @@ async fn serve_requests<S>(
     shared: &Arc<Shared>,
     activity: &Arc<Activity>,
     caller: &Arc<Caller>,
+    over_budget: Option<usize>,
     shutdown: &CancellationToken,
 ) -> Option<(ClientSocket<S>, bool)>
 where
@@ -93,9 +95,13 @@ where
             let (shared, activity) = (Arc::clone(&shared), Arc::clone(&activity));
             let caller = Arc::clone(&caller);
             // Boxed: hyper keeps a slot of the future's size per connection.
-            Box::pin(
-                async move { Ok::<_, Infallible>(handle(req, &shared, &activity, caller).await) },
-            )
+            Box::pin(async move {
+                let resp = match over_budget {
+                    Some(limit) => over(req, &shared, &caller, limit),
+                    None => handle(req, &shared, &activity, caller).await,
+                };
+                Ok::<_, Infallible>(resp)
+            })
         })
     };
     let mut conn = shared.http.serve_connection(TokioIo::new(io), service);
@@ -220,6 +226,24 @@ async fn handle(
     };
     tracing::info!(target: "access", "{caller} {method} {path} {}", resp.status().as_u16());
     resp
+}
+
+/// A request on a connection beyond its caller's share: 503, and the connection closes.
+fn over(
+    req: Request<Incoming>,
+    shared: &Shared,
+    caller: &Caller,
+    limit: usize,
+) -> Response<Full<Bytes>> {
+    tracing::info!(target: "access", "{caller} {} {} 503 (beyond its {limit} connections)", req.method(), req.uri().path());
+    let reason = "this caller holds its share of the connections already; retry";
+    refused(
+        shared,
+        Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason,
+        },
+    )
 }
 
 /// The request body, whole, if the backend takes one that large and the budget has room; it

@@ -25,6 +25,7 @@ async fn serve(input: &[u8]) -> Vec<u8> {
     let backend = Backend::Ec2(Arc::new(Ec2Mock::new(Ec2Values::default())));
     let limits = Limits {
         max_connections: 1,
+        per_caller: 1,
         timeouts: Timeouts {
             idle: Some(Duration::from_secs(75)),
             request_read: Duration::from_secs(10),
@@ -40,7 +41,7 @@ async fn serve(input: &[u8]) -> Vec<u8> {
             true,
             String::new(),
         ));
-        connection::serve(server, &shared, &CancellationToken::new(), host).await;
+        connection::serve(server, &shared, &CancellationToken::new(), host, None).await;
     });
     let (mut read, mut write) = tokio::io::split(client);
     let send = async {

@@ -52,9 +52,13 @@ pub(super) async fn accept_loop(
         };
         ProxyStats::add(&shared.stats.connections_total, 1);
         let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        let (counted, held) = caller.connection();
+        // The host's processes share one caller; the global limit covers them.
+        let over = (!caller.host && held > shared.per_caller).then_some(shared.per_caller);
         let caller = Arc::clone(&caller);
         connections.spawn(async move {
-            connection::serve(stream, &shared, &shutdown, caller).await;
+            let _counted = counted;
+            connection::serve(stream, &shared, &shutdown, caller, over).await;
             drop(slot);
         });
     }

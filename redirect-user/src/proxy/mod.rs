@@ -99,7 +99,18 @@ pub struct Timeouts {
 pub struct Limits {
     /// Client connections held at once.
     pub max_connections: usize,
+    /// Client connections one caller (a network namespace other than the daemon's) may hold:
+    /// beyond, its new connections are answered 503, so that one container's flood leaves
+    /// the others their share.
+    pub per_caller: usize,
     pub timeouts: Timeouts,
+}
+
+impl Limits {
+    /// A quarter of the connections for any one caller, and never fewer than 16.
+    pub fn per_caller_share(max_connections: usize) -> usize {
+        (max_connections / 4).max(16)
+    }
 }
 
 /// Counters shown by `redirect status`.
@@ -128,6 +139,7 @@ struct Shared {
 
 struct Common {
     names: OwnNames,
+    per_caller: usize,
     timeouts: Timeouts,
     http: http1::Builder,
     stats: Arc<ProxyStats>,
@@ -155,6 +167,7 @@ impl Shared {
             .max_header_size(MAX_HEAD);
         let common = Common {
             names,
+            per_caller: limits.per_caller,
             timeouts: limits.timeouts,
             http,
             stats: Arc::default(),

@@ -24,6 +24,7 @@ const GET_ID: &[u8] =
 
 const LIMITS: Limits = Limits {
     max_connections: 64,
+    per_caller: 16,
     timeouts: Timeouts {
         idle: Some(Duration::from_secs(75)),
         request_read: Duration::from_secs(10),
@@ -63,7 +64,7 @@ fn connect(shared: &Arc<Shared>) -> DuplexStream {
     let (client, server) = duplex(64 << 10);
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        connection::serve(server, &shared, &CancellationToken::new(), host()).await
+        connection::serve(server, &shared, &CancellationToken::new(), host(), None).await
     });
     client
 }
@@ -312,6 +313,7 @@ async fn at_the_limit_with_every_connection_busy_the_first_to_be_idle_makes_room
             idle: Some(Duration::from_secs(30)),
             ..LIMITS.timeouts
         },
+        ..LIMITS
     };
     let proxy = Proxy::spawn(
         vec![vec![listener]],
@@ -740,7 +742,7 @@ async fn a_connection_task_stays_small() {
     let shared = mock();
     let (_client, server) = duplex(64);
     let shutdown = CancellationToken::new();
-    let serving = connection::serve(server, &shared, &shutdown, host());
+    let serving = connection::serve(server, &shared, &shutdown, host(), None);
     let size = size_of_val(&serving);
     assert!(size <= 2 << 10, "{size} bytes");
 }

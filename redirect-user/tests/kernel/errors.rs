@@ -5,6 +5,10 @@ use super::*;
 pub const TESTS: &[(&str, TestFn)] = &[
     ("error_not_root", error_not_root),
     ("error_no_cgroup_v2", error_no_cgroup_v2),
+    (
+        "error_root_without_capabilities",
+        error_root_without_capabilities,
+    ),
     ("error_cgroup_does_not_exist", error_cgroup_does_not_exist),
     ("error_port_in_use", error_port_in_use),
     (
@@ -60,8 +64,25 @@ fn error_not_root() -> Result<()> {
     let stderr = run_daemon_expecting_failure(cmd)?;
     one_line_error(
         &stderr,
-        "needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN",
+        "needs root, or capabilities (uid 65534 lacks CAP_BPF and CAP_NET_ADMIN)",
     )?;
+    assert!(attached_programs(&cg.path)?.is_empty());
+    Ok(())
+}
+
+/// uid 0 with the capability set a container engine leaves (no CAP_BPF, CAP_SYS_ADMIN,
+/// CAP_NET_ADMIN): told which capabilities to add, not that it needs root.
+fn error_root_without_capabilities() -> Result<()> {
+    let cg = TestCgroup::new()?;
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-bpf,-sys_admin,-net_admin", DAEMON])
+        .args(["run", "--mock", "--control-socket", "/nonexistent/x.sock"])
+        .arg("--cgroup")
+        .arg(&cg.path);
+    let stderr = run_daemon_expecting_failure(cmd)?;
+    one_line_error(&stderr, "uid 0 with a reduced capability set")?;
+    ensure!(!stderr.contains("needs root"), "{stderr}");
+    ensure!(stderr.contains("--cap-add SYS_ADMIN"), "{stderr}");
     assert!(attached_programs(&cg.path)?.is_empty());
     Ok(())
 }

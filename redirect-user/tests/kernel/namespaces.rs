@@ -33,6 +33,10 @@ pub const TESTS: &[(&str, super::TestFn)] = &[
         a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner,
     ),
     (
+        "one_namespace_cannot_take_the_connections_of_the_others",
+        one_namespace_cannot_take_the_connections_of_the_others,
+    ),
+    (
         "docker_containers_are_served_from_their_first_command",
         docker_containers_are_served_from_their_first_command,
     ),
@@ -218,6 +222,69 @@ fn a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner() -> Result<()
         entry["listening"],
         serde_json::json!(["127.0.0.1:8171"]),
         "{entry}"
+    );
+    Ok(())
+}
+
+/// A caller holding its share of the connections (a quarter of `--max-connections`, at least
+/// 16) gets 503 on more, while another namespace is served as before.
+fn one_namespace_cannot_take_the_connections_of_the_others() -> Result<()> {
+    const SHARE: usize = 16; // of 64
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon = Daemon::start(
+        &[
+            "--mock",
+            "--max-connections",
+            "64",
+            "--cgroup",
+            client.to_str().unwrap(),
+        ],
+        &host,
+        None,
+    )?;
+    let (greedy, other) = (NetNs::new()?, NetNs::new()?);
+    let _residents = (resident(&client, &greedy)?, resident(&client, &other)?);
+    for ns in [&greedy, &other] {
+        child_role(&client, ns, "connect", &["169.254.169.254:80"])?;
+    }
+    wait_for_count(&daemon, "listening in network namespace", 2)?;
+    // Keep-alive connections made straight to the endpoint inside `greedy`: its listener
+    // counts them as `greedy`'s, however they were dialled.
+    let held = greedy.run(|| {
+        (0..SHARE)
+            .map(|_| {
+                let c = std::net::TcpStream::connect("127.0.0.1:8170")?;
+                super::get_instance_id(&c).map(|answer| (c, answer))
+            })
+            .collect::<Result<Vec<_>>>()
+    })??;
+    assert!(held.iter().all(|(_, a)| a.starts_with("HTTP/1.1 200")));
+    let beyond = greedy.run(|| {
+        let c = std::net::TcpStream::connect("127.0.0.1:8170")?;
+        super::get_instance_id(&c)
+    })??;
+    assert!(beyond.starts_with("HTTP/1.1 503"), "{beyond}");
+    let answer = curl(&client, &other, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!(
+        answer,
+        (200, INSTANCE_ID.to_owned()),
+        "the other namespace is served"
+    );
+    drop(held);
+    let mut again = (0, String::new());
+    for _ in 0..50 {
+        again = curl(&client, &greedy, &[], &url("/latest/meta-data/instance-id"))?;
+        if again.0 == 200 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        again,
+        (200, INSTANCE_ID.to_owned()),
+        "served again once it lets go"
     );
     Ok(())
 }
