@@ -88,8 +88,10 @@ pub struct Started {
 /// What Docker tells the planter.
 #[derive(Debug)]
 pub enum Found {
-    /// A container's network namespace, as the engine mounted it (no process named yet).
-    Sandbox(File),
+    /// A container's network namespace, as the engine mounted it (no process named yet);
+    /// `None` when the mount cannot be seen from here (the daemon in a container, without
+    /// mount propagation): the namespace exists by now and a scan finds it.
+    Sandbox(Option<File>),
     Started(Started),
 }
 
@@ -133,9 +135,8 @@ async fn follow_sandboxes(
         let Some(name) = event.name else {
             return Ok(()); // the directory itself went away (the engine restarted)
         };
-        if let Some(file) = mounted_namespace(&dir.join(name)).await {
-            let _ = found.send(Found::Sandbox(file)).await;
-        }
+        let file = mounted_namespace(&dir.join(name)).await;
+        let _ = found.send(Found::Sandbox(file)).await;
     }
 }
 
@@ -143,7 +144,7 @@ async fn follow_sandboxes(
 /// the mount.
 async fn mounted_namespace(path: &Path) -> Option<File> {
     let nsfs = std::fs::metadata("/proc/self/ns/net").ok()?.dev();
-    for _ in 0..200 {
+    for _ in 0..20 {
         if let Ok(file) = File::open(path)
             && file.metadata().is_ok_and(|m| m.dev() == nsfs)
         {

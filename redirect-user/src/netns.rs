@@ -233,7 +233,8 @@ impl Planter {
                     }
                 },
                 Some(found) = docker.recv() => match found {
-                    Found::Sandbox(file) => self.on_sandbox(file).await,
+                    Found::Sandbox(Some(file)) => self.on_sandbox(file).await,
+                    Found::Sandbox(None) => self.scan().await,
                     Found::Started(started) => self.on_container(started).await,
                 },
                 _ = sweep.tick() => self.sweep().await,

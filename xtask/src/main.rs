@@ -3,6 +3,7 @@
 
 mod cmd;
 mod host;
+mod image;
 mod toolchain;
 
 use toolchain::ensure_cargo_fuzz;
@@ -52,8 +53,12 @@ enum Task {
     },
     /// rustfmt and clippy (host crates and the eBPF crate), warnings as errors.
     Lint,
-    /// Benchmarks against iptables DNAT and nginx (root): prints a table and writes
-    /// target/bench/{results.json,table.md,chart.png}. Installs wrk, nginx, iptables, matplotlib.
+    /// Build the daemon (release) and import it as a local image, `NAME:VERSION` and
+    /// `NAME:latest`: the binary and the libraries it loads, no base image, no registry.
+    Image {
+        #[arg(long, default_value = "redirect")]
+        name: String,
+    },
     /// libFuzzer on the proxy's request path (cargo-fuzz, nightly) for a bounded time; never
     /// part of CI. Findings land in redirect-user/fuzz/artifacts/request/.
     Fuzz {
@@ -64,6 +69,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Benchmarks against iptables DNAT and nginx (root): prints a table and writes
+    /// target/bench/{results.json,table.md,chart.png}. Installs wrk, nginx, iptables, matplotlib.
     Bench {
         /// Longer runs (several minutes) instead of the quick mode (under 2 minutes).
         #[arg(long)]
@@ -116,6 +123,12 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Test { release, args } => test(&workspace, release, &args),
         Task::Lint => lint(&workspace),
+        Task::Image { name } => {
+            let bin = build(&workspace, true)?;
+            let tag = image::import(&bin, &name, env!("CARGO_PKG_VERSION"))?;
+            println!("{tag}");
+            Ok(())
+        }
         Task::Bench { full, args } => bench(&workspace, full, &args),
         Task::Fuzz { time, args } => fuzz(&workspace, time, &args),
     }

@@ -9,6 +9,7 @@
 mod support;
 
 mod bounds;
+mod compose;
 mod containers;
 mod errors;
 mod framing;
@@ -95,6 +96,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         mock::TESTS,
         routing::TESTS,
         containers::TESTS,
+        compose::TESTS,
         namespaces::TESTS,
         policy::TESTS,
         upstream::TESTS,

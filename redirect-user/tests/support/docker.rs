@@ -17,24 +17,58 @@ pub struct Image {
 
 impl Image {
     pub fn import_with(programs: &[&str]) -> Result<Self> {
+        Self::import(programs, &[], &[])
+    }
+
+    /// The daemon under test as an image, as `cargo xtask image` makes it (`redirect` at
+    /// /usr/bin, the entry point), plus `programs` from the host.
+    pub fn import_daemon(programs: &[&str]) -> Result<Self> {
+        let daemon = (
+            PathBuf::from(super::DAEMON),
+            PathBuf::from("/usr/bin/redirect"),
+        );
+        Self::import(
+            programs,
+            &[daemon],
+            &[r#"ENTRYPOINT ["/usr/bin/redirect"]"#],
+        )
+    }
+
+    /// Files at their host paths, with the libraries they load.
+    pub fn import_paths(paths: &[PathBuf]) -> Result<Self> {
+        let files: Vec<(PathBuf, PathBuf)> = paths.iter().map(|p| (p.clone(), p.clone())).collect();
+        Self::import(&["sh"], &files, &[])
+    }
+
+    /// `programs` (found on PATH) at their host paths and `files` (host path, image path),
+    /// each with the libraries it loads; `changes` as `docker import --change` takes them.
+    fn import(programs: &[&str], files: &[(PathBuf, PathBuf)], changes: &[&str]) -> Result<Self> {
         let root = tempfile::tempdir()?;
-        let mut files: Vec<PathBuf> = Vec::new();
+        let mut copies: Vec<(PathBuf, PathBuf)> = files.to_vec();
         for program in programs {
             let path = super::host_program(program)?;
-            let ldd = sh(Command::new("ldd").arg(&path))?;
-            files.push(path);
+            copies.push((path.clone(), path));
+        }
+        let mut libs = Vec::new();
+        for (source, _) in &copies {
+            let ldd = sh(Command::new("ldd").arg(source))?;
             // Lines look like `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)` or
             // `/lib64/ld-linux-x86-64.so.2 (0x...)`.
-            files.extend(
+            libs.extend(
                 ldd.split_whitespace()
                     .filter(|w| w.starts_with('/'))
-                    .map(PathBuf::from),
+                    .map(|l| (PathBuf::from(l), PathBuf::from(l))),
             );
         }
-        for file in &files {
-            let target = root.path().join(file.strip_prefix("/")?);
+        copies.extend(libs);
+        for (source, at) in &copies {
+            let target = root.path().join(at.strip_prefix("/")?);
             std::fs::create_dir_all(target.parent().context("no parent")?)?;
-            std::fs::copy(file, &target).with_context(|| format!("copying {}", file.display()))?;
+            std::fs::copy(source, &target)
+                .with_context(|| format!("copying {}", source.display()))?;
+        }
+        for dir in ["run/redirect", "tmp"] {
+            std::fs::create_dir_all(root.path().join(dir))?;
         }
         let name = format!(
             "redirect-test-{}:{}",
@@ -47,8 +81,13 @@ impl Image {
             .args(["-c", "."])
             .stdout(std::process::Stdio::piped())
             .spawn()?;
-        sh(Command::new("docker")
-            .args(["import", "-", &name])
+        let mut import = Command::new("docker");
+        import.arg("import");
+        for change in changes {
+            import.args(["--change", change]);
+        }
+        sh(import
+            .args(["-", &name])
             .stdin(tar.stdout.context("tar stdout")?))?;
         Ok(Image { name })
     }
@@ -168,6 +207,41 @@ impl Drop for CgroupParent {
             .unwrap_or("");
         for mount in super::cgroup1_mounts() {
             super::remove_cgroup_tree(&mount.join(top));
+        }
+    }
+}
+
+/// Drops whatever a Docker bridge, compose or overlay network would send to the metadata
+/// ranges (the network safety rule), while a test runs containers on such networks; the
+/// rules are removed on drop.
+pub struct MetadataDrop {
+    rules: Vec<(&'static str, &'static str, &'static str)>,
+}
+
+impl MetadataDrop {
+    pub fn insert() -> Result<Self> {
+        let mut guard = MetadataDrop { rules: Vec::new() };
+        let v4 = ("iptables", "DOCKER-USER", "169.254.0.0/16");
+        sh(Command::new(v4.0).args(["-I", v4.1, "-d", v4.2, "-j", "DROP"]))?;
+        guard.rules.push(v4);
+        // ip6tables may lack Docker's chain (IPv6 off in Docker): FORWARD covers the same.
+        for chain in ["DOCKER-USER", "FORWARD"] {
+            let v6 = ("ip6tables", chain, "fd00:ec2::/32");
+            if sh(Command::new(v6.0).args(["-I", v6.1, "-d", v6.2, "-j", "DROP"])).is_ok() {
+                guard.rules.push(v6);
+                return Ok(guard);
+            }
+        }
+        anyhow::bail!("cannot insert the IPv6 metadata DROP rule")
+    }
+}
+
+impl Drop for MetadataDrop {
+    fn drop(&mut self) {
+        for (tool, chain, dest) in &self.rules {
+            let _ = Command::new(tool)
+                .args(["-D", chain, "-d", dest, "-j", "DROP"])
+                .output();
         }
     }
 }
