@@ -90,8 +90,9 @@ pub struct Started {
 pub enum Found {
     /// A container's network namespace, as the engine mounted it (no process named yet);
     /// `None` when the mount cannot be seen from here (the daemon in a container, without
-    /// mount propagation): the namespace exists by now and a scan finds it.
-    Sandbox(Option<File>),
+    /// mount propagation): the namespace exists by now and a scan finds it. With when the
+    /// engine made it.
+    Sandbox(Option<File>, std::time::Instant),
     Started(Started),
 }
 
@@ -135,8 +136,9 @@ async fn follow_sandboxes(
         let Some(name) = event.name else {
             return Ok(()); // the directory itself went away (the engine restarted)
         };
+        let seen = std::time::Instant::now();
         let file = mounted_namespace(&dir.join(name)).await;
-        let _ = found.send(Found::Sandbox(file)).await;
+        let _ = found.send(Found::Sandbox(file, seen)).await;
     }
 }
 

@@ -16,7 +16,7 @@
 //! processes (the listeners themselves would keep the namespace alive).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     fs::File,
     io,
     net::SocketAddr,
@@ -110,9 +110,13 @@ pub struct NamespaceStatus {
 
 /// A served namespace, as the planter keeps it.
 struct Entry {
+    /// A process in it; the sweep looks for another when it exits.
     pid: u32,
+    cookie: u64,
     listening: Vec<String>,
     caller: Arc<Caller>,
+    /// Stops its listeners.
+    stop: CancellationToken,
 }
 
 /// What the planter shares with `redirect status`.
@@ -137,12 +141,6 @@ impl Served {
     }
 }
 
-struct Planted {
-    cookie: u64,
-    pid: u32,
-    stop: CancellationToken,
-}
-
 /// Finds namespaces, opens listeners in them, and closes those of namespaces gone.
 pub struct Planter {
     /// The loopback endpoints the routes send connects to.
@@ -156,8 +154,8 @@ pub struct Planter {
     watch: NetnsWatch,
     events: Option<NetnsEvents>,
     home: NetnsId,
-    planted: HashMap<NetnsId, Planted>,
-    status: Served,
+    /// The served namespaces, shared with `redirect status`.
+    served: Served,
 }
 
 impl Planter {
@@ -184,13 +182,12 @@ impl Planter {
             watch,
             events: Some(events),
             home,
-            planted: HashMap::new(),
-            status: Served::default(),
+            served: Served::default(),
         })
     }
 
     pub fn status(&self) -> Served {
-        self.status.clone()
+        self.served.clone()
     }
 
     /// Serves the namespaces that exist now: call before saying the daemon is ready.
@@ -233,8 +230,13 @@ impl Planter {
                     }
                 },
                 Some(found) = docker.recv() => match found {
-                    Found::Sandbox(Some(file)) => self.on_sandbox(file).await,
-                    Found::Sandbox(None) => self.scan().await,
+                    Found::Sandbox(file, seen) => {
+                        match file {
+                            Some(file) => self.on_sandbox(file).await,
+                            None => self.scan().await,
+                        }
+                        tracing::debug!("Docker sandbox handled {:?} after it appeared", seen.elapsed());
+                    }
                     Found::Started(started) => self.on_container(started).await,
                 },
                 _ = sweep.tick() => self.sweep().await,
@@ -268,10 +270,10 @@ impl Planter {
         if id == self.home {
             return; // the host's network: served by the daemon's own listeners
         }
-        if !self.planted.contains_key(&id) {
+        if !self.is_known(id) {
             self.consider(ns, started.pid).await;
         }
-        if let Some(entry) = self.lock_status().get_mut(&id) {
+        if let Some(entry) = self.lock_served().get_mut(&id) {
             entry.caller.set_container(started.container);
         }
     }
@@ -310,7 +312,7 @@ impl Planter {
     }
 
     fn is_known(&self, id: NetnsId) -> bool {
-        id == self.home || self.planted.contains_key(&id)
+        id == self.home || self.lock_served().contains_key(&id)
     }
 
     /// Every namespace with a process in it now, with one such process.
@@ -413,19 +415,13 @@ impl Planter {
                 listening.join(", ")
             }
         );
-        self.lock_status().insert(
+        self.lock_served().insert(
             id,
             Entry {
                 pid,
+                cookie: opened.cookie,
                 listening,
                 caller,
-            },
-        );
-        self.planted.insert(
-            id,
-            Planted {
-                cookie: opened.cookie,
-                pid,
                 stop,
             },
         );
@@ -437,28 +433,28 @@ impl Planter {
             NetnsId::of(Path::new(&format!("/proc/{pid}/ns/net"))).is_ok_and(|now| now == *id)
         };
         let stale: Vec<NetnsId> = self
-            .planted
+            .lock_served()
             .iter()
-            .filter(|(id, p)| !still(id, p.pid))
+            .filter(|(id, e)| !still(id, e.pid))
             .map(|(id, _)| *id)
             .collect();
         if stale.is_empty() {
             return;
         }
         let living = Self::namespaces();
+        let mut served = self.lock_served();
         for id in stale {
             if let Some(&pid) = living.get(&id) {
-                self.planted.get_mut(&id).expect("listed above").pid = pid;
-                if let Some(entry) = self.lock_status().get_mut(&id) {
+                if let Some(entry) = served.get_mut(&id) {
                     entry.pid = pid;
                 }
-                continue;
+            } else if let Some(entry) = served.remove(&id) {
+                entry.stop.cancel();
+                self.watch.unserve(entry.cookie);
+                tracing::info!(
+                    "network namespace {id} has no processes left: closed its listeners"
+                );
             }
-            let planted = self.planted.remove(&id).expect("listed above");
-            planted.stop.cancel();
-            self.watch.unserve(planted.cookie);
-            self.lock_status().remove(&id);
-            tracing::info!("network namespace {id} has no processes left: closed its listeners");
         }
     }
 
@@ -475,8 +471,8 @@ impl Planter {
         self.cgroups.iter().any(|c| full.starts_with(c))
     }
 
-    fn lock_status(&self) -> std::sync::MutexGuard<'_, BTreeMap<NetnsId, Entry>> {
-        self.status.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_served(&self) -> std::sync::MutexGuard<'_, BTreeMap<NetnsId, Entry>> {
+        self.served.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

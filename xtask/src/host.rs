@@ -36,6 +36,15 @@ pub const TEST_TOOLS: &[Tool] = &[
         bin: "nsenter",
         package: "util-linux",
     },
+    // The compose example's test, and its guard against bridge traffic to metadata ranges.
+    Tool {
+        bin: "docker-compose",
+        package: "docker-compose",
+    },
+    Tool {
+        bin: "iptables",
+        package: "iptables",
+    },
 ];
 
 pub const BENCH_TOOLS: &[Tool] = &[

@@ -6,6 +6,8 @@
 //! - HTTP path (`http`): our mock directly, the redirect plus our proxy, plus nginx, plus Go's
 //!   ReverseProxy, driven by wrk; the daemon's RSS idle and with 10,000 connections; then the
 //!   hostile section (`hostile`): body flood, idle flood, stalled reader, ours against nginx.
+//! - Served namespaces (`namespaces`): 1,000 network namespaces served by one daemon: RSS,
+//!   time to plant, what the caller's identity adds to a request.
 //!
 //! Results print as one table and go to `target/bench/results.json`, `table.md` and
 //! `chart.png` (`report`). Needs root, wrk, nginx, iptables and a Python with matplotlib;
@@ -21,6 +23,7 @@ mod support;
 mod connect;
 mod hostile;
 mod http;
+mod namespaces;
 mod report;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -80,7 +83,9 @@ fn main() -> ExitCode {
             "connect-loop" => connect::connect_loop(&args),
             "hold" => http::hold_connections(&args),
             // The kernel tests' floods (tests/support/child.rs).
-            "flood" | "idle-flood" => return ExitCode::from(support::child::run(&role) as u8),
+            "flood" | "idle-flood" | "connect" => {
+                return ExitCode::from(support::child::run(&role) as u8);
+            }
             other => Err(anyhow::anyhow!("unknown role {other}")),
         };
         return match result {
@@ -135,9 +140,9 @@ fn run(mode: Mode, only: Option<&str>) -> Result<()> {
     let started = std::time::Instant::now();
     eprintln!("bench: {} mode", mode.name);
     if let Some(part) = only
-        && !matches!(part, "connect" | "http" | "hostile")
+        && !matches!(part, "connect" | "http" | "hostile" | "namespaces")
     {
-        bail!("--only takes `connect`, `http` or `hostile`, not {part:?}");
+        bail!("--only takes `connect`, `http`, `hostile` or `namespaces`, not {part:?}");
     }
     let runs = |part: &str| only.is_none_or(|o| o == part);
     let connect = runs("connect")
@@ -149,7 +154,10 @@ fn run(mode: Mode, only: Option<&str>) -> Result<()> {
     let hostile = runs("hostile")
         .then(|| hostile::run().context("hostile callers"))
         .transpose()?;
-    let results = report::Results::new(mode, connect, http, hostile, started.elapsed());
+    let namespaces = runs("namespaces")
+        .then(|| namespaces::run().context("served namespaces"))
+        .transpose()?;
+    let results = report::Results::new(mode, connect, http, hostile, namespaces, started.elapsed());
     let dir = out_dir();
     std::fs::create_dir_all(&dir)?;
     print!("{}", results.table());

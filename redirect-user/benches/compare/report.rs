@@ -11,6 +11,7 @@ use crate::{
     connect::ConnectResults,
     hostile::HostileRow,
     http::{HttpResults, HttpRow, Paired, TARGETS},
+    namespaces::NamespaceResults,
 };
 
 #[derive(Debug, Serialize)]
@@ -35,6 +36,7 @@ pub struct Results {
     pub connect: Option<ConnectResults>,
     pub http: Option<HttpResults>,
     pub hostile: Option<Vec<HostileRow>>,
+    pub namespaces: Option<NamespaceResults>,
     pub checks: Vec<Check>,
 }
 
@@ -44,6 +46,7 @@ impl Results {
         connect: Option<ConnectResults>,
         http: Option<HttpResults>,
         hostile: Option<Vec<HostileRow>>,
+        namespaces: Option<NamespaceResults>,
         took: Duration,
     ) -> Self {
         let mut checks = Vec::new();
@@ -56,6 +59,9 @@ impl Results {
         if let Some(h) = &hostile {
             hostile_checks(h, &mut checks);
         }
+        if let Some(n) = &namespaces {
+            namespace_checks(n, &mut checks);
+        }
         Results {
             mode,
             machine: machine(),
@@ -63,6 +69,7 @@ impl Results {
             connect,
             http,
             hostile,
+            namespaces,
             checks,
         }
     }
@@ -155,10 +162,13 @@ impl Results {
                 mem.held_connections
             );
         }
+        if let Some(n) = &self.namespaces {
+            let _ = writeln!(s, "{}", namespace_text(n));
+        }
         if let Some(hostile) = &self.hostile {
             let _ = writeln!(s, "{}", hostile_text(hostile, false));
         }
-        let _ = writeln!(s, "Targets (issue 12):");
+        let _ = writeln!(s, "Targets:");
         for c in &self.checks {
             let _ = writeln!(
                 s,
@@ -245,6 +255,9 @@ impl Results {
                 mb(mem.nginx_idle_kb),
                 mb(mem.nginx_held_kb)
             );
+        }
+        if let Some(n) = &self.namespaces {
+            let _ = writeln!(s, "{}", namespace_text(n));
         }
         if let Some(hostile) = &self.hostile {
             let _ = writeln!(s, "{}", hostile_text(hostile, true));
@@ -519,6 +532,38 @@ fn hostile_checks(rows: &[HostileRow], out: &mut Vec<Check>) {
             }),
         ours.stalled_closed_after_ms.is_some(),
     );
+}
+
+fn namespace_checks(n: &NamespaceResults, out: &mut Vec<Check>) {
+    check(
+        out,
+        "daemon RSS under 60 MB serving 1,000 namespaces",
+        format!("{:.1} MB", mb(n.rss_kb_served)),
+        n.rss_kb_served < 60 * 1024,
+    );
+    let added = n.request_us_namespace - n.request_us_host;
+    check(
+        out,
+        "the caller's identity adds under 5 us per request",
+        format!(
+            "{added:+.1} us ({:.1} from a namespace, {:.1} from the host)",
+            n.request_us_namespace, n.request_us_host
+        ),
+        added < 5.0,
+    );
+}
+
+fn namespace_text(n: &NamespaceResults) -> String {
+    format!(
+        "Served namespaces: {} plain network namespaces, one daemon: RSS {:.1} MB ({:.1} MB serving only its own); planting {:.0} us per namespace at start; a namespace made later answered {:.1} ms after its first (refused) connect; a keep-alive GET {:.1} us from a served namespace, {:.1} us from the daemon's own\n",
+        n.namespaces,
+        mb(n.rss_kb_served),
+        mb(n.rss_kb_before),
+        n.plant_us_at_start,
+        n.first_answer_after_us as f64 / 1000.0,
+        n.request_us_namespace,
+        n.request_us_host,
+    )
 }
 
 /// The hostile section as lines for the terminal, or a markdown table.
