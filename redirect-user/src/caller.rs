@@ -16,17 +16,14 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{docker::Container, policy::Policy};
+use crate::{
+    docker::Container,
+    policy::{Policy, Rules},
+};
 
 /// How long a request from a Docker container waits for Docker's description of it (its
 /// labels carry its policy) before it is refused.
 const IDENTITY_WAIT: Duration = Duration::from_secs(3);
-
-static OPEN: Policy = Policy {
-    deny: false,
-    allow: Vec::new(),
-    ec2_role: None,
-};
 
 static CLOSED: Policy = Policy {
     deny: true,
@@ -46,6 +43,10 @@ pub struct Caller {
     /// any: its requests wait for Docker's description of it.
     pub docker_id: Option<String>,
     container: OnceLock<(Container, Policy)>,
+    /// The operator's rules and whether labels count.
+    rules: Arc<Rules>,
+    /// The policy before (or without) Docker's description: the rules for its cgroup.
+    undescribed: Policy,
     described: Notify,
     requests: AtomicU64,
     /// Client connections from this caller now (see `proxy::listener`).
@@ -54,12 +55,25 @@ pub struct Caller {
 
 impl Caller {
     pub fn new(netns: String, host: bool, cgroup: String) -> Self {
+        Self::with_rules(netns, host, cgroup, Arc::default())
+    }
+
+    /// A caller to whom the operator's `rules` apply (all but the host's processes, whose
+    /// cgroups the daemon does not know one by one).
+    pub fn with_rules(netns: String, host: bool, cgroup: String, rules: Arc<Rules>) -> Self {
+        let undescribed = if host {
+            Policy::default()
+        } else {
+            rules.for_caller(None, &cgroup).0
+        };
         Caller {
             netns,
             host,
             docker_id: docker_id(&cgroup),
             cgroup,
             container: OnceLock::new(),
+            rules,
+            undescribed,
             described: Notify::new(),
             requests: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -71,9 +85,9 @@ impl Caller {
         self.container.get().map(|(c, _)| c)
     }
 
-    /// Docker's description: the names, and the policy its labels give.
+    /// Docker's description: the names, and the policy the rules or its labels give.
     pub fn set_container(&self, container: Container) {
-        let (policy, problems) = Policy::from_labels(&container.labels);
+        let (policy, problems) = self.rules.for_caller(Some(&container), &self.cgroup);
         for problem in problems {
             tracing::warn!(
                 "container {}: {problem}; its requests are refused until the label is fixed",
@@ -104,7 +118,7 @@ impl Caller {
                 return &CLOSED;
             }
         }
-        self.container.get().map_or(&OPEN, |(_, p)| p)
+        self.container.get().map_or(&self.undescribed, |(_, p)| p)
     }
 
     /// Counts a new connection until the guard drops; the count includes it.

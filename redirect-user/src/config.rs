@@ -75,6 +75,10 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_size_opt")]
     pub max_request_body: Option<usize>,
     pub ebpf_log: Option<bool>,
+    /// Rules per caller (see `policy`), first match wins.
+    pub policy: Vec<crate::policy::Rule>,
+    /// Whether containers' `redirect.*` labels count (default true).
+    pub container_labels: Option<bool>,
     /// Docker's API socket: "auto" (DOCKER_HOST, else /var/run/docker.sock), "off", or a
     /// socket path (`unix:///run/docker.sock`).
     #[serde(default, deserialize_with = "de_docker_opt")]
@@ -486,6 +490,8 @@ pub struct Settings {
     pub ebpf_log: bool,
     /// Where Docker's events and container names come from.
     pub docker: DockerApi,
+    /// What each caller may ask for.
+    pub policy: crate::policy::Rules,
     /// Proxy worker threads, each with its own runtime and listening sockets.
     pub workers: usize,
     /// Load this object instead of the embedded one (development).
@@ -714,6 +720,10 @@ impl Settings {
             max_connections: flags.max_connections.or(file.max_connections),
             ebpf_log: flags.ebpf_log || file.ebpf_log.unwrap_or(false),
             docker: flags.docker.or(file.docker).unwrap_or(DockerApi::Auto),
+            policy: crate::policy::Rules {
+                rules: file.policy,
+                labels: file.container_labels.unwrap_or(true),
+            },
             workers,
             ebpf_object: flags.ebpf_object,
         })
@@ -757,6 +767,7 @@ impl Settings {
             ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
             ("idle_timeout", self.idle_timeout == new.idle_timeout),
             ("docker", self.docker == new.docker),
+            ("policy/container_labels", self.policy == new.policy),
             (
                 "request_read_timeout",
                 self.request_read_timeout == new.request_read_timeout,
@@ -944,6 +955,30 @@ mod tests {
         assert_eq!(workers("mock = \"ec2\"\nworkers = 3", None), 3);
         assert_eq!(workers("mock = \"ec2\"\nworkers = 3", Some(2)), 2);
         assert_eq!(workers("upstream = \"http://10.0.0.1\"", Some(5)), 5);
+    }
+
+    #[test]
+    fn policy_rules_parse_and_a_bad_rule_is_named() {
+        let file = parse(
+            "mock = \"ec2\"\ncontainer_labels = false\n\n[[policy]]\ncontainer = \"demo/app\"\nec2_role = \"app-role\"\n\n[[policy]]\nimage = \"myorg/*\"\nallow = [\"/latest/meta-data/placement/\"]\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(file, Overrides::default()).unwrap();
+        assert!(!s.policy.labels);
+        assert_eq!(s.policy.rules.len(), 2);
+        assert_eq!(
+            s.policy.rules[0].policy.ec2_role.as_deref(),
+            Some("app-role")
+        );
+        assert_eq!(s.policy.rules[1].image.as_deref(), Some("myorg/*"));
+
+        let e = err("mock = \"ec2\"\n[[policy]]\ndeny = true\n");
+        assert!(e.contains("line 2, key `policy[0]`"), "{e}");
+        assert!(e.contains("needs `container`, `image` or `cgroup`"), "{e}");
+        let e = err("[[policy]]\ncontainer = \"x\"\nallow = [\"latest\"]\n");
+        assert!(e.contains("is not a path"), "{e}");
+        let e = err("[[policy]]\ncontainer = \"x\"\nrole = \"y\"\n");
+        assert!(e.contains("unknown field `role`"), "{e}");
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         let mut planter = Planter::new(
             endpoints,
             cgroups.iter().map(|c| c.path.clone()).collect(),
+            Arc::new(settings.policy.clone()),
             mount.clone(),
             proxy.sink(),
             stop_proxy.clone(),

@@ -41,6 +41,7 @@ use crate::{
     caller::Caller,
     docker::{Container, Found, Started},
     ebpf::{NetnsEvents, NetnsWatch},
+    policy::Rules,
     proxy::ListenerSink,
 };
 
@@ -147,6 +148,8 @@ pub struct Planter {
     endpoints: Vec<SocketAddr>,
     /// The attached cgroups, as paths under `mount`.
     cgroups: Vec<PathBuf>,
+    /// The operator's policy rules, for each caller found.
+    rules: Arc<Rules>,
     mount: PathBuf,
     sink: ListenerSink,
     /// The proxy's shutdown: each namespace's listeners stop with a child of it.
@@ -164,6 +167,7 @@ impl Planter {
     pub fn new(
         endpoints: Vec<SocketAddr>,
         cgroups: Vec<PathBuf>,
+        rules: Arc<Rules>,
         mount: PathBuf,
         sink: ListenerSink,
         shutdown: CancellationToken,
@@ -176,6 +180,7 @@ impl Planter {
         Ok(Planter {
             endpoints,
             cgroups,
+            rules,
             mount,
             sink,
             shutdown,
@@ -383,7 +388,12 @@ impl Planter {
             }
         };
         let stop = self.shutdown.child_token();
-        let caller = Arc::new(Caller::new(id.to_string(), false, cgroup.clone()));
+        let caller = Arc::new(Caller::with_rules(
+            id.to_string(),
+            false,
+            cgroup.clone(),
+            Arc::clone(&self.rules),
+        ));
         let mut listening = Vec::new();
         for (addr, listener) in opened.listeners {
             listening.push(addr.to_string());

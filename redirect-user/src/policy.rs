@@ -9,10 +9,17 @@
 //!
 //! A label that does not parse denies the container (fail closed), with a log line naming the
 //! container, the label and the fix.
+//!
+//! Rules also come from the config file (`[[policy]]`, the operator's), matched on the
+//! container's names or image or on the caller's cgroup; the first rule that matches wins
+//! over the labels. `container_labels = false` ignores labels (on a host shared with people
+//! who start containers but must not choose their own role).
 
 use std::collections::BTreeMap;
 
-use crate::mock::ec2::TOKEN_PATH;
+use serde::Deserialize;
+
+use crate::{docker::Container, mock::ec2::TOKEN_PATH};
 
 /// The labels' prefix.
 pub const LABEL_PREFIX: &str = "redirect.";
@@ -87,6 +94,126 @@ impl Policy {
     }
 }
 
+/// The operator's rules, and whether labels count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub rules: Vec<Rule>,
+    pub labels: bool,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            rules: Vec::new(),
+            labels: true,
+        }
+    }
+}
+
+impl Rules {
+    /// The policy for a caller in another namespace: the first matching rule, else its
+    /// container's labels (when they count), else none. The labels' problems are returned to
+    /// be logged.
+    pub fn for_caller(&self, container: Option<&Container>, cgroup: &str) -> (Policy, Vec<String>) {
+        if let Some(rule) = self.rules.iter().find(|r| r.matches(container, cgroup)) {
+            return (rule.policy.clone(), Vec::new());
+        }
+        match container {
+            Some(c) if self.labels => Policy::from_labels(&c.labels),
+            _ => (Policy::default(), Vec::new()),
+        }
+    }
+}
+
+/// One `[[policy]]` table: which callers, and what they get.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawRule")]
+pub struct Rule {
+    /// A container's name, its compose `project/service`, or a prefix of its id.
+    pub container: Option<String>,
+    /// The container's image, exactly or up to a `*` at the end (`myorg/*`).
+    pub image: Option<String>,
+    /// The caller's cgroup or an ancestor, as `/proc/<pid>/cgroup` prints it.
+    pub cgroup: Option<String>,
+    pub policy: Policy,
+}
+
+impl Rule {
+    fn matches(&self, container: Option<&Container>, cgroup: &str) -> bool {
+        let container_ok = self.container.as_deref().is_none_or(|want| {
+            container.is_some_and(|c| {
+                let compose = match (
+                    c.label("com.docker.compose.project"),
+                    c.label("com.docker.compose.service"),
+                ) {
+                    (Some(p), Some(s)) => format!("{p}/{s}"),
+                    _ => String::new(),
+                };
+                c.name == want || compose == want || (want.len() >= 12 && c.id.starts_with(want))
+            })
+        });
+        let image_ok = self.image.as_deref().is_none_or(|want| {
+            container.is_some_and(|c| match want.strip_suffix('*') {
+                Some(prefix) => c.image.starts_with(prefix),
+                None => c.image == want,
+            })
+        });
+        let cgroup_ok = self.cgroup.as_deref().is_none_or(|want| {
+            let want = want.trim_end_matches('/');
+            cgroup == want || cgroup.starts_with(&format!("{want}/"))
+        });
+        container_ok && image_ok && cgroup_ok
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    container: Option<String>,
+    image: Option<String>,
+    cgroup: Option<String>,
+    #[serde(default)]
+    deny: bool,
+    #[serde(default)]
+    allow: Vec<String>,
+    ec2_role: Option<String>,
+}
+
+impl TryFrom<RawRule> for Rule {
+    type Error = String;
+
+    fn try_from(raw: RawRule) -> Result<Self, String> {
+        if raw.container.is_none() && raw.image.is_none() && raw.cgroup.is_none() {
+            return Err(
+                "a [[policy]] rule needs `container`, `image` or `cgroup` to say whom it is for"
+                    .into(),
+            );
+        }
+        if let Some(bad) = raw.allow.iter().find(|p| !p.starts_with('/')) {
+            return Err(format!(
+                "allow: {bad:?} is not a path (it must start with /)"
+            ));
+        }
+        if let Some(role) = &raw.ec2_role
+            && (role.is_empty() || role.contains(['/', ' ']))
+        {
+            return Err(format!(
+                "ec2_role: {role:?} must be non-empty, without '/' or spaces"
+            ));
+        }
+        Ok(Rule {
+            container: raw.container,
+            image: raw.image,
+            cgroup: raw.cgroup,
+            policy: Policy {
+                deny: raw.deny,
+                allow: raw.allow,
+                ec2_role: raw.ec2_role,
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +244,80 @@ mod tests {
         let (p, _) = Policy::from_labels(&labels(&[("redirect.deny", "true")]));
         assert!(!p.permits("/latest/meta-data/instance-id") && !p.permits(TOKEN_PATH));
         assert!(Policy::default().permits("/anything"));
+    }
+
+    #[test]
+    fn the_operators_rules_win_over_labels_and_can_turn_them_off() {
+        let app = Container {
+            id: "0123456789abcdef".repeat(4),
+            name: "demo_app_1".into(),
+            image: "myorg/app:1".into(),
+            labels: labels(&[
+                ("com.docker.compose.project", "demo"),
+                ("com.docker.compose.service", "app"),
+                ("redirect.ec2.role", "admin"),
+            ]),
+        };
+        let rule = |container: Option<&str>, image: Option<&str>, role: &str| Rule {
+            container: container.map(str::to_owned),
+            image: image.map(str::to_owned),
+            cgroup: None,
+            policy: Policy {
+                ec2_role: Some(role.into()),
+                ..Policy::default()
+            },
+        };
+        let rules = Rules {
+            rules: vec![
+                rule(Some("demo/web"), None, "web"),
+                rule(None, Some("myorg/*"), "app"),
+            ],
+            labels: true,
+        };
+        assert_eq!(
+            rules
+                .for_caller(Some(&app), "/docker/x")
+                .0
+                .ec2_role
+                .as_deref(),
+            Some("app")
+        );
+        let by_name = Rules {
+            rules: vec![rule(Some("demo_app_1"), None, "named")],
+            labels: true,
+        };
+        assert_eq!(
+            by_name.for_caller(Some(&app), "/").0.ec2_role.as_deref(),
+            Some("named")
+        );
+        let none_match = Rules {
+            rules: vec![rule(Some("other"), None, "x")],
+            labels: true,
+        };
+        assert_eq!(
+            none_match.for_caller(Some(&app), "/").0.ec2_role.as_deref(),
+            Some("admin"),
+            "the labels"
+        );
+        let no_labels = Rules {
+            labels: false,
+            ..none_match
+        };
+        assert_eq!(no_labels.for_caller(Some(&app), "/").0, Policy::default());
+        let by_cgroup = Rules {
+            rules: vec![Rule {
+                cgroup: Some("/ci/".into()),
+                container: None,
+                image: None,
+                policy: Policy {
+                    deny: true,
+                    ..Policy::default()
+                },
+            }],
+            labels: true,
+        };
+        assert!(by_cgroup.for_caller(None, "/ci/job-1").0.deny);
+        assert!(!by_cgroup.for_caller(None, "/cider").0.deny);
     }
 
     #[test]

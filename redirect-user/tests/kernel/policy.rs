@@ -1,31 +1,47 @@
-//! Policy per container, from its `redirect.*` labels, on the identity the namespace
-//! attests: denied, limited to some paths, or given a role of its own by the mock. Applied
-//! from the container's very first request.
+//! Policy per container, from its `redirect.*` labels and the config's `[[policy]]` rules, on
+//! the identity the namespace attests: denied, limited to some paths, or given a role of its
+//! own by the mock. Applied from the container's very first request.
 
 use anyhow::Result;
 
 use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, support};
 
 pub const TESTS: &[(&str, super::TestFn)] = &[(
-    "container_labels_deny_limit_and_name_roles",
-    container_labels_deny_limit_and_name_roles,
+    "container_labels_and_config_rules_deny_limit_and_name_roles",
+    container_labels_and_config_rules_deny_limit_and_name_roles,
 )];
 
-fn container_labels_deny_limit_and_name_roles() -> Result<()> {
+fn container_labels_and_config_rules_deny_limit_and_name_roles() -> Result<()> {
     use support::docker::{CgroupParent, Image, run_once};
     let image = Image::import_with(&["curl"])?;
+    // The operator's rule, for containers of another image: it wins over their labels.
+    let managed = Image::import_with(&["curl"])?;
     let host = NetNs::new()?;
     let cg = TestCgroup::new()?;
     let parent = cg.child("docker")?;
     let cgroup_parent = CgroupParent::new(&parent)?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("redirect.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mock = \"ec2\"\n[[policy]]\nimage = \"{}\"\nec2_role = \"operator-role\"\n",
+            managed.name
+        ),
+    )?;
     let daemon = Daemon::start(
-        &["--mock", "--cgroup", parent.to_str().unwrap()],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--cgroup",
+            parent.to_str().unwrap(),
+        ],
         &host,
         None,
     )?;
     daemon.wait_for_log("Docker: following container starts")?;
     // Prints the status, then the body.
-    let get = |labels: &[&str], path: &str| -> Result<String> {
+    let get_from = |image: &Image, labels: &[&str], path: &str| -> Result<String> {
         let mut args = vec!["--cgroup-parent", cgroup_parent.relative.as_str()];
         for label in labels {
             args.extend(["--label", label]);
@@ -42,8 +58,9 @@ fn container_labels_deny_limit_and_name_roles() -> Result<()> {
             "/dev/stdout",
             &url,
         ];
-        run_once(&image, &args, &curl)
+        run_once(image, &args, &curl)
     };
+    let get = |labels: &[&str], path: &str| get_from(&image, labels, path);
     let id = "/latest/meta-data/instance-id";
     let roles = "/latest/meta-data/iam/security-credentials/";
     assert_eq!(get(&[], id)?, format!("{INSTANCE_ID}200 "));
@@ -58,6 +75,8 @@ fn container_labels_deny_limit_and_name_roles() -> Result<()> {
     assert!(get(&limited, "/latest/meta-data/placement/region")?.ends_with("200 "));
     assert_eq!(get(&["redirect.ec2.role=app-role"], roles)?, "app-role200 ");
     assert_eq!(get(&[], roles)?, "redirect-mock-role200 ");
+    let managed_role = get_from(&managed, &["redirect.ec2.role=label-role"], roles)?;
+    assert_eq!(managed_role, "operator-role200 ", "the config's rule wins");
     let bad = get(&["redirect.deny=yes"], id)?;
     assert!(
         bad.ends_with("403 "),
