@@ -75,6 +75,9 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_size_opt")]
     pub max_request_body: Option<usize>,
     pub ebpf_log: Option<bool>,
+    /// Network namespaces served at once (default 8192).
+    #[serde(default, deserialize_with = "de_max_namespaces")]
+    pub max_namespaces: Option<usize>,
     /// Rules per caller (see `policy`), first match wins.
     pub policy: Vec<crate::policy::Rule>,
     /// Whether containers' `redirect.*` labels count (default true).
@@ -421,6 +424,19 @@ fn de_workers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error
     de_count(d, parse_workers)
 }
 
+/// A namespace count, 1 to 65,536 (the kernel's table of served namespaces).
+pub fn parse_max_namespaces(s: &str) -> Result<usize, String> {
+    parse_count(
+        s,
+        "namespace count",
+        redirect_common::MAX_SERVED_NETNS as usize,
+    )
+}
+
+fn de_max_namespaces<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    de_count(d, parse_max_namespaces)
+}
+
 /// Parses durations such as `1s`, `500ms`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -492,6 +508,8 @@ pub struct Settings {
     pub docker: DockerApi,
     /// What each caller may ask for.
     pub policy: crate::policy::Rules,
+    /// Network namespaces served at once.
+    pub max_namespaces: usize,
     /// Proxy worker threads, each with its own runtime and listening sockets.
     pub workers: usize,
     /// Load this object instead of the embedded one (development).
@@ -559,6 +577,7 @@ pub struct Overrides {
     pub ebpf_log: bool,
     pub ebpf_object: Option<PathBuf>,
     pub docker: Option<DockerApi>,
+    pub max_namespaces: Option<usize>,
     pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
     pub workers: Option<usize>,
 }
@@ -724,6 +743,10 @@ impl Settings {
                 rules: file.policy,
                 labels: file.container_labels.unwrap_or(true),
             },
+            max_namespaces: flags
+                .max_namespaces
+                .or(file.max_namespaces)
+                .unwrap_or(crate::netns::MAX_NAMESPACES),
             workers,
             ebpf_object: flags.ebpf_object,
         })
@@ -768,6 +791,7 @@ impl Settings {
             ("idle_timeout", self.idle_timeout == new.idle_timeout),
             ("docker", self.docker == new.docker),
             ("policy/container_labels", self.policy == new.policy),
+            ("max_namespaces", self.max_namespaces == new.max_namespaces),
             (
                 "request_read_timeout",
                 self.request_read_timeout == new.request_read_timeout,

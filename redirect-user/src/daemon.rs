@@ -28,7 +28,7 @@ use crate::{
     control::ControlSocket,
     ebpf::{Redirector, Route},
     mock::ec2::Ec2Mock,
-    netns::Planter,
+    netns::{Planter, Scope},
     privileges,
     proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
     status::{self, Status},
@@ -152,11 +152,15 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     }
     if let (Some(proxy), false, true) = (&proxy, endpoints.is_empty(), privileges.enter_namespaces)
     {
-        let mut planter = Planter::new(
+        let scope = Scope {
             endpoints,
-            cgroups.iter().map(|c| c.path.clone()).collect(),
-            Arc::new(settings.policy.clone()),
-            mount.clone(),
+            cgroups: cgroups.iter().map(|c| c.path.clone()).collect(),
+            mount: mount.clone(),
+            rules: Arc::new(settings.policy.clone()),
+            max: settings.max_namespaces,
+        };
+        let mut planter = Planter::new(
+            scope,
             proxy.sink(),
             stop_proxy.clone(),
             redirector.netns_watch()?,

@@ -123,6 +123,9 @@ struct RunArgs {
     /// connections. [default: the number of CPUs with --upstream, 1 with --mock]
     #[arg(long, value_name = "N", value_parser = config::parse_workers)]
     workers: Option<usize>,
+    /// Network namespaces (containers) served at once; beyond, new ones wait. [default: 8192]
+    #[arg(long, value_name = "N", value_parser = config::parse_max_namespaces)]
+    max_namespaces: Option<usize>,
     /// Docker's API socket, for container starts and names: `auto` (DOCKER_HOST, else
     /// /var/run/docker.sock, fine if absent), `off`, or a socket path. [default: auto]
     #[arg(long, value_name = "SOCKET", value_parser = config::parse_docker)]
@@ -218,6 +221,7 @@ fn run(args: RunArgs) -> Result<()> {
             ebpf_log: args.ebpf_log,
             ebpf_object: args.ebpf_object,
             docker: args.docker,
+            max_namespaces: args.max_namespaces,
             http_tokens: args.http_tokens,
             workers: args.workers,
         },

@@ -47,6 +47,12 @@ use crate::{
 
 /// How often namespaces are checked for processes left in them.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Namespaces served at once, by default (`max_namespaces`). Each takes a listener per
+/// endpoint (a descriptor each), and any process that may create network namespaces
+/// (`unshare -rn`, unprivileged) can make many: beyond the limit, new ones are refused with a
+/// warning, and the daemon keeps the descriptors that its callers' connections need.
+pub const MAX_NAMESPACES: usize = 8192;
+
 /// Backlog of a planted listener: a namespace holds one container's callers.
 const BACKLOG: i32 = 1024;
 
@@ -142,15 +148,23 @@ impl Served {
     }
 }
 
+/// Which namespaces to serve, and on what.
+pub struct Scope {
+    /// The loopback endpoints the routes send connects to.
+    pub endpoints: Vec<SocketAddr>,
+    /// The attached cgroups, as paths under `mount`.
+    pub cgroups: Vec<PathBuf>,
+    /// The cgroup v2 mount.
+    pub mount: PathBuf,
+    /// The operator's policy rules, for each caller found.
+    pub rules: Arc<Rules>,
+    /// Namespaces served at most.
+    pub max: usize,
+}
+
 /// Finds namespaces, opens listeners in them, and closes those of namespaces gone.
 pub struct Planter {
-    /// The loopback endpoints the routes send connects to.
-    endpoints: Vec<SocketAddr>,
-    /// The attached cgroups, as paths under `mount`.
-    cgroups: Vec<PathBuf>,
-    /// The operator's policy rules, for each caller found.
-    rules: Arc<Rules>,
-    mount: PathBuf,
+    scope: Scope,
     sink: ListenerSink,
     /// The proxy's shutdown: each namespace's listeners stop with a child of it.
     shutdown: CancellationToken,
@@ -159,16 +173,15 @@ pub struct Planter {
     home: NetnsId,
     /// The served namespaces, shared with `redirect status`.
     served: Served,
+    /// At the scope's `max` (said once until below again).
+    full: bool,
 }
 
 impl Planter {
     /// Marks the daemon's own namespace as served (its listeners are the proxy's own) and
     /// turns the kernel's reports on.
     pub fn new(
-        endpoints: Vec<SocketAddr>,
-        cgroups: Vec<PathBuf>,
-        rules: Arc<Rules>,
-        mount: PathBuf,
+        scope: Scope,
         sink: ListenerSink,
         shutdown: CancellationToken,
         (mut watch, events): (NetnsWatch, NetnsEvents),
@@ -178,16 +191,14 @@ impl Planter {
         watch.serve(netns_cookie(probe.as_fd())?)?;
         watch.activate()?;
         Ok(Planter {
-            endpoints,
-            cgroups,
-            rules,
-            mount,
+            scope,
             sink,
             shutdown,
             watch,
             events: Some(events),
             home,
             served: Served::default(),
+            full: false,
         })
     }
 
@@ -374,7 +385,18 @@ impl Planter {
         if !self.is_attached(&cgroup) {
             return;
         }
-        let endpoints = self.endpoints.clone();
+        if self.lock_served().len() >= self.scope.max {
+            if !self.full {
+                self.full = true;
+                tracing::warn!(
+                    "{} network namespaces served already (max_namespaces): not listening in {id} (pid {pid}, cgroup {cgroup}) nor in more until some are gone",
+                    self.scope.max
+                );
+            }
+            return;
+        }
+        self.full = false;
+        let endpoints = self.scope.endpoints.clone();
         let opened = tokio::task::spawn_blocking(move || open_listeners(&ns, &endpoints)).await;
         let opened = match opened {
             Ok(Ok(opened)) => opened,
@@ -392,7 +414,7 @@ impl Planter {
             id.to_string(),
             false,
             cgroup.clone(),
-            Arc::clone(&self.rules),
+            Arc::clone(&self.scope.rules),
         ));
         let mut listening = Vec::new();
         for (addr, listener) in opened.listeners {
@@ -477,8 +499,8 @@ impl Planter {
 
     /// Whether `cgroup` is, or is under, an attached cgroup.
     fn is_attached(&self, cgroup: &str) -> bool {
-        let full = self.mount.join(cgroup.trim_start_matches('/'));
-        self.cgroups.iter().any(|c| full.starts_with(c))
+        let full = self.scope.mount.join(cgroup.trim_start_matches('/'));
+        self.scope.cgroups.iter().any(|c| full.starts_with(c))
     }
 
     fn lock_served(&self) -> std::sync::MutexGuard<'_, BTreeMap<NetnsId, Entry>> {

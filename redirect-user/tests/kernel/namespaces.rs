@@ -33,6 +33,10 @@ pub const TESTS: &[(&str, super::TestFn)] = &[
         a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner,
     ),
     (
+        "namespaces_beyond_max_namespaces_wait_for_room",
+        namespaces_beyond_max_namespaces_wait_for_room,
+    ),
+    (
         "one_namespace_cannot_take_the_connections_of_the_others",
         one_namespace_cannot_take_the_connections_of_the_others,
     ),
@@ -224,6 +228,74 @@ fn a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner() -> Result<()
         "{entry}"
     );
     Ok(())
+}
+
+/// Anyone allowed to make network namespaces could make the daemon open listeners without
+/// end: past `--max-namespaces` a new namespace is refused with one warning, and served once
+/// another is gone.
+fn namespaces_beyond_max_namespaces_wait_for_room() -> Result<()> {
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let daemon = Daemon::start(
+        &[
+            "--mock",
+            "--docker",
+            "off",
+            "--max-namespaces",
+            "2",
+            "--cgroup",
+            client.to_str().unwrap(),
+        ],
+        &host,
+        None,
+    )?;
+    let spaces = [NetNs::new()?, NetNs::new()?, NetNs::new()?];
+    let mut residents: Vec<_> = spaces
+        .iter()
+        .map(|ns| resident(&client, ns).map(Some))
+        .collect::<Result<_>>()?;
+    for (i, ns) in spaces.iter().enumerate() {
+        child_role(&client, ns, "connect", &["169.254.169.254:80"])?;
+        if i < 2 {
+            wait_for_count(&daemon, "listening in network namespace", i + 1)?;
+        }
+    }
+    daemon.wait_for_log("2 network namespaces served already (max_namespaces)")?;
+    let third = curl_status(&client, &spaces[2])?;
+    assert_ne!(third, 200, "the third namespace is not served yet");
+    residents[0] = None; // the first one empties: room for the third
+    wait_for_count(&daemon, "has no processes left", 1)?;
+    child_role(&client, &spaces[2], "connect", &["169.254.169.254:80"])?;
+    wait_for_count(&daemon, "listening in network namespace", 3)?;
+    let answer = curl(
+        &client,
+        &spaces[2],
+        &[],
+        &url("/latest/meta-data/instance-id"),
+    )?;
+    assert_eq!(answer, (200, INSTANCE_ID.to_owned()));
+    Ok(())
+}
+
+/// curl's status for the instance id from `ns` (0: no connection).
+fn curl_status(cgroup: &Path, ns: &NetNs) -> Result<u16> {
+    let out = command_in("curl", Some(cgroup), Some(ns))?
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(url("/latest/meta-data/instance-id"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0))
 }
 
 /// A caller holding its share of the connections (a quarter of `--max-connections`, at least
