@@ -319,6 +319,8 @@ pub fn command_in(
 pub struct Daemon {
     child: Option<Child>,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Reads the daemon's stderr into `lines` until it closes.
+    reader: Option<thread::JoinHandle<()>>,
     pub control_socket: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -366,7 +368,7 @@ impl Daemon {
         let stderr = child.stderr.take().expect("piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        {
+        let reader = {
             let lines = Arc::clone(&lines);
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -375,11 +377,12 @@ impl Daemon {
                     }
                     lines.lock().unwrap().push(line);
                 }
-            });
-        }
+            })
+        };
         let mut daemon = Daemon {
             child: Some(child),
             lines,
+            reader: Some(reader),
             control_socket,
             _dir: dir,
         };
@@ -391,7 +394,7 @@ impl Daemon {
                 bail!("daemon not ready after 120 s:\n{}", daemon.log())
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = daemon.child.as_mut().unwrap().wait()?;
+                let status = daemon.wait()?;
                 bail!(
                     "daemon exited before it was ready ({status}):\n{}",
                     daemon.log()
@@ -441,10 +444,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// Waits for the daemon to exit.
+    /// Waits for the daemon to exit, and for its last log lines.
     pub fn wait(&mut self) -> Result<ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
-        Ok(child.wait()?)
+        let status = child.wait()?;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join(); // stderr closes with the daemon
+        }
+        Ok(status)
     }
 
     /// A `kB` field of the daemon's /proc status (`VmRSS:`, `VmHWM:`).
