@@ -75,6 +75,9 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_size_opt")]
     pub max_request_body: Option<usize>,
     pub ebpf_log: Option<bool>,
+    /// Where the host's processes are: `/proc`, or the host's /proc bind-mounted into the
+    /// daemon's container (then `--pid host` is not needed; Swarm services cannot have it).
+    pub host_proc: Option<PathBuf>,
     /// Network namespaces served at once (default 8192).
     #[serde(default, deserialize_with = "de_max_namespaces")]
     pub max_namespaces: Option<usize>,
@@ -510,6 +513,8 @@ pub struct Settings {
     pub policy: crate::policy::Rules,
     /// Network namespaces served at once.
     pub max_namespaces: usize,
+    /// The host's procfs.
+    pub host_proc: PathBuf,
     /// Proxy worker threads, each with its own runtime and listening sockets.
     pub workers: usize,
     /// Load this object instead of the embedded one (development).
@@ -578,6 +583,7 @@ pub struct Overrides {
     pub ebpf_object: Option<PathBuf>,
     pub docker: Option<DockerApi>,
     pub max_namespaces: Option<usize>,
+    pub host_proc: Option<PathBuf>,
     pub http_tokens: Option<crate::mock::ec2::HttpTokens>,
     pub workers: Option<usize>,
 }
@@ -747,6 +753,10 @@ impl Settings {
                 .max_namespaces
                 .or(file.max_namespaces)
                 .unwrap_or(crate::netns::MAX_NAMESPACES),
+            host_proc: flags
+                .host_proc
+                .or(file.host_proc)
+                .unwrap_or_else(|| PathBuf::from(paths::HOST_PROC)),
             workers,
             ebpf_object: flags.ebpf_object,
         })
@@ -792,6 +802,7 @@ impl Settings {
             ("docker", self.docker == new.docker),
             ("policy/container_labels", self.policy == new.policy),
             ("max_namespaces", self.max_namespaces == new.max_namespaces),
+            ("host_proc", self.host_proc == new.host_proc),
             (
                 "request_read_timeout",
                 self.request_read_timeout == new.request_read_timeout,

@@ -28,7 +28,7 @@ use crate::{
     control::ControlSocket,
     ebpf::{Redirector, Route},
     mock::ec2::Ec2Mock,
-    netns::{Planter, Scope},
+    netns::{Planter, Procfs, Scope},
     privileges,
     proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
     status::{self, Status},
@@ -153,6 +153,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     if let (Some(proxy), false, true) = (&proxy, endpoints.is_empty(), privileges.enter_namespaces)
     {
         let scope = Scope {
+            proc: Procfs(settings.host_proc.clone()),
             endpoints,
             cgroups: cgroups.iter().map(|c| c.path.clone()).collect(),
             mount: mount.clone(),

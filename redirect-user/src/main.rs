@@ -123,6 +123,10 @@ struct RunArgs {
     /// connections. [default: the number of CPUs with --upstream, 1 with --mock]
     #[arg(long, value_name = "N", value_parser = config::parse_workers)]
     workers: Option<usize>,
+    /// The host's /proc, when the daemon runs in a container without the host's pid namespace
+    /// (`-v /proc:/host/proc:ro`, then `--host-proc /host/proc`). [default: /proc]
+    #[arg(long, value_name = "PATH")]
+    host_proc: Option<PathBuf>,
     /// Network namespaces (containers) served at once; beyond, new ones wait. [default: 8192]
     #[arg(long, value_name = "N", value_parser = config::parse_max_namespaces)]
     max_namespaces: Option<usize>,
@@ -222,6 +226,7 @@ fn run(args: RunArgs) -> Result<()> {
             ebpf_object: args.ebpf_object,
             docker: args.docker,
             max_namespaces: args.max_namespaces,
+            host_proc: args.host_proc,
             http_tokens: args.http_tokens,
             workers: args.workers,
         },

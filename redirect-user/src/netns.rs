@@ -41,6 +41,7 @@ use crate::{
     caller::Caller,
     docker::{Container, Found, Started},
     ebpf::{NetnsEvents, NetnsWatch},
+    paths,
     policy::Rules,
     proxy::ListenerSink,
 };
@@ -148,8 +149,29 @@ impl Served {
     }
 }
 
+/// The host's processes, as a procfs mount shows them (`/proc`, or the host's /proc
+/// bind-mounted into the daemon's container). Pids are the host's: the kernel reports them so.
+#[derive(Debug, Clone)]
+pub struct Procfs(pub PathBuf);
+
+impl Procfs {
+    fn netns(&self, pid: u32) -> PathBuf {
+        self.0.join(format!("{pid}/ns/net"))
+    }
+
+    fn task_netns(&self, pid: u32, tid: u32) -> PathBuf {
+        self.0.join(format!("{pid}/task/{tid}/ns/net"))
+    }
+
+    fn cgroup(&self, pid: u32) -> PathBuf {
+        self.0.join(format!("{pid}/cgroup"))
+    }
+}
+
 /// Which namespaces to serve, and on what.
 pub struct Scope {
+    /// Where to find the host's processes.
+    pub proc: Procfs,
     /// The loopback endpoints the routes send connects to.
     pub endpoints: Vec<SocketAddr>,
     /// The attached cgroups, as paths under `mount`.
@@ -186,7 +208,7 @@ impl Planter {
         shutdown: CancellationToken,
         (mut watch, events): (NetnsWatch, NetnsEvents),
     ) -> anyhow::Result<Self> {
-        let home = NetnsId::of(Path::new("/proc/thread-self/ns/net"))?;
+        let home = NetnsId::of(Path::new(paths::OWN_NETNS))?;
         let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         watch.serve(netns_cookie(probe.as_fd())?)?;
         watch.activate()?;
@@ -271,14 +293,14 @@ impl Planter {
         if self.is_known(ns.id) {
             return;
         }
-        if let Some(&pid) = Self::namespaces().get(&ns.id) {
+        if let Some(&pid) = self.namespaces().get(&ns.id) {
             self.consider(ns, pid).await;
         }
     }
 
     /// A container Docker started (or found running): its namespace, now, and its names.
     async fn on_container(&mut self, started: Started) {
-        let path = PathBuf::from(format!("/proc/{}/ns/net", started.pid));
+        let path = self.scope.proc.netns(started.pid);
         let Ok(ns) = NetnsFile::open(&path) else {
             return; // gone already
         };
@@ -310,7 +332,7 @@ impl Planter {
     /// A reported connect: its thread's namespace, or, if the thread is gone already, a scan
     /// for any new namespace.
     async fn on_event(&mut self, event: NetnsEvent) {
-        let path = PathBuf::from(format!("/proc/{}/task/{}/ns/net", event.pid(), event.tid()));
+        let path = self.scope.proc.task_netns(event.pid(), event.tid());
         match NetnsFile::open(&path) {
             Ok(ns) => {
                 if !self.is_known(ns.id) {
@@ -332,9 +354,9 @@ impl Planter {
     }
 
     /// Every namespace with a process in it now, with one such process.
-    fn namespaces() -> BTreeMap<NetnsId, u32> {
+    fn namespaces(&self) -> BTreeMap<NetnsId, u32> {
         let mut found = BTreeMap::new();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
+        let Ok(dir) = std::fs::read_dir(&self.scope.proc.0) else {
             return found;
         };
         for entry in dir.flatten() {
@@ -353,11 +375,11 @@ impl Planter {
     }
 
     async fn scan(&mut self) {
-        for (id, pid) in Self::namespaces() {
+        for (id, pid) in self.namespaces() {
             if self.is_known(id) {
                 continue;
             }
-            if let Ok(ns) = NetnsFile::open(Path::new(&format!("/proc/{pid}/ns/net")))
+            if let Ok(ns) = NetnsFile::open(&self.scope.proc.netns(pid))
                 && ns.id == id
             {
                 self.consider(ns, pid).await;
@@ -373,7 +395,7 @@ impl Planter {
         let (pid, cgroup) = match self.cgroup_of(pid) {
             Some(cgroup) => (pid, cgroup),
             None => {
-                let Some(&other) = Self::namespaces().get(&id) else {
+                let Some(&other) = self.namespaces().get(&id) else {
                     return; // nobody left in it
                 };
                 match self.cgroup_of(other) {
@@ -461,9 +483,9 @@ impl Planter {
 
     /// Closes the listeners of namespaces without processes.
     async fn sweep(&mut self) {
-        let still = |id: &NetnsId, pid: u32| {
-            NetnsId::of(Path::new(&format!("/proc/{pid}/ns/net"))).is_ok_and(|now| now == *id)
-        };
+        let proc = self.scope.proc.clone();
+        let still =
+            |id: &NetnsId, pid: u32| NetnsId::of(&proc.netns(pid)).is_ok_and(|now| now == *id);
         let stale: Vec<NetnsId> = self
             .lock_served()
             .iter()
@@ -473,7 +495,7 @@ impl Planter {
         if stale.is_empty() {
             return;
         }
-        let living = Self::namespaces();
+        let living = self.namespaces();
         let mut served = self.lock_served();
         for id in stale {
             if let Some(&pid) = living.get(&id) {
@@ -493,7 +515,7 @@ impl Planter {
     /// The cgroup of `pid` (cgroup v2, relative to the hierarchy's root); `None` once it has
     /// exited.
     fn cgroup_of(&self, pid: u32) -> Option<String> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let text = std::fs::read_to_string(self.scope.proc.cgroup(pid)).ok()?;
         Some(text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned())
     }
 
@@ -510,7 +532,7 @@ impl Planter {
 
 /// The daemon's own network namespace, as `net:[inode]`.
 pub fn own_netns() -> io::Result<String> {
-    NetnsId::of(Path::new("/proc/thread-self/ns/net")).map(|id| id.to_string())
+    NetnsId::of(Path::new(paths::OWN_NETNS)).map(|id| id.to_string())
 }
 
 /// What [`open_listeners`] opened in a namespace.
@@ -524,7 +546,7 @@ struct Opened {
 /// blocking-pool thread: no other task may run on a thread while it is in another namespace.
 fn open_listeners(ns: &NetnsFile, endpoints: &[SocketAddr]) -> io::Result<Opened> {
     use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
-    let home = File::open("/proc/thread-self/ns/net")?;
+    let home = File::open(paths::OWN_NETNS)?;
     move_into_link_name_space(ns.file.as_fd(), Some(LinkNameSpaceType::Network))?;
     let back = Back(home);
     let mut opened = Opened {

@@ -15,3 +15,10 @@ pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 /// Effective capabilities of this process (`CapEff:` line).
 pub const PROC_STATUS: &str = "/proc/self/status";
+
+/// The daemon's own network namespace (the thread's: namespaces are per thread).
+pub const OWN_NETNS: &str = "/proc/thread-self/ns/net";
+
+/// Where other processes are found by default: this process's /proc. In a container without
+/// the host's pid namespace, the host's /proc bind-mounted elsewhere (`host_proc`).
+pub const HOST_PROC: &str = "/proc";
