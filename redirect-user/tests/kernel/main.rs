@@ -18,6 +18,7 @@ mod mock;
 mod namespaces;
 mod policy;
 mod routing;
+mod swarm;
 mod upstream;
 
 use std::{
@@ -97,6 +98,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         routing::TESTS,
         containers::TESTS,
         compose::TESTS,
+        swarm::TESTS,
         namespaces::TESTS,
         policy::TESTS,
         upstream::TESTS,

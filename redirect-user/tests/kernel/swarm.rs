@@ -1,0 +1,178 @@
+//! `examples/swarm/stack.yml` on a single-node Swarm made for the test (left at the end): the
+//! daemon as a global service (no `--pid host`: the host's /proc, bind-mounted) serving an app
+//! service on an overlay network. The daemon first attaches to an empty test cgroup, then, once
+//! the app's task runs, to that task's cgroup only (a Swarm task cannot be given a cgroup
+//! parent, and a test never attaches to all of `/docker`). A DROP rule keeps the overlay off
+//! the metadata ranges.
+
+use std::{path::Path, process::Command, thread, time::Duration};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use super::{INSTANCE_ID, TestCgroup, support};
+
+pub const TESTS: &[(&str, super::TestFn)] = &[(
+    "swarm_example_serves_an_app_on_an_overlay_network",
+    swarm_example_serves_an_app_on_an_overlay_network,
+)];
+
+/// A single-node Swarm: `docker swarm leave --force` on drop, and the bridge it made removed.
+struct Swarm {
+    had_gwbridge: bool,
+}
+
+impl Swarm {
+    fn init() -> Result<Self> {
+        let state =
+            support::sh(Command::new("docker").args(["info", "-f", "{{.Swarm.LocalNodeState}}"]))?;
+        ensure!(
+            state.trim() == "inactive",
+            "this Docker is in a Swarm already ({}); the test makes and leaves its own",
+            state.trim()
+        );
+        let had_gwbridge = Command::new("docker")
+            .args(["network", "inspect", "docker_gwbridge"])
+            .output()?
+            .status
+            .success();
+        support::sh(Command::new("docker").args([
+            "swarm",
+            "init",
+            "--advertise-addr",
+            "127.0.0.1",
+        ]))?;
+        Ok(Swarm { had_gwbridge })
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["swarm", "leave", "--force"])
+            .output();
+        if !self.had_gwbridge {
+            let _ = Command::new("docker")
+                .args(["network", "rm", "docker_gwbridge"])
+                .output();
+        }
+    }
+}
+
+/// `docker stack rm` on drop.
+struct Stack {
+    name: String,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["stack", "rm", &self.name])
+            .output();
+        // The stack's network goes once its tasks have.
+        for _ in 0..50 {
+            let left = Command::new("docker")
+                .args([
+                    "network",
+                    "ls",
+                    "-q",
+                    "--filter",
+                    &format!("label=com.docker.stack.namespace={}", self.name),
+                ])
+                .output();
+            if left.is_ok_and(|o| o.stdout.is_empty()) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn swarm_example_serves_an_app_on_an_overlay_network() -> Result<()> {
+    use support::docker::{Image, MetadataDrop};
+    let daemon_image = Image::import_daemon(&[])?;
+    let app_image = Image::import_with(&["curl", "sh", "sleep", "seq"])?;
+    let cg = TestCgroup::new()?;
+    let nobody = cg.child("nobody")?; // attached first: serves no one
+    let _drop = MetadataDrop::insert()?;
+    let _swarm = Swarm::init()?;
+    let stack = Stack {
+        name: support::unique("redirect-test-ctr").replace('-', "_"),
+    };
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/swarm/stack.yml");
+    // Asks until answered (the daemon attaches to this task's cgroup once it runs).
+    let app_command = "sh -c 'for i in $(seq 1 120); do curl -sS -m 2 http://169.254.169.254/latest/meta-data/instance-id && exit 0; sleep 0.5; done; exit 1'";
+    let deploy = |flags: String| -> Result<String> {
+        support::sh(
+            Command::new("docker")
+                .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+                .arg(&file)
+                .arg(&stack.name)
+                .env("REDIRECT_IMAGE", &daemon_image.name)
+                .env("REDIRECT_FLAGS", flags)
+                .env("APP_IMAGE", &app_image.name)
+                .env("APP_COMMAND", app_command),
+        )
+    };
+    deploy(format!(
+        "--listen 127.0.0.1:0 --cgroup {}",
+        nobody.display()
+    ))?;
+    let app = task_container(&format!("{}_app", stack.name))?;
+    let pid = support::sh(Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", &app]))?;
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pid.trim()))
+        .with_context(|| format!("the app task {app} (pid {}) is gone", pid.trim()))?;
+    let cgroup = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("the task's cgroup")?;
+    ensure!(cgroup.ends_with(&app), "a task's own cgroup: {cgroup}");
+    deploy(format!("--listen 127.0.0.1:0 --cgroup {cgroup}"))?;
+    let service = format!("{}_app", stack.name);
+    for _ in 0..150 {
+        let logs = service_logs(&service)?;
+        if logs.contains(INSTANCE_ID) {
+            let daemon_log = service_logs(&format!("{}_redirect", stack.name))?;
+            ensure!(
+                daemon_log.contains(&format!("{service}.1."))
+                    && daemon_log.contains("GET /latest/meta-data/instance-id 200"),
+                "the access log names the Swarm task:\n{daemon_log}"
+            );
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    bail!(
+        "the app was never answered:\n{}\ndaemon:\n{}",
+        service_logs(&service)?,
+        service_logs(&format!("{}_redirect", stack.name))?
+    )
+}
+
+/// The id of the running container of `service`'s task, once there is one.
+fn task_container(service: &str) -> Result<String> {
+    for _ in 0..150 {
+        let out = support::sh(Command::new("docker").args([
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("label=com.docker.swarm.service.name={service}"),
+        ]))?;
+        if let Some(id) = out.lines().next() {
+            return Ok(id.trim().to_owned());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    bail!("no task of {service} started")
+}
+
+fn service_logs(service: &str) -> Result<String> {
+    let out = Command::new("docker")
+        .args(["service", "logs", "--raw", service])
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
