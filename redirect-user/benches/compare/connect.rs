@@ -45,7 +45,9 @@ use crate::{
 
 const PROXY: &str = "10.255.0.1:9000";
 /// The listen address of the daemon with its own proxy (the target then goes to port 9101).
-const OWN_LISTEN: &str = "10.255.0.1:9100";
+/// Loopback, as users run it: the daemon then also serves other namespaces, and connect4
+/// looks the caller's namespace up on each rewrite (in the dedicated-port figure).
+const OWN_LISTEN: &str = "127.0.0.1:9100";
 const IMDS: &str = "169.254.169.254:80";
 /// Connects per batch; rows alternate batch by batch.
 const BATCH: usize = 100;
