@@ -55,7 +55,8 @@ pub fn run() -> Result<Vec<HostileRow>> {
         (cg.child("unused")?, cg.child("ours")?, cg.child("nginx")?);
     let dir = tempfile::tempdir()?;
     let config = user_data_config(dir.path(), USER_DATA)?;
-    let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info");
+    // Access logs off, as nginx's are here (`access_log off`).
+    let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info,access=off");
     let _mock = quiet(&[
         "--config",
         path(&config),

@@ -223,7 +223,8 @@ pub fn run(mode: &Mode) -> Result<HttpResults> {
         cg.child("h2")?,
         cg.child("h3")?,
     );
-    let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info");
+    // Access logs off, as nginx's are here (`access_log off`).
+    let quiet = |args: &[&str]| Daemon::start_logging(args, &ns, None, "info,access=off");
     // The mock is attached to an empty cgroup: it only serves.
     let mock = quiet(&["--mock", "--listen", MOCK, "--cgroup", path(&unused)])?;
     let ours = quiet(&[

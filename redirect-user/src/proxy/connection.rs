@@ -206,16 +206,16 @@ async fn handle(
         Ok(()) => read_body(body, shared).await,
         Err(refusal) => Err((refusal, !body.is_end_stream())),
     };
-    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    let policy = caller.policy().await;
+    let permitted = policy.permits(parts.uri.path());
+    // Copied only when the access log is on (`access=off` spares the allocation).
+    let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
+        .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
     let resp = match body {
-        Ok(_) if !caller.policy().await.permits(&path) => {
-            crate::mock::ec2::error(StatusCode::FORBIDDEN).map(Full::new)
-        }
+        Ok(_) if !permitted => crate::mock::ec2::error(StatusCode::FORBIDDEN).map(Full::new),
         Ok(body) => {
-            // The backend sees who asks (per-caller answers).
-            parts.extensions.insert(Arc::clone(&caller));
             let req = Request::from_parts(parts, body);
-            shared.backend.respond(req, &shared.budget).await
+            shared.backend.respond(req, policy, &shared.budget).await
         }
         Err((refusal, unread)) => {
             if unread {
@@ -224,7 +224,9 @@ async fn handle(
             refused(shared, refusal)
         }
     };
-    tracing::info!(target: "access", "{caller} {method} {path} {}", resp.status().as_u16());
+    if let Some((method, path)) = logged {
+        tracing::info!(target: "access", "{caller} {method} {path} {}", resp.status().as_u16());
+    }
     resp
 }
 

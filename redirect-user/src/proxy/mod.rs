@@ -43,7 +43,7 @@ use budget::Budget;
 use forward::Forwarder;
 use idle::IdleList;
 
-use crate::{caller::Caller, mock::ec2::Ec2Mock};
+use crate::{caller::Caller, mock::ec2::Ec2Mock, policy::Policy};
 
 /// Largest request head (request line and headers) read: beyond it, 431.
 pub const MAX_HEAD: usize = 32 << 10;
@@ -68,16 +68,17 @@ impl Backend {
         }
     }
 
-    async fn respond(&self, req: Request<Bytes>, budget: &Budget) -> Response<Full<Bytes>> {
+    /// Answers `req` from `policy`'s caller (the mock gives it its role).
+    async fn respond(
+        &self,
+        req: Request<Bytes>,
+        policy: &Policy,
+        budget: &Budget,
+    ) -> Response<Full<Bytes>> {
         match self {
-            Backend::Ec2(mock) => {
-                let caller = req.extensions().get::<Arc<Caller>>();
-                let role = match caller {
-                    Some(caller) => caller.policy().await.ec2_role.as_deref(),
-                    None => None,
-                };
-                mock.handle_as(&req, role).map(Full::new)
-            }
+            Backend::Ec2(mock) => mock
+                .handle_as(&req, policy.ec2_role.as_deref())
+                .map(Full::new),
             Backend::Upstream(forwarder) => forwarder.forward(req, budget).await,
         }
     }
