@@ -145,7 +145,7 @@ async fn follow_sandboxes(
 /// The engine creates the file, then bind-mounts the namespace on it: waits (briefly) for
 /// the mount.
 async fn mounted_namespace(path: &Path) -> Option<File> {
-    let nsfs = std::fs::metadata("/proc/self/ns/net").ok()?.dev();
+    let nsfs = std::fs::metadata(crate::paths::OWN_NETNS).ok()?.dev();
     for _ in 0..20 {
         if let Ok(file) = File::open(path)
             && file.metadata().is_ok_and(|m| m.dev() == nsfs)

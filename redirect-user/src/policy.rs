@@ -19,7 +19,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::{docker::Container, mock::ec2::TOKEN_PATH};
+use crate::{
+    docker::Container,
+    mock::ec2::{TOKEN_PATH, is_role_name},
+};
 
 /// The labels' prefix.
 pub const LABEL_PREFIX: &str = "redirect.";
@@ -65,7 +68,7 @@ impl Policy {
                     }
                 }
                 "ec2.role" => {
-                    if value.is_empty() || value.contains(['/', ' ']) {
+                    if !is_role_name(value) {
                         bad("a role name without '/' or spaces");
                     } else {
                         policy.ec2_role = Some(value.clone());
@@ -195,7 +198,7 @@ impl TryFrom<RawRule> for Rule {
             ));
         }
         if let Some(role) = &raw.ec2_role
-            && (role.is_empty() || role.contains(['/', ' ']))
+            && !is_role_name(role)
         {
             return Err(format!(
                 "ec2_role: {role:?} must be non-empty, without '/' or spaces"

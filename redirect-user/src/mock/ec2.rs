@@ -135,9 +135,15 @@ impl Default for Ec2Values {
     }
 }
 
+/// Whether `s` can name an IAM role in the metadata tree (a path segment): non-empty, without
+/// '/' or whitespace.
+pub fn is_role_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains('/') && !s.chars().any(char::is_whitespace)
+}
+
 fn de_role_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
-    if s.is_empty() || s.contains('/') || s.chars().any(char::is_whitespace) {
+    if !is_role_name(&s) {
         return Err(de::Error::custom(format!(
             "invalid role name {s:?}: must be non-empty, without '/' or spaces"
         )));

@@ -60,21 +60,14 @@ fn docker_container_unchanged() -> Result<()> {
         "10.201.0.2/24",
     )?;
     let cgroup = container.cgroup()?;
-    let curl_id = [
-        "curl",
-        "-sS",
-        "--max-time",
-        "20",
-        "http://169.254.169.254/latest/meta-data/instance-id",
-    ];
     let mut daemon = Daemon::start(
         &["--mock", "--cgroup", &cgroup, "--listen", "10.201.0.1:8169"],
         &host,
         None,
     )?;
-    assert_eq!(container.exec(&curl_id)?, (true, INSTANCE_ID.to_owned()));
+    assert_eq!(container.exec(&CURL_ID)?, (true, INSTANCE_ID.to_owned()));
     assert_eq!(daemon.stop(libc::SIGTERM)?.code(), Some(0));
-    let (ok, out) = container.exec(&curl_id)?;
+    let (ok, out) = container.exec(&CURL_ID)?;
     assert!(!ok && out.contains("Couldn't connect"), "after stop: {out}");
     Ok(())
 }

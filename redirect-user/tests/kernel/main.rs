@@ -42,6 +42,15 @@ pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
 
 pub const ENETUNREACH: i64 = libc::ENETUNREACH as i64;
 
+/// curl inside a container, fetching the instance id (`docker exec`, `docker run`).
+pub const CURL_ID: [&str; 5] = [
+    "curl",
+    "-sS",
+    "--max-time",
+    "20",
+    "http://169.254.169.254/latest/meta-data/instance-id",
+];
+
 pub const TOKEN_TTL: &str = "X-aws-ec2-metadata-token-ttl-seconds";
 
 pub type TestFn = fn() -> Result<()>;

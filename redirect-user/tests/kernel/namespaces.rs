@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, child_role, command_in, curl, support, url};
+use super::{
+    CURL_ID, Daemon, INSTANCE_ID, MockSetup, NetNs, TestCgroup, child_role, command_in, curl,
+    mock_setup, support, url,
+};
 
 pub const TESTS: &[(&str, super::TestFn)] = &[
     (
@@ -113,14 +116,13 @@ fn a_namespace_that_exists_at_start_is_served_first_try() -> Result<()> {
 /// reports the first rewritten connect from it, which is refused, and the daemon listens there
 /// for the next ones.
 fn a_namespace_made_later_is_served_from_its_second_connect() -> Result<()> {
-    let host = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let daemon = Daemon::start(
-        &["--mock", "--cgroup", client.to_str().unwrap()],
-        &host,
-        None,
-    )?;
+    // Bound in this order, dropped in reverse: the daemon stops before its cgroup and namespace.
+    let MockSetup {
+        ns: host,
+        cg: _cg,
+        client,
+        daemon,
+    } = mock_setup(&[])?;
     let app = NetNs::new()?;
     let _resident = resident(&client, &app)?;
     let first = child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
@@ -141,20 +143,12 @@ fn a_namespace_made_later_is_served_from_its_second_connect() -> Result<()> {
 /// would keep it alive), and the daemon holds no more descriptors than before.
 fn namespaces_that_empty_close_their_listeners() -> Result<()> {
     const ROUNDS: usize = 20;
-    let host = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let daemon = Daemon::start(
-        &[
-            "--mock",
-            "--docker",
-            "off",
-            "--cgroup",
-            client.to_str().unwrap(),
-        ],
-        &host,
-        None,
-    )?;
+    let MockSetup {
+        ns: host,
+        cg: _cg,
+        client,
+        daemon,
+    } = mock_setup(&["--docker", "off"])?;
     let fds = || -> Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))?.count())
     };
@@ -192,14 +186,12 @@ fn namespaces_that_empty_close_their_listeners() -> Result<()> {
 /// A program inside the namespace already listens on the daemon's endpoint: the daemon says
 /// so, and that program gets the namespace's own connects (never anyone else's).
 fn a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner() -> Result<()> {
-    let host = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let daemon = Daemon::start(
-        &["--mock", "--cgroup", client.to_str().unwrap()],
-        &host,
-        None,
-    )?;
+    let MockSetup {
+        ns: host,
+        cg: _cg,
+        client,
+        daemon,
+    } = mock_setup(&[])?;
     let app = NetNs::new()?;
     let _resident = resident(&client, &app)?;
     let squatter = app.run(|| TcpListener::bind("127.0.0.1:8170"))??;
@@ -234,22 +226,12 @@ fn a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner() -> Result<()
 /// end: past `--max-namespaces` a new namespace is refused with one warning, and served once
 /// another is gone.
 fn namespaces_beyond_max_namespaces_wait_for_room() -> Result<()> {
-    let host = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let daemon = Daemon::start(
-        &[
-            "--mock",
-            "--docker",
-            "off",
-            "--max-namespaces",
-            "2",
-            "--cgroup",
-            client.to_str().unwrap(),
-        ],
-        &host,
-        None,
-    )?;
+    let MockSetup {
+        ns: _host,
+        cg: _cg,
+        client,
+        daemon,
+    } = mock_setup(&["--docker", "off", "--max-namespaces", "2"])?;
     let spaces = [NetNs::new()?, NetNs::new()?, NetNs::new()?];
     let mut residents: Vec<_> = spaces
         .iter()
@@ -302,20 +284,12 @@ fn curl_status(cgroup: &Path, ns: &NetNs) -> Result<u16> {
 /// 16) gets 503 on more, while another namespace is served as before.
 fn one_namespace_cannot_take_the_connections_of_the_others() -> Result<()> {
     const SHARE: usize = 16; // of 64
-    let host = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let daemon = Daemon::start(
-        &[
-            "--mock",
-            "--max-connections",
-            "64",
-            "--cgroup",
-            client.to_str().unwrap(),
-        ],
-        &host,
-        None,
-    )?;
+    let MockSetup {
+        ns: _host,
+        cg: _cg,
+        client,
+        daemon,
+    } = mock_setup(&["--max-connections", "64"])?;
     let (greedy, other) = (NetNs::new()?, NetNs::new()?);
     let _residents = (resident(&client, &greedy)?, resident(&client, &other)?);
     for ns in [&greedy, &other] {
@@ -389,18 +363,11 @@ fn docker_containers_are_served_from_their_first_command() -> Result<()> {
         None,
     )?;
     daemon.wait_for_log("Docker: following container starts")?;
-    let curl_id = [
-        "curl",
-        "-sS",
-        "--max-time",
-        "20",
-        "http://169.254.169.254/latest/meta-data/instance-id",
-    ];
-    assert_eq!(before.exec(&curl_id)?, (true, INSTANCE_ID.to_owned()));
+    assert_eq!(before.exec(&CURL_ID)?, (true, INSTANCE_ID.to_owned()));
     let mut answered = 0;
     let mut failures = Vec::new();
     for _ in 0..20 {
-        let out = run_once(&image, &in_parent, &curl_id)?;
+        let out = run_once(&image, &in_parent, &CURL_ID)?;
         if out == INSTANCE_ID {
             answered += 1;
         } else {
