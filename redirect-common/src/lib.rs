@@ -40,13 +40,18 @@ pub mod names {
 
     /// `HashMap<u64, u8>` of [`crate::MAX_SERVED_NETNS`]: cookies of the network namespaces
     /// where the daemon listens on the proxy endpoints (its own and those it planted
-    /// listeners in). A rewrite from any other namespace is reported in [`NETNS_EVENTS`].
+    /// listeners in), each with [`crate::SERVED`] or [`crate::SERVED_RECORD_PIDS`]. A rewrite
+    /// from any other namespace is reported in [`NETNS_EVENTS`].
     pub const SERVED_NETNS: &str = "SERVED_NETNS";
     /// `Array<u32>` of one: non-zero while the daemon plants listeners, so that rewrites look
     /// [`SERVED_NETNS`] up only then (not with `--redirect-to`).
     pub const NETNS_ACTIVE: &str = "NETNS_ACTIVE";
     /// `RingBuf` of [`crate::NETNS_EVENT_BYTES`] carrying [`crate::NetnsEvent`]s.
     pub const NETNS_EVENTS: &str = "NETNS_EVENTS";
+    /// `Array<CallerPid>` of [`crate::CALLER_SLOTS`]: which process made each socket rewritten
+    /// in a namespace served with [`crate::SERVED_RECORD_PIDS`], in the slot its socket cookie
+    /// selects. The daemon learns an accepted connection's peer cookie from sock_diag.
+    pub const CALLER_PIDS: &str = "CALLER_PIDS";
 
     pub const PROG_CONNECT4: &str = "redirect_connect4";
     pub const PROG_CONNECT6: &str = "redirect_connect6";
@@ -59,6 +64,31 @@ pub const MAX_SERVED_NETNS: u32 = 65_536;
 /// Size of the namespace event ring buffer: about 10,000 events of 16 bytes (plus headers)
 /// before the daemon must have read some; when full, events are dropped and counted.
 pub const NETNS_EVENT_BYTES: u32 = 256 << 10;
+
+/// [`names::SERVED_NETNS`] value of a namespace served by listeners the daemon planted there:
+/// its callers are known by the namespace.
+pub const SERVED: u8 = 1;
+/// [`names::SERVED_NETNS`] value of the daemon's own namespace: its callers (the host's
+/// processes) are told apart one by one, so each rewrite records its process in
+/// [`names::CALLER_PIDS`].
+pub const SERVED_RECORD_PIDS: u8 = 2;
+
+/// Slots of [`names::CALLER_PIDS`], a power of two: slot = cookie % slots. The daemon reads an
+/// entry right after accepting the connection, long before 4,095 more rewrites could reuse its
+/// slot. 64 KiB.
+pub const CALLER_SLOTS: u32 = 4_096;
+
+/// One entry of [`names::CALLER_PIDS`]. The program stores the cookie 0 first, then the pid,
+/// then the cookie; a reader copies the entry twice and takes it only when both copies agree
+/// and carry the cookie it looks for, so it never pairs a cookie with another socket's pid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallerPid {
+    /// `bpf_get_current_pid_tgid()` of the connecting thread (see [`NetnsEvent::pid_tgid`]).
+    pub pid_tgid: u64,
+    /// The socket's cookie; 0 while the slot is being written.
+    pub cookie: u64,
+}
 
 /// One event of [`names::NETNS_EVENTS`]: a connect was rewritten in a network namespace
 /// without the daemon's listeners. It fails (nothing listens there); the daemon plants
@@ -336,6 +366,8 @@ const _: () = assert!(size_of::<SockAddr4>() == 8);
 const _: () = assert!(size_of::<SockAddr6>() == 20);
 const _: () = assert!(size_of::<OriginalDest>() == 48);
 const _: () = assert!(size_of::<NetnsEvent>() == 16);
+const _: () = assert!(size_of::<CallerPid>() == 16);
+const _: () = assert!(CALLER_SLOTS.is_power_of_two());
 const _: () = assert!(align_of::<OriginalDest>() == 8);
 const _: () = assert!(ORIGINAL_SLOTS.is_power_of_two());
 const _: () = assert!(size_of::<TargetSlot4>() == 20);
@@ -355,6 +387,8 @@ mod user {
     unsafe impl aya::Pod for SockAddr6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OriginalDest {}
+    // SAFETY: as above: two u64s.
+    unsafe impl aya::Pod for super::CallerPid {}
     // SAFETY: as above: two padding-free addresses and a u32.
     unsafe impl aya::Pod for super::TargetSlot4 {}
     // SAFETY: as above.

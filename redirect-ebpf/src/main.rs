@@ -18,7 +18,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
+    bindings::{BPF_F_MMAPABLE, bpf_sock_addr},
     helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -26,9 +26,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, MAX_SERVED_NETNS, NETNS_EVENT_BYTES, NetnsEvent,
-    ORIGINAL_SLOTS, OriginalDest, SockAddr4, SockAddr6, TARGET_SLOTS, TargetSlot, TargetSlot4,
-    TargetSlot6, V4_MAPPED_PREFIX,
+    CALLER_SLOTS, CallerPid, Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, MAX_SERVED_NETNS,
+    NETNS_EVENT_BYTES, NetnsEvent, ORIGINAL_SLOTS, OriginalDest, SERVED_RECORD_PIDS, SockAddr4,
+    SockAddr6, TARGET_SLOTS, TargetSlot, TargetSlot4, TargetSlot6, V4_MAPPED_PREFIX,
 };
 
 /// Return value that lets the (possibly rewritten) syscall proceed. 0 would fail it with EPERM.
@@ -81,6 +81,12 @@ static SERVED_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SERVED_NET
 
 #[map]
 static NETNS_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Which process made each socket rewritten in the daemon's own namespace (see
+/// `record_pid`). Direct-mapped like `ORIGINAL_DEST`, and only written for the host's callers:
+/// a container's are known by their namespace. Mappable: the daemon reads it from memory.
+#[map]
+static CALLER_PIDS: Array<CallerPid> = Array::with_max_entries(CALLER_SLOTS, BPF_F_MMAPABLE);
 
 #[map]
 static NETNS_EVENTS: RingBuf = RingBuf::with_byte_size(NETNS_EVENT_BYTES, 0);
@@ -337,6 +343,7 @@ fn is_exempt(ctx: &SockAddrContext) -> bool {
 
 /// A rewrite sends the connect to a loopback endpoint of the caller's own network namespace:
 /// if the daemon has no listener there yet, it hears of it (the connect itself is refused).
+/// In the daemon's own namespace, the connecting process is recorded.
 #[inline(always)]
 fn check_served(ctx: &SockAddrContext) {
     if !netns_active() {
@@ -344,12 +351,35 @@ fn check_served(ctx: &SockAddrContext) {
     }
     // SAFETY: the helper only reads the socket behind the context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: only the presence of the key is used.
-    if unsafe { SERVED_NETNS.get(cookie) }.is_some() {
-        return;
+    // SAFETY: the value is copied out at once.
+    match unsafe { SERVED_NETNS.get(cookie) }.copied() {
+        Some(SERVED_RECORD_PIDS) => record_pid(ctx),
+        Some(_) => {}
+        None => {
+            count(Counter::NetnsUnserved);
+            report(cookie);
+        }
     }
-    count(Counter::NetnsUnserved);
-    report(cookie);
+}
+
+/// Stores the connecting process under the socket's cookie, for the daemon to name the caller
+/// when it accepts the connection. Written like `remember`'s seqlock: cookie 0, then the pid,
+/// then the cookie (see `CallerPid`).
+#[inline(always)]
+fn record_pid(ctx: &SockAddrContext) {
+    let cookie = socket_cookie(ctx);
+    let slot_index = (cookie & u64::from(CALLER_SLOTS - 1)) as u32;
+    let Some(slot) = CALLER_PIDS.get_ptr_mut(slot_index) else {
+        count(Counter::StorageFailed);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: `slot` points into the array's preallocated memory for this program's run.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).cookie, 0);
+        core::ptr::write_volatile(&raw mut (*slot).pid_tgid, pid_tgid);
+        core::ptr::write_volatile(&raw mut (*slot).cookie, cookie);
+    }
 }
 
 #[inline(always)]

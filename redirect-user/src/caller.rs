@@ -3,7 +3,9 @@
 //! A connection is accepted on a listener of the network namespace it was made in (see
 //! `crate::netns`); only the daemon listens there on the proxy's endpoints, so the listener
 //! names the caller's namespace whatever addresses the caller uses, and Docker's description
-//! of the container in that namespace names the container. No source address is trusted.
+//! of the container in that namespace names the container. In the daemon's own namespace the
+//! kernel names each connection's cgroup and process (`crate::host_callers`). No source
+//! address is trusted.
 
 use std::{
     fmt,
@@ -18,6 +20,7 @@ use tokio::sync::Notify;
 
 use crate::{
     docker::Container,
+    host_callers::HostCallers,
     policy::{Policy, Rules},
 };
 
@@ -35,9 +38,10 @@ static CLOSED: Policy = Policy {
 pub struct Caller {
     /// `net:[inode]`, as `readlink /proc/<pid>/ns/net` shows it.
     pub netns: String,
-    /// The daemon's own namespace: the host's processes (and host-network containers).
+    /// In the daemon's own namespace: the host's processes (and host-network containers).
     pub host: bool,
-    /// The cgroup of the process the namespace was found by.
+    /// For another namespace, the cgroup of the process it was found by; for the host's, the
+    /// cgroup the kernel names (empty when it does not).
     pub cgroup: String,
     /// The Docker container id its cgroup names (`/docker/<id>`, `docker-<id>.scope`), if
     /// any: its requests wait for Docker's description of it.
@@ -58,14 +62,9 @@ impl Caller {
         Self::with_rules(netns, host, cgroup, Arc::default())
     }
 
-    /// A caller to whom the operator's `rules` apply (all but the host's processes, whose
-    /// cgroups the daemon does not know one by one).
+    /// A caller to whom the operator's `rules` apply.
     pub fn with_rules(netns: String, host: bool, cgroup: String, rules: Arc<Rules>) -> Self {
-        let undescribed = if host {
-            Policy::default()
-        } else {
-            rules.for_caller(None, &cgroup).0
-        };
+        let undescribed = rules.for_caller(None, &cgroup).0;
         Caller {
             netns,
             host,
@@ -136,6 +135,48 @@ impl Caller {
     }
 }
 
+/// Who a listener's connections come from.
+#[derive(Clone)]
+pub enum Callers {
+    /// A listener planted in another namespace: whoever connects there is its one caller.
+    Namespace(Arc<Caller>),
+    /// The daemon's own listeners: the host's processes, told apart per connection.
+    Host(Arc<HostCallers>),
+}
+
+impl Callers {
+    /// The caller at the other end of `stream`.
+    pub fn identify(&self, stream: &tokio::net::TcpStream) -> Peer {
+        match self {
+            Callers::Namespace(caller) => Peer {
+                caller: Arc::clone(caller),
+                pid: None,
+            },
+            Callers::Host(host) => match (stream.local_addr(), stream.peer_addr()) {
+                (Ok(local), Ok(peer)) => host.identify(local, peer),
+                _ => host.unnamed(None),
+            },
+        }
+    }
+}
+
+/// A connection's caller, and the process that made it when the kernel recorded it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub caller: Arc<Caller>,
+    pub pid: Option<u32>,
+}
+
+impl fmt::Display for Peer {
+    /// What the request log shows: the caller, and its process when known.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "{} pid {pid}", self.caller),
+            None => self.caller.fmt(f),
+        }
+    }
+}
+
 /// One of a caller's connections, counted while it lives.
 pub struct CallerConnection(Arc<Caller>);
 
@@ -146,11 +187,13 @@ impl Drop for CallerConnection {
 }
 
 impl fmt::Display for Caller {
-    /// What the request log shows: the container, else the cgroup, else the host.
+    /// What the request log shows: the container, else the host's cgroup, else the
+    /// namespace and the cgroup it was found by.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.container(), self.host) {
             (Some(c), _) => write!(f, "container {}", c.display_name()),
-            (None, true) => f.write_str("host"),
+            (None, true) if self.cgroup.is_empty() => f.write_str("host"),
+            (None, true) => write!(f, "host {}", self.cgroup),
             (None, false) => write!(f, "{} (cgroup {})", self.netns, self.cgroup),
         }
     }

@@ -22,17 +22,42 @@ use tokio::signal::unix::{Signal as UnixSignal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    caller::Caller,
     cgroup::{self, Cgroup},
     config::{Backend as BackendSettings, DockerApi, ProxyAddrs, Settings, Sources, Target},
     control::ControlSocket,
     ebpf::{Redirector, Route},
+    host_callers::{self, HostCallers},
     mock::ec2::Ec2Mock,
     netns::{Planter, Procfs, Scope},
     privileges,
     proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
+    sock_diag::SockDiag,
     status::{self, Status},
 };
+
+/// How the host's callers are named: sock_diag for the peer socket, the kernel's record of
+/// the process that connected it. Without either, the daemon serves on, with less to say.
+fn host_kernel(
+    redirector: &mut Redirector,
+    settings: &Settings,
+    mount: &std::path::Path,
+) -> host_callers::Kernel {
+    let diag = SockDiag::open()
+        .inspect_err(|e| {
+            tracing::warn!("{e}: the host's callers are not told apart (one caller, \"host\")");
+        })
+        .ok();
+    let pids = redirector
+        .caller_pids()
+        .inspect_err(|e| tracing::warn!("{e}: the host's callers are named without their pids"))
+        .ok();
+    host_callers::Kernel {
+        diag,
+        pids,
+        mount: Some(mount.to_owned()),
+        proc: Procfs(settings.host_proc.clone()),
+    }
+}
 
 /// Backlog of the proxy's listening sockets (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -123,10 +148,11 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         },
     };
     let names = own_names(&settings, &endpoints);
-    let host = Arc::new(Caller::new(
+    let rules = Arc::new(settings.policy.clone());
+    let host = Arc::new(HostCallers::new(
         crate::netns::own_netns().unwrap_or_default(),
-        true,
-        String::new(),
+        Arc::clone(&rules),
+        host_kernel(&mut redirector, &settings, &mount),
     ));
     let proxy = backend
         .map(|backend| {
@@ -157,7 +183,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             endpoints,
             cgroups: cgroups.iter().map(|c| c.path.clone()).collect(),
             mount: mount.clone(),
-            rules: Arc::new(settings.policy.clone()),
+            rules,
             max: settings.max_namespaces,
         };
         let mut planter = Planter::new(
@@ -165,6 +191,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             proxy.sink(),
             stop_proxy.clone(),
             redirector.netns_watch()?,
+            Arc::clone(&host),
         )
         .context("watching network namespaces")?;
         planter.serve_existing().await;
@@ -207,6 +234,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
                 status.namespaces = served.statuses();
             }
             status.host_requests = host.requests();
+            status.host_callers = host.statuses();
             status
         })
     };
@@ -639,6 +667,7 @@ fn build_status(
         programs,
         namespaces: Vec::new(),
         host_requests: 0,
+        host_callers: Vec::new(),
         proxy: {
             let count = |pick: fn(&ProxyStats) -> &AtomicU64| {
                 stats.map_or(0, |s| pick(s).load(Ordering::Relaxed))

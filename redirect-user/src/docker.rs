@@ -34,8 +34,10 @@ use crate::config::DockerApi;
 /// How long to wait before trying Docker's socket again (absent, or the engine restarting).
 const RETRY: Duration = Duration::from_secs(2);
 
-/// Whether the daemon follows Docker's events now: only then do containers' requests wait for
-/// Docker's description of them (see `Caller::policy`).
+/// Whether the daemon has followed Docker's events: then containers' requests wait for
+/// Docker's description of them (see `Caller::policy`). It stays set while the engine
+/// restarts: a container's labels may deny it, so its requests are refused, not served
+/// without them, until the daemon is back on the event stream and has described it.
 static FOLLOWING: AtomicBool = AtomicBool::new(false);
 
 pub fn following() -> bool {
@@ -167,18 +169,23 @@ pub async fn watch(api: DockerApi, started: mpsc::Sender<Found>, stop: Cancellat
     loop {
         let result = tokio::select! {
             () = stop.cancelled() => return,
-            result = follow(&api, &started) => result,
+            result = follow(&api, &started, &mut warned) => result,
         };
-        FOLLOWING.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => tracing::info!("Docker's event stream ended; reconnecting"),
-            Err(e) if !warned => {
+            Err(e) if warned => tracing::debug!("Docker: {e}"),
+            Err(e) if following() => {
+                warned = true;
+                tracing::warn!(
+                    "Docker: {e}; reconnecting every {RETRY:?} (the engine restarting?): containers already described are served as before, new ones' requests are refused until Docker describes them"
+                );
+            }
+            Err(e) => {
                 warned = true;
                 tracing::warn!(
                     "Docker: {e}; serving goes on, containers are found at their first connect and without their names (to fix: make /var/run/docker.sock readable to redirect, or set DOCKER_HOST)"
                 );
             }
-            Err(e) => tracing::debug!("Docker: {e}"),
         }
         tokio::select! {
             () = stop.cancelled() => return,
@@ -189,9 +196,11 @@ pub async fn watch(api: DockerApi, started: mpsc::Sender<Found>, stop: Cancellat
 
 /// One connection to the engine: subscribes to start events first, then lists what runs
 /// already, so that no container falls between the two.
+/// `warned` is cleared once connected: the next failure is said again.
 async fn follow(
     api: &DockerApi,
     started: &mpsc::Sender<Found>,
+    warned: &mut bool,
 ) -> Result<(), bollard::errors::Error> {
     let docker = match api {
         DockerApi::Socket(path) => {
@@ -208,6 +217,7 @@ async fn follow(
         .list_containers(Some(ListContainersOptionsBuilder::new().build()))
         .await?;
     FOLLOWING.store(true, Ordering::Relaxed);
+    *warned = false;
     tracing::info!(
         "Docker: following container starts ({} running)",
         running.len()

@@ -16,7 +16,7 @@
 //! processes (the listeners themselves would keep the namespace alive).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs::File,
     io,
     net::SocketAddr,
@@ -41,6 +41,7 @@ use crate::{
     caller::Caller,
     docker::{Container, Found, Started},
     ebpf::{NetnsEvents, NetnsWatch},
+    host_callers::HostCallers,
     paths,
     policy::Rules,
     proxy::ListenerSink,
@@ -163,8 +164,11 @@ impl Procfs {
         self.0.join(format!("{pid}/task/{tid}/ns/net"))
     }
 
-    fn cgroup(&self, pid: u32) -> PathBuf {
-        self.0.join(format!("{pid}/cgroup"))
+    /// The cgroup of `pid` (cgroup v2, relative to the hierarchy's root, as
+    /// `/proc/<pid>/cgroup` prints it); `None` once it has exited.
+    pub fn cgroup_of(&self, pid: u32) -> Option<String> {
+        let text = std::fs::read_to_string(self.0.join(format!("{pid}/cgroup"))).ok()?;
+        Some(text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned())
     }
 }
 
@@ -197,20 +201,23 @@ pub struct Planter {
     served: Served,
     /// At the scope's `max` (said once until below again).
     full: bool,
+    /// The callers in the daemon's own namespace, told of host-network containers.
+    host: Arc<HostCallers>,
 }
 
 impl Planter {
-    /// Marks the daemon's own namespace as served (its listeners are the proxy's own) and
-    /// turns the kernel's reports on.
+    /// Marks the daemon's own namespace as served (its listeners are the proxy's own, and its
+    /// callers' processes are recorded) and turns the kernel's reports on.
     pub fn new(
         scope: Scope,
         sink: ListenerSink,
         shutdown: CancellationToken,
         (mut watch, events): (NetnsWatch, NetnsEvents),
+        host: Arc<HostCallers>,
     ) -> anyhow::Result<Self> {
         let home = NetnsId::of(Path::new(paths::OWN_NETNS))?;
         let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        watch.serve(netns_cookie(probe.as_fd())?)?;
+        watch.serve_recording_pids(netns_cookie(probe.as_fd())?)?;
         watch.activate()?;
         Ok(Planter {
             scope,
@@ -221,6 +228,7 @@ impl Planter {
             home,
             served: Served::default(),
             full: false,
+            host,
         })
     }
 
@@ -258,9 +266,7 @@ impl Planter {
                     Ok(mut guard) => {
                         let batch = guard.get_inner_mut().drain();
                         guard.clear_ready();
-                        for event in batch {
-                            self.on_event(event).await;
-                        }
+                        self.on_events(batch).await;
                     }
                     Err(e) => {
                         tracing::error!("namespace events: {e}");
@@ -306,7 +312,10 @@ impl Planter {
         };
         let id = ns.id;
         if id == self.home {
-            return; // the host's network: served by the daemon's own listeners
+            // The host's network: served by the daemon's own listeners, which name its
+            // callers by cgroup.
+            self.host.describe(started.container);
+            return;
         }
         if !self.is_known(id) {
             self.consider(ns, started.pid).await;
@@ -329,24 +338,35 @@ impl Planter {
         }
     }
 
-    /// A reported connect: its thread's namespace, or, if the thread is gone already, a scan
-    /// for any new namespace.
-    async fn on_event(&mut self, event: NetnsEvent) {
-        let path = self.scope.proc.task_netns(event.pid(), event.tid());
-        match NetnsFile::open(&path) {
-            Ok(ns) => {
-                if !self.is_known(ns.id) {
-                    self.consider(ns, event.pid()).await;
-                }
+    /// Reported connects: each one's namespace, once, unless served already (a caller retrying
+    /// sends one per connect); for those whose thread is gone already, one scan for any new
+    /// namespace. A burst of reports costs one pass, so the sweep is never starved of turns.
+    async fn on_events(&mut self, batch: Vec<NetnsEvent>) {
+        let mut handled: HashSet<u64> = self.lock_served().values().map(|e| e.cookie).collect();
+        let mut rescan = false;
+        for event in batch {
+            if !handled.insert(event.netns_cookie) {
+                continue;
             }
-            // The connecting thread is gone: any namespace still in use is found this way.
-            Err(_) => self.scan().await,
+            tracing::debug!(
+                "pid {} connected from network namespace {:#x} before it was served",
+                event.pid(),
+                event.netns_cookie
+            );
+            let path = self.scope.proc.task_netns(event.pid(), event.tid());
+            match NetnsFile::open(&path) {
+                Ok(ns) => {
+                    if !self.is_known(ns.id) {
+                        self.consider(ns, event.pid()).await;
+                    }
+                }
+                // The connecting thread is gone: any namespace still in use is found this way.
+                Err(_) => rescan = true,
+            }
         }
-        tracing::debug!(
-            "pid {} connected from network namespace {:#x} before it was served",
-            event.pid(),
-            event.netns_cookie
-        );
+        if rescan {
+            self.scan().await;
+        }
     }
 
     fn is_known(&self, id: NetnsId) -> bool {
@@ -512,11 +532,8 @@ impl Planter {
         }
     }
 
-    /// The cgroup of `pid` (cgroup v2, relative to the hierarchy's root); `None` once it has
-    /// exited.
     fn cgroup_of(&self, pid: u32) -> Option<String> {
-        let text = std::fs::read_to_string(self.scope.proc.cgroup(pid)).ok()?;
-        Some(text.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned())
+        self.scope.proc.cgroup_of(pid)
     }
 
     /// Whether `cgroup` is, or is under, an attached cgroup.

@@ -27,6 +27,9 @@ pub struct Status {
     /// Requests from the daemon's own namespace (host processes, host-network containers).
     #[serde(default)]
     pub host_requests: u64,
+    /// The callers in the daemon's own namespace, by cgroup as the kernel names them.
+    #[serde(default)]
+    pub host_callers: Vec<crate::host_callers::HostCallerStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +141,9 @@ impl Status {
             self.namespaces.len(),
             c("netns_unserved")
         );
+        for h in &self.host_callers {
+            let _ = writeln!(s, "  host  {} requests  {}", h.requests, h.caller);
+        }
         for n in &self.namespaces {
             let on = if n.listening.is_empty() {
                 "nothing: the port is taken there".to_owned()

@@ -551,11 +551,20 @@ fn namespace_checks(n: &NamespaceResults, out: &mut Vec<Check>) {
         ),
         added < 5.0,
     );
+    check(
+        out,
+        "naming a host caller (sock_diag) costs under 5 us per new connection",
+        format!(
+            "{:.1} us (a GET on a new connection: {:.1} us from the host, {:.1} from a namespace)",
+            n.identify_us, n.connection_us_host, n.connection_us_namespace
+        ),
+        n.identify_us < 5.0,
+    );
 }
 
 fn namespace_text(n: &NamespaceResults) -> String {
     format!(
-        "Served namespaces: {} plain network namespaces, one daemon: RSS {:.1} MB ({:.1} MB serving only its own); planting {:.0} us per namespace at start; a namespace made later answered {:.1} ms after its first (refused) connect; a keep-alive GET {:.1} us from a served namespace, {:.1} us from the daemon's own\n",
+        "Served namespaces: {} plain network namespaces, one daemon: RSS {:.1} MB ({:.1} MB serving only its own); planting {:.0} us per namespace at start; a namespace made later answered {:.1} ms after its first (refused) connect; a keep-alive GET {:.1} us from a served namespace, {:.1} us from the daemon's own; a GET on a new connection {:.1} us from a served namespace, {:.1} us from the daemon's own (its caller named by sock_diag)\n",
         n.namespaces,
         mb(n.rss_kb_served),
         mb(n.rss_kb_before),
@@ -563,6 +572,8 @@ fn namespace_text(n: &NamespaceResults) -> String {
         n.first_answer_after_us as f64 / 1000.0,
         n.request_us_namespace,
         n.request_us_host,
+        n.connection_us_namespace,
+        n.connection_us_host,
     )
 }
 

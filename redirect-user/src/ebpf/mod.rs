@@ -34,9 +34,11 @@ use crate::cgroup::Cgroup;
 
 pub mod exempt;
 pub mod netns;
+pub mod pids;
 
 pub use exempt::Exemptions;
 pub use netns::{NetnsEvents, NetnsWatch};
+pub use pids::CallerPids;
 
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time (see build.rs).
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("REDIRECT_EBPF_OBJECT"));
@@ -84,6 +86,11 @@ pub enum EbpfError {
     },
     #[error("the eBPF object has no map `{0}`")]
     MissingMap(&'static str),
+    #[error("cannot map `{name}` into memory")]
+    Mmap {
+        name: &'static str,
+        source: io::Error,
+    },
     #[error("target {dialled}: {reason}")]
     Target {
         dialled: SocketAddr,

@@ -13,7 +13,7 @@
 use std::sync::{Mutex, PoisonError};
 
 use aya::maps::{Array, HashMap, MapData, RingBuf};
-use redirect_common::{NetnsEvent, names};
+use redirect_common::{NetnsEvent, SERVED, SERVED_RECORD_PIDS, names};
 
 use super::{EbpfError, Redirector, map_err};
 
@@ -45,8 +45,17 @@ impl Redirector {
 impl NetnsWatch {
     /// Marks a namespace as served (the daemon listens there now).
     pub fn serve(&self, cookie: u64) -> Result<(), EbpfError> {
+        self.mark(cookie, SERVED)
+    }
+
+    /// Marks the daemon's own namespace as served, with each rewrite's process recorded.
+    pub fn serve_recording_pids(&self, cookie: u64) -> Result<(), EbpfError> {
+        self.mark(cookie, SERVED_RECORD_PIDS)
+    }
+
+    fn mark(&self, cookie: u64, how: u8) -> Result<(), EbpfError> {
         self.lock()
-            .insert(cookie, 1, 0)
+            .insert(cookie, how, 0)
             .map_err(map_err(names::SERVED_NETNS))
     }
 

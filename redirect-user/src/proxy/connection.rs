@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::caller::Caller;
+use crate::caller::Peer;
 
 use super::{
     ProxyStats, Shared,
@@ -43,7 +43,7 @@ pub(super) async fn serve<S>(
     stream: S,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
-    caller: Arc<Caller>,
+    peer: Peer,
     over_budget: Option<usize>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -52,8 +52,9 @@ pub(super) async fn serve<S>(
     let activity = shared.idle.track();
     let _open = Open(shared, &activity);
     let mut io = ClientSocket::new(stream, Arc::clone(&activity), shared.timeouts.send);
+    let peer = Arc::new(peer);
     loop {
-        match serve_requests(io, shared, &activity, &caller, over_budget, shutdown).await {
+        match serve_requests(io, shared, &activity, &peer, over_budget, shutdown).await {
             Some((mut parked, true)) => {
                 // Parked: nothing but the socket until a request begins, or the idle timeout.
                 let idle = shared.timeouts.idle.unwrap_or(Duration::MAX);
@@ -81,7 +82,7 @@ async fn serve_requests<S>(
     io: ClientSocket<S>,
     shared: &Arc<Shared>,
     activity: &Arc<Activity>,
-    caller: &Arc<Caller>,
+    peer: &Arc<Peer>,
     over_budget: Option<usize>,
     shutdown: &CancellationToken,
 ) -> Option<(ClientSocket<S>, bool)>
@@ -89,16 +90,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = {
-        let (shared, activity, caller) =
-            (Arc::clone(shared), Arc::clone(activity), Arc::clone(caller));
+        let (shared, activity, peer) = (Arc::clone(shared), Arc::clone(activity), Arc::clone(peer));
         service_fn(move |req| {
             let (shared, activity) = (Arc::clone(&shared), Arc::clone(&activity));
-            let caller = Arc::clone(&caller);
+            let peer = Arc::clone(&peer);
             // Boxed: hyper keeps a slot of the future's size per connection.
             Box::pin(async move {
                 let resp = match over_budget {
-                    Some(limit) => over(req, &shared, &caller, limit),
-                    None => handle(req, &shared, &activity, caller).await,
+                    Some(limit) => over(req, &shared, &peer, limit),
+                    None => handle(req, &shared, &activity, &peer).await,
                 };
                 Ok::<_, Infallible>(resp)
             })
@@ -193,12 +193,12 @@ async fn handle(
     req: Request<Incoming>,
     shared: &Shared,
     activity: &Arc<Activity>,
-    caller: Arc<Caller>,
+    peer: &Peer,
 ) -> Response<Full<Bytes>> {
     shared.idle.busy(activity);
     let _handling = Handling(&shared.idle, activity);
     ProxyStats::add(&shared.stats.requests, 1);
-    caller.count_request();
+    peer.caller.count_request();
     fault_injection(req.uri().path());
     let (mut parts, body) = req.into_parts();
     let admitted = admission::admit(&mut parts, &shared.names);
@@ -206,7 +206,7 @@ async fn handle(
         Ok(()) => read_body(body, shared).await,
         Err(refusal) => Err((refusal, !body.is_end_stream())),
     };
-    let policy = caller.policy().await;
+    let policy = peer.caller.policy().await;
     let permitted = policy.permits(parts.uri.path());
     // Copied only when the access log is on (`access=off` spares the allocation).
     let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
@@ -225,7 +225,7 @@ async fn handle(
         }
     };
     if let Some((method, path)) = logged {
-        tracing::info!(target: "access", "{caller} {method} {path} {}", resp.status().as_u16());
+        tracing::info!(target: "access", "{peer} {method} {path} {}", resp.status().as_u16());
     }
     resp
 }
@@ -234,10 +234,10 @@ async fn handle(
 fn over(
     req: Request<Incoming>,
     shared: &Shared,
-    caller: &Caller,
+    peer: &Peer,
     limit: usize,
 ) -> Response<Full<Bytes>> {
-    tracing::info!(target: "access", "{caller} {} {} 503 (beyond its {limit} connections)", req.method(), req.uri().path());
+    tracing::info!(target: "access", "{peer} {} {} 503 (beyond its {limit} connections)", req.method(), req.uri().path());
     let reason = "this caller holds its share of the connections already; retry";
     refused(
         shared,

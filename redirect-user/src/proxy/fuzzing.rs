@@ -36,11 +36,14 @@ async fn serve(input: &[u8]) -> Vec<u8> {
     let shared = Shared::new(backend, names, limits, BODY_BUDGET);
     let (client, server) = tokio::io::duplex(64 << 10);
     let serving = tokio::spawn(async move {
-        let host = Arc::new(crate::caller::Caller::new(
-            "net:[1]".to_owned(),
-            true,
-            String::new(),
-        ));
+        let host = crate::caller::Peer {
+            caller: Arc::new(crate::caller::Caller::new(
+                "net:[1]".to_owned(),
+                true,
+                String::new(),
+            )),
+            pid: None,
+        };
         connection::serve(server, &shared, &CancellationToken::new(), host, None).await;
     });
     let (mut read, mut write) = tokio::io::split(client);

@@ -10,11 +10,11 @@ use tokio::{net::TcpListener, sync::OwnedSemaphorePermit};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{ProxyStats, Shared, connection};
-use crate::caller::Caller;
+use crate::caller::Callers;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    caller: Arc<Caller>,
+    callers: Callers,
     shared: Arc<Shared>,
     connections: TaskTracker,
     shutdown: CancellationToken,
@@ -51,14 +51,15 @@ pub(super) async fn accept_loop(
             },
         };
         ProxyStats::add(&shared.stats.connections_total, 1);
-        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
-        let (counted, held) = caller.connection();
-        // The host's processes share one caller; the global limit covers them.
-        let over = (!caller.host && held > shared.per_caller).then_some(shared.per_caller);
-        let caller = Arc::clone(&caller);
+        let (shared, shutdown, callers) = (Arc::clone(&shared), shutdown.clone(), callers.clone());
         connections.spawn(async move {
-            let _counted = counted;
-            connection::serve(stream, &shared, &shutdown, caller, over).await;
+            // In the task: naming a host caller asks the kernel (a few microseconds).
+            let peer = callers.identify(&stream);
+            let (_counted, held) = peer.caller.connection();
+            // The share is each container's; the host's processes are trusted to share, and
+            // the global limit covers them.
+            let over = (!peer.caller.host && held > shared.per_caller).then_some(shared.per_caller);
+            connection::serve(stream, &shared, &shutdown, peer, over).await;
             drop(slot);
         });
     }

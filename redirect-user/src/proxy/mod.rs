@@ -43,7 +43,12 @@ use budget::Budget;
 use forward::Forwarder;
 use idle::IdleList;
 
-use crate::{caller::Caller, mock::ec2::Ec2Mock, policy::Policy};
+use crate::{
+    caller::{Caller, Callers},
+    host_callers::HostCallers,
+    mock::ec2::Ec2Mock,
+    policy::Policy,
+};
 
 /// Largest request head (request line and headers) read: beyond it, 431.
 pub const MAX_HEAD: usize = 32 << 10;
@@ -196,7 +201,7 @@ pub struct Proxy {
 
 /// A listening socket handed to the running proxy, served until `stop` is cancelled, and who
 /// connects to it.
-type Added = (std::net::TcpListener, CancellationToken, Arc<Caller>);
+type Added = (std::net::TcpListener, CancellationToken, Callers);
 
 /// Hands listening sockets opened after the start (in other network namespaces, see
 /// `crate::netns`) to the workers, in turn.
@@ -215,6 +220,7 @@ impl ListenerSink {
         stop: CancellationToken,
         caller: Arc<Caller>,
     ) {
+        let caller = Callers::Namespace(caller);
         let next = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.workers.len();
         // A worker only stops at shutdown, when the listener is not wanted any more.
         let _ = self.workers[next].send((listener, stop, caller));
@@ -223,12 +229,12 @@ impl ListenerSink {
 
 impl Proxy {
     /// Starts one worker per element of `listeners` (its listening sockets, in the daemon's
-    /// own namespace: their callers are `host`), each with the backend `backend()` makes,
+    /// own namespace: their callers are the host's), each with the backend `backend()` makes,
     /// serving until `shutdown` is cancelled; then each lets its requests in progress finish
     /// for up to `grace` (idle connections close at once).
     pub fn spawn(
         listeners: Vec<Vec<std::net::TcpListener>>,
-        host: &Arc<Caller>,
+        host: &Arc<HostCallers>,
         backend: impl Fn() -> Backend,
         names: OwnNames,
         limits: Limits,
@@ -252,7 +258,7 @@ impl Proxy {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (shutdown, host) = (shutdown.clone(), Arc::clone(host));
+            let (shutdown, host) = (shutdown.clone(), Callers::Host(Arc::clone(host)));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("proxy-{i}"))
@@ -296,7 +302,7 @@ impl Proxy {
 /// drains.
 async fn work(
     listeners: Vec<std::net::TcpListener>,
-    host: Arc<Caller>,
+    host: Callers,
     mut added: tokio::sync::mpsc::UnboundedReceiver<Added>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -320,12 +326,7 @@ async fn work(
         }
     };
     for listener in listeners {
-        accept(
-            &mut accepting,
-            listener,
-            shutdown.clone(),
-            Arc::clone(&host),
-        );
+        accept(&mut accepting, listener, shutdown.clone(), host.clone());
     }
     loop {
         tokio::select! {

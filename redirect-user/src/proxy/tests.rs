@@ -14,6 +14,7 @@ use tokio::{
 
 use super::*;
 use crate::{
+    caller::Peer,
     config::UpstreamSettings,
     mock::ec2::{Ec2Mock, Ec2Values},
 };
@@ -32,8 +33,26 @@ const LIMITS: Limits = Limits {
     },
 };
 
-fn host() -> Arc<Caller> {
-    Arc::new(Caller::new("net:[1]".to_owned(), true, String::new()))
+fn host() -> Peer {
+    Peer {
+        caller: Arc::new(Caller::new("net:[1]".to_owned(), true, String::new())),
+        pid: None,
+    }
+}
+
+/// The host's callers, none told apart (no kernel to ask).
+fn host_callers() -> Arc<HostCallers> {
+    let kernel = crate::host_callers::Kernel {
+        diag: None,
+        pids: None,
+        mount: None,
+        proc: crate::netns::Procfs("/proc".into()),
+    };
+    Arc::new(HostCallers::new(
+        "net:[1]".to_owned(),
+        Arc::default(),
+        kernel,
+    ))
 }
 
 fn names() -> OwnNames {
@@ -266,7 +285,7 @@ async fn at_the_limit_the_longest_idle_connection_makes_room() {
     };
     let proxy = Proxy::spawn(
         vec![vec![listener]],
-        &host(),
+        &host_callers(),
         || Backend::Ec2(Arc::clone(&mock)),
         names(),
         limits,
@@ -317,7 +336,7 @@ async fn at_the_limit_with_every_connection_busy_the_first_to_be_idle_makes_room
     };
     let proxy = Proxy::spawn(
         vec![vec![listener]],
-        &host(),
+        &host_callers(),
         || Backend::Upstream(Forwarder::new(upstream_settings(upstream), None)),
         names(),
         limits,

@@ -13,6 +13,7 @@ mod compose;
 mod containers;
 mod errors;
 mod framing;
+mod identity;
 mod lifecycle;
 mod mock;
 mod namespaces;
@@ -110,6 +111,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         swarm::TESTS,
         namespaces::TESTS,
         policy::TESTS,
+        identity::TESTS,
         upstream::TESTS,
         lifecycle::TESTS,
         bounds::TESTS,

@@ -19,6 +19,7 @@ pub fn run(role: &str) -> i32 {
         "flood" => flood(&args),
         "idle-flood" => idle_flood(&args),
         "raw" => raw(&args),
+        "churn" => churn(&args),
         _ => Err(format!("unknown role {role}")),
     };
     match result {
@@ -208,4 +209,90 @@ fn raw(args: &[String]) -> Result<serde_json::Value, String> {
     // some bytes keeps what came.
     let _ = stream.read_to_end(&mut answer);
     Ok(json!({ "answer": String::from_utf8_lossy(&answer) }))
+}
+
+/// `churn COUNT PARALLEL`: COUNT short-lived processes, PARALLEL at a time, each in a network
+/// namespace of its own (loopback up, nothing else) that connects to 169.254.169.254:80
+/// until the connect succeeds (the daemon has planted its listener there) or 10 s pass, then
+/// exits, its namespace with it: containers starting and stopping, without Docker.
+fn churn(args: &[String]) -> Result<serde_json::Value, String> {
+    let [count, parallel] = args else {
+        return Err("usage: churn COUNT PARALLEL".into());
+    };
+    let count: usize = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    let parallel: usize = parallel.parse().map_err(|e| format!("{parallel}: {e}"))?;
+    let (mut served, mut failed, mut running) = (0, std::collections::BTreeMap::new(), 0);
+    let mut reap = |running: &mut usize| {
+        let mut status = 0;
+        // SAFETY: waits for any child of this process.
+        if unsafe { libc::wait(&raw mut status) } > 0 {
+            *running -= 1;
+            match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+                Some(0) => served += 1,
+                // 1: never served; 2, 3: no namespace, no loopback; -1: killed.
+                code => *failed.entry(code.unwrap_or(-1)).or_insert(0) += 1,
+            }
+        }
+    };
+    for _ in 0..count {
+        if running == parallel {
+            reap(&mut running);
+        }
+        // SAFETY: the child only makes async-signal-safe calls (no allocation) and _exits.
+        match unsafe { libc::fork() } {
+            0 => unsafe { libc::_exit(churn_child()) },
+            -1 => return Err(std::io::Error::last_os_error().to_string()),
+            _ => running += 1,
+        }
+    }
+    while running > 0 {
+        reap(&mut running);
+    }
+    Ok(json!({ "served": served, "failed": failed }))
+}
+
+/// One churned process: 0 once a connect succeeded.
+unsafe fn churn_child() -> i32 {
+    // SAFETY (for the block): plain syscalls on values of this frame.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return 2;
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        ifr.ifr_ifru.ifru_flags = libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw const ifr) != 0 {
+            return 3;
+        }
+        libc::close(fd);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 80u16.to_be(),
+            // 169.254.169.254, network byte order.
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([169, 254, 169, 254]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        for _ in 0..5000 {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let connected = libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) == 0;
+            libc::close(fd);
+            if connected {
+                return 0;
+            }
+            let pause = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 2_000_000,
+            };
+            libc::nanosleep(&raw const pause, std::ptr::null_mut());
+        }
+        1
+    }
 }

@@ -245,3 +245,137 @@ impl Drop for MetadataDrop {
         }
     }
 }
+
+/// Docker's socket through a relay the test can cut and restore: the engine going away and
+/// coming back, as the daemon sees it, without restarting the engine other tests use.
+pub struct SocketRelay {
+    pub path: PathBuf,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+    listener: Option<(
+        std::os::unix::net::UnixListener,
+        std::thread::JoinHandle<()>,
+    )>,
+    _dir: tempfile::TempDir,
+}
+
+impl SocketRelay {
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut relay = SocketRelay {
+            path: dir.path().join("docker.sock"),
+            live: Default::default(),
+            listener: None,
+            _dir: dir,
+        };
+        relay.restore()?;
+        Ok(relay)
+    }
+
+    /// Listens again, relaying each connection to the engine's socket.
+    pub fn restore(&mut self) -> Result<()> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let _ = std::fs::remove_file(&self.path);
+        let listener = UnixListener::bind(&self.path)?;
+        let accepting = listener.try_clone()?;
+        let live = std::sync::Arc::clone(&self.live);
+        let thread = std::thread::spawn(move || {
+            // Ends when `cut` shuts the listener down.
+            for client in accepting.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let pipe = |mut from: UnixStream, mut to: UnixStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let (Ok(c2), Ok(e2)) = (client.try_clone(), engine.try_clone()) else {
+                    continue;
+                };
+                live.lock()
+                    .unwrap()
+                    .extend([c2.try_clone().unwrap(), e2.try_clone().unwrap()]);
+                pipe(client, e2);
+                pipe(engine, c2);
+            }
+        });
+        self.listener = Some((listener, thread));
+        Ok(())
+    }
+
+    /// Stops listening and closes every relayed connection.
+    pub fn cut(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        if let Some((listener, thread)) = self.listener.take() {
+            // SAFETY: shutdown on a descriptor this struct owns; it wakes the blocked accept.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        for stream in self.live.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for SocketRelay {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// A macvlan Docker network whose parent is a veth link into `far`, a namespace of the
+/// test's own with no route out: whatever its containers send ends there.
+pub struct MacvlanNetwork {
+    pub name: String,
+    link: String,
+}
+
+impl MacvlanNetwork {
+    pub fn new(far: &super::NetNs) -> Result<Self> {
+        let name = super::unique("redirect-test-macvlan");
+        // IFNAMSIZ: at most 15 characters.
+        let link = format!("rdm{}", std::process::id() % 1_000_000_000);
+        let far_path = far.path();
+        sh(Command::new("ip").args([
+            "link",
+            "add",
+            &link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rdmfar",
+            "netns",
+            far_path.to_str().context("netns path")?,
+        ]))?;
+        let network = MacvlanNetwork { name, link };
+        sh(Command::new("ip").args(["link", "set", &network.link, "up"]))?;
+        sh(Command::new("docker").args([
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "--subnet",
+            "10.213.0.0/24",
+            "-o",
+            &format!("parent={}", network.link),
+            &network.name,
+        ]))?;
+        Ok(network)
+    }
+}
+
+impl Drop for MacvlanNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.name])
+            .output();
+        // Deletes its peer too.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
+    }
+}

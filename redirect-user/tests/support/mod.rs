@@ -351,9 +351,26 @@ impl Daemon {
         log_filter: &str,
         configure: impl FnOnce(&mut Command),
     ) -> Result<Self> {
+        Self::spawn(args, Some(netns), cgroup, log_filter, configure)
+    }
+
+    /// A daemon in the host's own network namespace, for callers that share it (host-network
+    /// containers). Its callers may only dial its loopback listener, never a metadata
+    /// address: that would leave the host if the redirect failed.
+    pub fn start_on_host(args: &[&str]) -> Result<Self> {
+        Self::spawn(args, None, None, "info,redirect=debug", |_| {})
+    }
+
+    fn spawn(
+        args: &[&str],
+        netns: Option<&NetNs>,
+        cgroup: Option<&Path>,
+        log_filter: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let control_socket = dir.path().join("control.sock");
-        let mut cmd = command_in(DAEMON, cgroup, Some(netns))?;
+        let mut cmd = command_in(DAEMON, cgroup, netns)?;
         configure(&mut cmd);
         cmd.arg("run")
             .args(args)
