@@ -10,7 +10,7 @@
 use std::{
     fmt,
     sync::{
-        Arc, OnceLock,
+        Arc, OnceLock, PoisonError, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -21,18 +21,12 @@ use tokio::sync::Notify;
 use crate::{
     docker::Container,
     host_callers::HostCallers,
-    policy::{Policy, Rules},
+    policy::{Policy, SharedRules},
 };
 
 /// How long a request from a Docker container waits for Docker's description of it (its
 /// labels carry its policy) before it is refused.
 const IDENTITY_WAIT: Duration = Duration::from_secs(3);
-
-static CLOSED: Policy = Policy {
-    deny: true,
-    allow: Vec::new(),
-    ec2_role: None,
-};
 
 #[derive(Debug)]
 pub struct Caller {
@@ -46,11 +40,12 @@ pub struct Caller {
     /// The Docker container id its cgroup names (`/docker/<id>`, `docker-<id>.scope`), if
     /// any: its requests wait for Docker's description of it.
     pub docker_id: Option<String>,
-    container: OnceLock<(Container, Policy)>,
+    container: OnceLock<Container>,
     /// The operator's rules and whether labels count.
-    rules: Arc<Rules>,
-    /// The policy before (or without) Docker's description: the rules for its cgroup.
-    undescribed: Policy,
+    rules: Arc<SharedRules>,
+    /// The policy in force: the rules for its cgroup until (or without) Docker's
+    /// description, then the rules or the labels for its container; again on a reload.
+    policy: RwLock<Arc<Policy>>,
     described: Notify,
     requests: AtomicU64,
     /// Client connections from this caller now (see `proxy::listener`).
@@ -63,8 +58,8 @@ impl Caller {
     }
 
     /// A caller to whom the operator's `rules` apply.
-    pub fn with_rules(netns: String, host: bool, cgroup: String, rules: Arc<Rules>) -> Self {
-        let undescribed = rules.for_caller(None, &cgroup).0;
+    pub fn with_rules(netns: String, host: bool, cgroup: String, rules: Arc<SharedRules>) -> Self {
+        let policy = rules.current().for_caller(None, &cgroup).0;
         Caller {
             netns,
             host,
@@ -72,7 +67,7 @@ impl Caller {
             cgroup,
             container: OnceLock::new(),
             rules,
-            undescribed,
+            policy: RwLock::new(Arc::new(policy)),
             described: Notify::new(),
             requests: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -81,28 +76,44 @@ impl Caller {
 
     /// The container this namespace belongs to, once Docker has said (set once).
     pub fn container(&self) -> Option<&Container> {
-        self.container.get().map(|(c, _)| c)
+        self.container.get()
     }
 
-    /// Docker's description: the names, and the policy the rules or its labels give.
+    /// Docker's description: the names, and the policy the rules or its labels give (in force
+    /// before the description is visible, so that no request sees one without the other).
     pub fn set_container(&self, container: Container) {
-        let (policy, problems) = self.rules.for_caller(Some(&container), &self.cgroup);
-        for problem in problems {
-            tracing::warn!(
-                "container {}: {problem}; its requests are refused until the label is fixed",
-                container.display_name()
-            );
+        if self.container.get().is_some() {
+            return;
         }
-        if self.container.set((container, policy)).is_ok() {
+        self.apply(Some(&container));
+        if self.container.set(container).is_ok() {
             self.described.notify_waiters();
         }
+    }
+
+    /// Applies the rules in force now (after a reload).
+    pub fn reapply(&self) {
+        self.apply(self.container());
+    }
+
+    fn apply(&self, container: Option<&Container>) {
+        let (policy, problems) = self.rules.current().for_caller(container, &self.cgroup);
+        if let Some(container) = container {
+            for problem in problems {
+                tracing::warn!(
+                    "container {}: {problem}; its requests are refused until the label is fixed",
+                    container.display_name()
+                );
+            }
+        }
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
     }
 
     /// The rules for this caller's requests. While the daemon follows Docker, a container's
     /// wait for Docker's description (a request may come before the start event); without
     /// one in time they are refused, since its labels may deny it. Without Docker there are
     /// no labels: served.
-    pub async fn policy(&self) -> &Policy {
+    pub async fn policy(&self) -> Arc<Policy> {
         if self.docker_id.is_some() && self.container.get().is_none() && crate::docker::following()
         {
             let described = self.described.notified();
@@ -114,10 +125,13 @@ impl Caller {
                     .is_err()
             {
                 tracing::warn!("{self}: Docker did not describe the container in time; refused");
-                return &CLOSED;
+                return Arc::new(Policy {
+                    deny: true,
+                    ..Policy::default()
+                });
             }
         }
-        self.container.get().map_or(&self.undescribed, |(_, p)| p)
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Counts a new connection until the guard drops; the count includes it.
@@ -230,6 +244,32 @@ mod tests {
         assert_eq!(docker_id("/"), None);
     }
 
+    #[tokio::test]
+    async fn a_reload_applies_to_callers_found_before() {
+        use crate::policy::{Rule, Rules};
+        let deny_ci = Rules {
+            rules: vec![Rule {
+                container: None,
+                image: None,
+                cgroup: Some("/ci".into()),
+                policy: Policy {
+                    deny: true,
+                    ..Policy::default()
+                },
+            }],
+            labels: true,
+        };
+        let rules = Arc::new(SharedRules::new(deny_ci));
+        let caller =
+            Caller::with_rules("net:[1]".into(), true, "/ci/job".into(), Arc::clone(&rules));
+        assert!(caller.policy().await.deny);
+        assert!(rules.replace(Rules::default()), "the rules changed");
+        assert!(caller.policy().await.deny, "in force until applied");
+        caller.reapply();
+        assert!(!caller.policy().await.deny, "the new rules");
+        assert!(!rules.replace(Rules::default()), "the same rules again");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_containers_requests_wait_for_its_description_and_fail_closed() {
         crate::docker::set_following(true);
@@ -241,7 +281,7 @@ mod tests {
         ));
         let waiting = tokio::spawn({
             let caller = Arc::clone(&caller);
-            async move { caller.policy().await.clone() }
+            async move { caller.policy().await }
         });
         tokio::task::yield_now().await;
         let labels = [("redirect.deny".to_owned(), "true".to_owned())].into();

@@ -782,7 +782,7 @@ impl Sources {
 
 impl Settings {
     /// The settings (config keys) that differ in `new` and take effect only on a restart:
-    /// all but the mock's values, which a reload applies.
+    /// all but the mock's values and the policy rules, which a reload applies.
     pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
         let same_backend = match (&self.backend, &new.backend) {
             (Backend::MockEc2(_), Backend::MockEc2(_)) => true,
@@ -800,7 +800,6 @@ impl Settings {
             ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
             ("idle_timeout", self.idle_timeout == new.idle_timeout),
             ("docker", self.docker == new.docker),
-            ("policy/container_labels", self.policy == new.policy),
             ("max_namespaces", self.max_namespaces == new.max_namespaces),
             ("host_proc", self.host_proc == new.host_proc),
             (

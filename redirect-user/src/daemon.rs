@@ -28,7 +28,8 @@ use crate::{
     ebpf::{Redirector, Route},
     host_callers::{self, HostCallers},
     mock::ec2::Ec2Mock,
-    netns::{Planter, Procfs, Scope},
+    netns::{Planter, Procfs, Scope, Served},
+    policy::SharedRules,
     privileges,
     proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
     sock_diag::SockDiag,
@@ -148,7 +149,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         },
     };
     let names = own_names(&settings, &endpoints);
-    let rules = Arc::new(settings.policy.clone());
+    let rules = Arc::new(SharedRules::new(settings.policy.clone()));
     let host = Arc::new(HostCallers::new(
         crate::netns::own_netns().unwrap_or_default(),
         Arc::clone(&rules),
@@ -183,7 +184,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             endpoints,
             cgroups: cgroups.iter().map(|c| c.path.clone()).collect(),
             mount: mount.clone(),
-            rules,
+            rules: Arc::clone(&rules),
             max: settings.max_namespaces,
         };
         let mut planter = Planter::new(
@@ -213,6 +214,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     }
     let redirector = Arc::new(Mutex::new(redirector));
 
+    let served_now = served.clone();
     let status_fn = {
         let redirector = Arc::clone(&redirector);
         let host = Arc::clone(&host);
@@ -255,7 +257,15 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     let signal_name = loop {
         match signals.recv().await {
             Signal::Stop(name) => break name,
-            Signal::Reload => reload(&settings, &sources, mock.as_deref()),
+            Signal::Reload => {
+                let live = Live {
+                    mock: mock.as_deref(),
+                    rules: &rules,
+                    host: &host,
+                    served: served_now.as_ref(),
+                };
+                reload(&settings, &sources, &live);
+            }
             Signal::Ignored(name) => {
                 tracing::info!("{name} received; redirect has no use for it and goes on")
             }
@@ -283,9 +293,18 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     Ok(())
 }
 
-/// SIGHUP: reads the config file again and serves the mock's new values; what else changed
-/// is named and left as it is until a restart. A config that does not load changes nothing.
-fn reload(running: &Settings, sources: &Sources, mock: Option<&Ec2Mock>) {
+/// What a reload changes while serving.
+struct Live<'a> {
+    mock: Option<&'a Ec2Mock>,
+    rules: &'a SharedRules,
+    host: &'a HostCallers,
+    served: Option<&'a Served>,
+}
+
+/// SIGHUP: reads the config file again and serves the mock's new values and the new policy
+/// rules; what else changed is named and left as it is until a restart. A config that does
+/// not load changes nothing.
+fn reload(running: &Settings, sources: &Sources, live: &Live<'_>) {
     let Some(path) = &sources.file else {
         tracing::info!("SIGHUP: no --config file to reload; nothing changed");
         return;
@@ -303,7 +322,18 @@ fn reload(running: &Settings, sources: &Sources, mock: Option<&Ec2Mock>) {
             path.display()
         );
     }
-    match (mock, &new.backend) {
+    let policy_changed = live.rules.replace(new.policy.clone());
+    if policy_changed {
+        live.host.reapply();
+        if let Some(served) = live.served {
+            served.reapply();
+        }
+        tracing::info!(
+            "SIGHUP: the [[policy]] rules and container_labels from {} apply to every caller now",
+            path.display()
+        );
+    }
+    match (live.mock, &new.backend) {
         (Some(mock), BackendSettings::MockEc2(values)) => {
             if mock.reload((**values).clone()) {
                 tracing::info!(
@@ -317,10 +347,11 @@ fn reload(running: &Settings, sources: &Sources, mock: Option<&Ec2Mock>) {
                 );
             }
         }
-        _ => tracing::info!(
+        _ if !policy_changed => tracing::info!(
             "SIGHUP: {} reloaded; nothing to change live",
             path.display()
         ),
+        _ => {}
     }
 }
 

@@ -23,7 +23,7 @@ use crate::{
     docker::Container,
     ebpf::CallerPids,
     netns::Procfs,
-    policy::Rules,
+    policy::SharedRules,
     sock_diag::{DiagError, SockDiag},
 };
 
@@ -48,7 +48,7 @@ pub struct Kernel {
 
 pub struct HostCallers {
     netns: String,
-    rules: Arc<Rules>,
+    rules: Arc<SharedRules>,
     kernel: Kernel,
     state: Mutex<State>,
     /// Peers the kernel does not name: not a socket of this host (a non-loopback `--listen`),
@@ -76,7 +76,7 @@ pub struct HostCallerStatus {
 }
 
 impl HostCallers {
-    pub fn new(netns: String, rules: Arc<Rules>, kernel: Kernel) -> Self {
+    pub fn new(netns: String, rules: Arc<SharedRules>, kernel: Kernel) -> Self {
         HostCallers {
             unnamed: Arc::new(Caller::new(netns.clone(), true, String::new())),
             netns,
@@ -131,6 +131,15 @@ impl HostCallers {
             state.containers.clear();
         }
         state.containers.insert(container.id.clone(), container);
+    }
+
+    /// Applies the rules in force now to every host caller (after a reload).
+    pub fn reapply(&self) {
+        let state = self.lock();
+        for caller in state.by_cgroup.values() {
+            caller.reapply();
+        }
+        self.unnamed.reapply();
     }
 
     pub fn statuses(&self) -> Vec<HostCallerStatus> {

@@ -43,7 +43,7 @@ use crate::{
     ebpf::{NetnsEvents, NetnsWatch},
     host_callers::HostCallers,
     paths,
-    policy::Rules,
+    policy::SharedRules,
     proxy::ListenerSink,
 };
 
@@ -133,6 +133,14 @@ struct Entry {
 pub struct Served(Arc<Mutex<BTreeMap<NetnsId, Entry>>>);
 
 impl Served {
+    /// Applies the rules in force now to every served namespace's caller (after a reload).
+    pub fn reapply(&self) {
+        let entries = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for entry in entries.values() {
+            entry.caller.reapply();
+        }
+    }
+
     pub fn statuses(&self) -> Vec<NamespaceStatus> {
         let entries = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         entries
@@ -183,7 +191,7 @@ pub struct Scope {
     /// The cgroup v2 mount.
     pub mount: PathBuf,
     /// The operator's policy rules, for each caller found.
-    pub rules: Arc<Rules>,
+    pub rules: Arc<SharedRules>,
     /// Namespaces served at most.
     pub max: usize,
 }

@@ -15,7 +15,10 @@
 //! over the labels. `container_labels = false` ignores labels (on a host shared with people
 //! who start containers but must not choose their own role).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, PoisonError, RwLock},
+};
 
 use serde::Deserialize;
 
@@ -125,6 +128,31 @@ impl Rules {
             Some(c) if self.labels => Policy::from_labels(&c.labels),
             _ => (Policy::default(), Vec::new()),
         }
+    }
+}
+
+/// The rules in force: read when a caller is found or described, replaced on SIGHUP (the
+/// callers then apply the new ones, see `Caller::reapply`).
+#[derive(Debug, Default)]
+pub struct SharedRules(RwLock<Arc<Rules>>);
+
+impl SharedRules {
+    pub fn new(rules: Rules) -> Self {
+        SharedRules(RwLock::new(Arc::new(rules)))
+    }
+
+    pub fn current(&self) -> Arc<Rules> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts `rules` in force; whether they differ from those before.
+    pub fn replace(&self, rules: Rules) -> bool {
+        let mut current = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if **current == rules {
+            return false;
+        }
+        *current = Arc::new(rules);
+        true
     }
 }
 

@@ -48,6 +48,10 @@ pub const TESTS: &[(&str, super::TestFn)] = &[
         macvlan_containers_are_served,
     ),
     (
+        "a_caller_gone_mid_request_is_a_closed_connection",
+        a_caller_gone_mid_request_is_a_closed_connection,
+    ),
+    (
         "ten_thousand_namespaces_come_and_go_without_a_leak",
         ten_thousand_namespaces_come_and_go_without_a_leak,
     ),
@@ -525,4 +529,64 @@ fn ten_thousand_namespaces_come_and_go_without_a_leak() -> Result<()> {
         fds()?,
         status["namespaces"].as_array().map_or(0, Vec::len)
     )
+}
+
+/// A caller killed in the middle of its request, its namespace gone with it: the connection
+/// closes, its namespace's listeners close, nothing is logged as an error, and the next
+/// namespace is served as before.
+fn a_caller_gone_mid_request_is_a_closed_connection() -> Result<()> {
+    let MockSetup {
+        ns: host,
+        cg: _cg,
+        client,
+        daemon,
+    } = mock_setup(&["--docker", "off"])?;
+    let app = NetNs::new()?;
+    let app_resident = resident(&client, &app)?;
+    child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
+    wait_for_count(&daemon, "listening in network namespace", 1)?;
+    let mut holder = command_in(std::env::current_exe()?, Some(&client), Some(&app))?
+        .env(super::child::ROLE_ENV, "hold")
+        .arg("169.254.169.254:80")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    let holder = support::ChildGuard(Some(holder));
+    assert_eq!(line.trim(), r#"{"sent":true}"#);
+    let open = || -> Result<u64> {
+        Ok(daemon.status(&host)?["proxy"]["connections_open"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    for _ in 0..200 {
+        if open()? == 1 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(open()?, 1, "the half-sent request's connection");
+    drop(holder);
+    drop(app_resident);
+    drop(app);
+    wait_for_count(&daemon, "has no processes left: closed its listeners", 1)?;
+    for _ in 0..200 {
+        if open()? == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(open()?, 0, "closed with its caller");
+    let next = NetNs::new()?;
+    let _next_resident = resident(&client, &next)?;
+    child_role(&client, &next, "connect", &["169.254.169.254:80"])?;
+    wait_for_count(&daemon, "listening in network namespace", 2)?;
+    let answer = curl(&client, &next, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!(answer, (200, INSTANCE_ID.to_owned()));
+    let log = daemon.log();
+    ensure!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
+    Ok(())
 }

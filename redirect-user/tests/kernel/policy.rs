@@ -6,10 +6,16 @@ use anyhow::Result;
 
 use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, support};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[(
-    "container_labels_and_config_rules_deny_limit_and_name_roles",
-    container_labels_and_config_rules_deny_limit_and_name_roles,
-)];
+pub const TESTS: &[(&str, super::TestFn)] = &[
+    (
+        "container_labels_and_config_rules_deny_limit_and_name_roles",
+        container_labels_and_config_rules_deny_limit_and_name_roles,
+    ),
+    (
+        "config_rules_apply_to_every_caller_after_sighup",
+        config_rules_apply_to_every_caller_after_sighup,
+    ),
+];
 
 fn container_labels_and_config_rules_deny_limit_and_name_roles() -> Result<()> {
     use support::docker::{CgroupParent, Image, run_once};
@@ -83,5 +89,57 @@ fn container_labels_and_config_rules_deny_limit_and_name_roles() -> Result<()> {
         "a label that does not parse denies: {bad}"
     );
     daemon.wait_for_log("label redirect.deny=\"yes\": expected true or false")?;
+    Ok(())
+}
+
+/// The `[[policy]]` rules are read again on SIGHUP and apply at once to the callers already
+/// served, in another namespace and in the daemon's own.
+fn config_rules_apply_to_every_caller_after_sighup() -> Result<()> {
+    let host = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let mount = support::cgroup2_mount()?;
+    let cgroup = format!("/{}", client.strip_prefix(&mount)?.display());
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("redirect.toml");
+    let write = |rule: &str| std::fs::write(&config, format!("mock = \"ec2\"\n{rule}"));
+    write(&format!("[[policy]]\ncgroup = \"{cgroup}\"\ndeny = true\n"))?;
+    let daemon = Daemon::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--cgroup",
+            client.to_str().unwrap(),
+            "--docker",
+            "off",
+        ],
+        &host,
+        None,
+    )?;
+    let app = NetNs::new()?;
+    let _resident = super::command_in("sleep", Some(&client), Some(&app))?
+        .arg("600")
+        .spawn()
+        .map(|c| support::ChildGuard(Some(c)))?;
+    super::child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
+    daemon.wait_for_log("listening in network namespace")?;
+    let id = super::url("/latest/meta-data/instance-id");
+    for ns in [&app, &host] {
+        assert_eq!(
+            super::curl(&client, ns, &[], &id)?.0,
+            403,
+            "denied by the rule"
+        );
+    }
+    write("")?;
+    daemon.signal(libc::SIGHUP)?;
+    daemon.wait_for_log("[[policy]] rules and container_labels")?;
+    for ns in [&app, &host] {
+        assert_eq!(
+            super::curl(&client, ns, &[], &id)?,
+            (200, INSTANCE_ID.to_owned()),
+            "the rule is gone"
+        );
+    }
     Ok(())
 }

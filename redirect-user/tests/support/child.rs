@@ -20,6 +20,7 @@ pub fn run(role: &str) -> i32 {
         "idle-flood" => idle_flood(&args),
         "raw" => raw(&args),
         "churn" => churn(&args),
+        "hold" => hold(&args),
         _ => Err(format!("unknown role {role}")),
     };
     match result {
@@ -209,6 +210,24 @@ fn raw(args: &[String]) -> Result<serde_json::Value, String> {
     // some bytes keeps what came.
     let _ = stream.read_to_end(&mut answer);
     Ok(json!({ "answer": String::from_utf8_lossy(&answer) }))
+}
+
+/// `hold ADDR`: connects, sends half a request head, says so (`{"sent":true}`), and waits to
+/// be killed in the middle of its request.
+fn hold(args: &[String]) -> Result<serde_json::Value, String> {
+    let [addr] = args else {
+        return Err("usage: hold ADDR".into());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n")
+        .map_err(|e| e.to_string())?;
+    println!("{}", json!({ "sent": true }));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
 }
 
 /// `churn COUNT PARALLEL`: COUNT short-lived processes, PARALLEL at a time, each in a network
