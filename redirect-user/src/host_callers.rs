@@ -30,7 +30,8 @@ use crate::{
 /// Host cgroups kept as callers at once. Beyond it, those without a connection are let go
 /// (their request counts with them); if every one holds one, new ones are the unnamed caller.
 const MAX_CALLERS: usize = 1024;
-/// Cgroup ids whose paths are remembered (ids are never reused, so entries never go stale).
+/// Cgroup ids whose paths (or absence) are remembered (ids are never reused, so entries never
+/// go stale; a cgroup exists before its sockets, so one not found stays not found).
 const MAX_CGROUP_PATHS: usize = 4096;
 /// Host-network containers whose descriptions are kept for callers yet to connect.
 const MAX_CONTAINERS: usize = 4096;
@@ -61,7 +62,8 @@ struct State {
     by_cgroup: HashMap<String, Arc<Caller>>,
     /// The same callers by cgroup id, for the connections after the first.
     by_id: HashMap<u64, Arc<Caller>>,
-    cgroup_paths: HashMap<u64, String>,
+    /// `None`: searched for and not found (not visible to the daemon): not searched again.
+    cgroup_paths: HashMap<u64, Option<String>>,
     /// Docker's descriptions of host-network containers, by id.
     containers: HashMap<String, Container>,
 }
@@ -215,19 +217,19 @@ impl HostCallers {
     /// that one (the process may have moved, or its pid been reused), else searched for.
     fn cgroup_path(&self, id: u64, pid: Option<u32>) -> Option<String> {
         if let Some(path) = self.lock().cgroup_paths.get(&id) {
-            return Some(path.clone());
+            return path.clone();
         }
         let mount = self.kernel.mount.as_deref()?;
         let path = pid
             .and_then(|pid| self.kernel.proc.cgroup_of(pid))
             .filter(|path| inode(&mount.join(path.trim_start_matches('/'))) == Some(id))
-            .or_else(|| find_cgroup(mount, id))?;
+            .or_else(|| find_cgroup(mount, id));
         let mut state = self.lock();
         if state.cgroup_paths.len() >= MAX_CGROUP_PATHS {
             state.cgroup_paths.clear();
         }
         state.cgroup_paths.insert(id, path.clone());
-        Some(path)
+        path
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -249,7 +251,10 @@ fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
     let mut pending = vec![mount.to_path_buf()];
     let mut seen = 0;
     while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue; // removed meanwhile
+        };
+        for entry in entries.flatten() {
             if !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }

@@ -215,7 +215,10 @@ async fn handle(
         Ok(_) if !permitted => crate::mock::ec2::error(StatusCode::FORBIDDEN).map(Full::new),
         Ok(body) => {
             let req = Request::from_parts(parts, body);
-            shared.backend.respond(req, &policy, &shared.budget).await
+            shared
+                .backend
+                .respond(req, peer, &policy, &shared.budget)
+                .await
         }
         Err((refusal, unread)) => {
             if unread {

@@ -24,7 +24,7 @@ use super::{
     connection::plain,
     upstream::Upstream,
 };
-use crate::{config::UpstreamSettings, ebpf::Exemptions};
+use crate::{caller::Peer, config::UpstreamSettings, ebpf::Exemptions};
 
 /// Largest upstream response body passed on: beyond it, a 502.
 pub const MAX_RESPONSE_BODY: usize = 16 << 20;
@@ -63,8 +63,15 @@ impl Forwarder {
         self.settings.max_request_body
     }
 
-    /// A client that goes away drops this future, and with it the upstream request.
-    pub async fn forward(&self, req: Request<Bytes>, budget: &Budget) -> Response<Full<Bytes>> {
+    /// A client that goes away drops this future, and with it the upstream request. `peer`
+    /// names the caller in the log line of a failure (never to the upstream: the real
+    /// service gets no added header).
+    pub async fn forward(
+        &self,
+        req: Request<Bytes>,
+        peer: &Peer,
+        budget: &Budget,
+    ) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let limit = self.deadline(&parts.uri);
         let exchange = self.exchange(&parts, body, budget);
@@ -81,7 +88,7 @@ impl Forwarder {
             ),
         };
         let url = &self.settings.url;
-        tracing::warn!("upstream {url} {why}");
+        tracing::warn!("upstream {url} {why} (asked by {peer})");
         plain(status, format!("redirect: upstream {url} {why}\n"))
     }
 

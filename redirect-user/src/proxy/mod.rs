@@ -44,7 +44,7 @@ use forward::Forwarder;
 use idle::IdleList;
 
 use crate::{
-    caller::{Caller, Callers},
+    caller::{Caller, Callers, Peer},
     host_callers::HostCallers,
     mock::ec2::Ec2Mock,
     policy::Policy,
@@ -73,10 +73,11 @@ impl Backend {
         }
     }
 
-    /// Answers `req` from `policy`'s caller (the mock gives it its role).
+    /// Answers `req` from `peer`, whose policy is `policy` (the mock gives it its role).
     async fn respond(
         &self,
         req: Request<Bytes>,
+        peer: &Peer,
         policy: &Policy,
         budget: &Budget,
     ) -> Response<Full<Bytes>> {
@@ -84,7 +85,7 @@ impl Backend {
             Backend::Ec2(mock) => mock
                 .handle_as(&req, policy.ec2_role.as_deref())
                 .map(Full::new),
-            Backend::Upstream(forwarder) => forwarder.forward(req, budget).await,
+            Backend::Upstream(forwarder) => forwarder.forward(req, peer, budget).await,
         }
     }
 }

@@ -274,7 +274,7 @@ fn upstream_failures_become_gateway_errors() -> Result<()> {
         assert_eq!(code, 504, "{body}");
     }
     // Nothing listens on port 82: connection refused, answered at once.
-    let _daemon = Daemon::start(
+    let daemon = Daemon::start(
         &[
             "--upstream",
             "http://169.254.169.254:82",
@@ -287,5 +287,10 @@ fn upstream_failures_become_gateway_errors() -> Result<()> {
     let (code, body) = curl(&client, &ns, &[], &id)?;
     assert_eq!(code, 502, "{body}");
     assert!(body.contains("refused"), "{body}");
+    // The log names who asked, by the cgroup the kernel gives (the upstream is told nothing).
+    let mount = support::cgroup2_mount()?;
+    let asker = format!("(asked by host /{}", client.strip_prefix(&mount)?.display());
+    let log = daemon.log();
+    assert!(log.contains(&asker), "{asker} not in\n{log}");
     Ok(())
 }
