@@ -10,7 +10,7 @@
 use std::{
     fmt,
     sync::{
-        Arc, OnceLock, PoisonError, RwLock,
+        Arc, Mutex, OnceLock, PoisonError, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -46,6 +46,9 @@ pub struct Caller {
     /// The policy in force: the rules for its cgroup until (or without) Docker's
     /// description, then the rules or the labels for its container; again on a reload.
     policy: RwLock<Arc<Policy>>,
+    /// Held while the policy is computed and stored, so that a reload never stores the
+    /// policy of an undescribed caller over the one its description just gave.
+    applying: Mutex<()>,
     described: Notify,
     requests: AtomicU64,
     /// Client connections from this caller now (see `proxy::listener`).
@@ -68,6 +71,7 @@ impl Caller {
             container: OnceLock::new(),
             rules,
             policy: RwLock::new(Arc::new(policy)),
+            applying: Mutex::new(()),
             described: Notify::new(),
             requests: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -82,6 +86,7 @@ impl Caller {
     /// Docker's description: the names, and the policy the rules or its labels give (in force
     /// before the description is visible, so that no request sees one without the other).
     pub fn set_container(&self, container: Container) {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
         if self.container.get().is_some() {
             return;
         }
@@ -93,6 +98,7 @@ impl Caller {
 
     /// Applies the rules in force now (after a reload).
     pub fn reapply(&self) {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
         self.apply(self.container());
     }
 
