@@ -80,7 +80,20 @@ pub const BENCH_TOOLS: &[Tool] = &[
 
 /// Python packages, pinned so that runs are reproducible: the SDK the tests drive as a real
 /// client, and the benchmark's charting library.
-pub const PYTHON_TEST_PACKAGES: &[&str] = &["boto3==1.44.5"];
+pub const PYTHON_TEST_PACKAGES: &[&str] = &[
+    "boto3==1.44.5",
+    // What cloud-init's datasources import (Debian installs them as python3-* packages).
+    "requests==2.32.5",
+    "PyYAML==6.0.3",
+    "Jinja2==3.1.6",
+    "configobj==5.0.9",
+    "jsonpatch==1.33",
+    "jsonschema==4.25.1",
+];
+
+/// cloud-init as Debian ships it (bookworm), unpacked, not installed: the tests run its
+/// datasources as the real client of the mocks.
+pub const CLOUD_INIT_DEB: &str = "cloud-init=22.4.2-1+deb12u4";
 pub const PYTHON_BENCH_PACKAGES: &[&str] = &["matplotlib==3.10.9"];
 
 /// Finds `bin` on PATH or in the sbin directories a non-root PATH may lack.
@@ -158,4 +171,40 @@ pub fn ensure_python(workspace: &Path, name: &str, packages: &[&str]) -> Result<
         .args(packages))?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
+}
+
+/// `target/cloud-init/`: [`CLOUD_INIT_DEB`] downloaded and unpacked (`dpkg -x`); returns the
+/// directory to put on PYTHONPATH.
+pub fn ensure_cloud_init(workspace: &Path) -> Result<PathBuf> {
+    let dir = workspace.join("target/cloud-init");
+    let packages = dir.join("root/usr/lib/python3/dist-packages");
+    let stamp = dir.join(".installed");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == CLOUD_INIT_DEB) {
+        return Ok(packages);
+    }
+    eprintln!("xtask: unpacking {CLOUD_INIT_DEB} into {}", dir.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let download = || {
+        run(Command::new("apt-get")
+            .current_dir(&dir)
+            .args(["download", CLOUD_INIT_DEB]))
+    };
+    if download().is_err() {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("update"))?;
+        download()?;
+    }
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    run(Command::new("dpkg")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.join("root")))?;
+    std::fs::write(&stamp, CLOUD_INIT_DEB)?;
+    Ok(packages)
 }

@@ -216,8 +216,10 @@ fn build(workspace: &Path, release: bool) -> Result<PathBuf> {
 
 fn test(workspace: &Path, release: bool, args: &[OsString]) -> Result<()> {
     let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let mut cloud_init = None;
     let python = if host::is_root() {
         host::ensure_tools(host::TEST_TOOLS)?;
+        cloud_init = Some(host::ensure_cloud_init(workspace)?);
         Some(host::ensure_python(
             workspace,
             "test-venv",
@@ -237,6 +239,9 @@ fn test(workspace: &Path, release: bool, args: &[OsString]) -> Result<()> {
     }
     if let Some(python) = python {
         cargo.env("REDIRECT_TEST_PYTHON", python);
+    }
+    if let Some(cloud_init) = cloud_init {
+        cargo.env("REDIRECT_TEST_CLOUD_INIT", cloud_init);
     }
     if !args.is_empty() {
         cargo.arg("--").args(args);

@@ -96,7 +96,20 @@ pub struct Ec2Values {
     pub mac: String,
     pub region: String,
     pub availability_zone: String,
+    /// `placement/availability-zone-id`: the zone's id, the same in every account.
+    pub availability_zone_id: String,
     pub account_id: String,
+    /// The primary network interface (`network/interfaces/macs/<mac>/`), whose subnet and VPC
+    /// cloud-init builds the network configuration from.
+    pub interface_id: String,
+    pub subnet_id: String,
+    pub subnet_ipv4_cidr_block: String,
+    pub vpc_id: String,
+    pub vpc_ipv4_cidr_block: String,
+    pub security_group_id: String,
+    /// `public-keys/`: the launch key pair as `[name, openssh key]`; `[]`: none, as for an
+    /// instance launched without one (404).
+    pub public_keys: Vec<(String, String)>,
     /// The instance profile's role; `iam/security-credentials/` lists it.
     #[serde(deserialize_with = "de_role_name")]
     pub role_name: String,
@@ -122,7 +135,19 @@ impl Default for Ec2Values {
             mac: "0e:49:61:0f:c3:11".into(),
             region: "us-east-1".into(),
             availability_zone: "us-east-1a".into(),
+            availability_zone_id: "use1-az6".into(),
             account_id: "123456789012".into(),
+            interface_id: "eni-0123456789abcdef0".into(),
+            subnet_id: "subnet-0123456789abcdef0".into(),
+            subnet_ipv4_cidr_block: "172.31.16.0/20".into(),
+            vpc_id: "vpc-0123456789abcdef0".into(),
+            vpc_ipv4_cidr_block: "172.31.0.0/16".into(),
+            security_group_id: "sg-0123456789abcdef0".into(),
+            // A key nobody holds the private half of (generated for the mock, then dropped).
+            public_keys: vec![(
+                "redirect-mock".into(),
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdn64tja8pwcDUbaCmvStoVpTGDi5Ee8Qb40/GlwW1i redirect-mock".into(),
+            )],
             role_name: "redirect-mock-role".into(),
             // AWS's documentation example keys: obviously not real, accepted by every SDK.
             access_key_id: "ASIAIOSFODNN7EXAMPLE".into(),
@@ -165,6 +190,9 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 /// A node of the metadata tree. Dynamic leaves are rendered per request (timestamps).
 enum Node {
     Dir(BTreeMap<String, Node>),
+    /// A directory whose listing names its entries otherwise: `public-keys/` lists `0=name`
+    /// and serves `public-keys/0/`.
+    Listed(BTreeMap<String, Node>, Bytes),
     Text(Bytes),
     IamInfo,
     Credentials,
@@ -345,12 +373,15 @@ impl Instance {
                 break;
             }
             match node {
-                Node::Dir(children) => node = children.get(segment)?,
+                Node::Dir(children) | Node::Listed(children, _) => {
+                    node = children.get(segment)?;
+                }
                 _ => return None,
             }
         }
         Some(match node {
             Node::Dir(children) => text(listing(children).into()),
+            Node::Listed(_, listing) => text(listing.clone()),
             Node::Text(value) => text(value.clone()),
             Node::UserData(data) => {
                 let mut resp = text(data.clone());
@@ -448,6 +479,13 @@ fn build_tree(v: &Ec2Values) -> Node {
                 ),
             ]),
         ),
+        (
+            "events",
+            dir([(
+                "maintenance",
+                dir([("history", t("[]")), ("scheduled", t("[]"))]),
+            )]),
+        ),
         ("instance-action", t("none")),
         ("instance-id", t(&v.instance_id)),
         ("instance-life-cycle", t("on-demand")),
@@ -456,9 +494,20 @@ fn build_tree(v: &Ec2Values) -> Node {
         ("local-ipv4", t(&v.local_ipv4.to_string())),
         ("mac", t(&v.mac)),
         (
+            "network",
+            dir([(
+                "interfaces",
+                dir([(
+                    "macs",
+                    Node::Dir(BTreeMap::from([(v.mac.clone(), interface(v))])),
+                )]),
+            )]),
+        ),
+        (
             "placement",
             dir([
                 ("availability-zone", t(&v.availability_zone)),
+                ("availability-zone-id", t(&v.availability_zone_id)),
                 ("region", t(&v.region)),
             ]),
         ),
@@ -470,6 +519,10 @@ fn build_tree(v: &Ec2Values) -> Node {
             dir([("domain", t("amazonaws.com")), ("partition", t("aws"))]),
         ),
     ]);
+    let mut meta_data = meta_data;
+    if let (Node::Dir(entries), false) = (&mut meta_data, v.public_keys.is_empty()) {
+        entries.insert("public-keys".to_owned(), public_keys(&v.public_keys));
+    }
     let dynamic = dir([(
         "instance-identity",
         dir([("document", Node::IdentityDocument)]),
@@ -487,11 +540,67 @@ fn build_tree(v: &Ec2Values) -> Node {
     Node::Dir(latest)
 }
 
+/// `network/interfaces/macs/<mac>/` of the primary interface, as a Nitro instance in a VPC
+/// serves it (cloud-init reads device-number, local-ipv4s and the subnet's CIDR blocks).
+fn interface(v: &Ec2Values) -> Node {
+    let t = |s: &str| Node::Text(Bytes::from(s.to_owned()));
+    let entries = [
+        ("device-number", t("0")),
+        ("interface-id", t(&v.interface_id)),
+        ("local-hostname", t(&v.hostname)),
+        ("local-ipv4s", t(&v.local_ipv4.to_string())),
+        ("mac", t(&v.mac)),
+        ("network-card-index", t("0")),
+        ("owner-id", t(&v.account_id)),
+        ("security-group-ids", t(&v.security_group_id)),
+        ("security-groups", t("default")),
+        ("subnet-id", t(&v.subnet_id)),
+        ("subnet-ipv4-cidr-block", t(&v.subnet_ipv4_cidr_block)),
+        ("vpc-id", t(&v.vpc_id)),
+        ("vpc-ipv4-cidr-block", t(&v.vpc_ipv4_cidr_block)),
+        ("vpc-ipv4-cidr-blocks", t(&v.vpc_ipv4_cidr_block)),
+    ];
+    Node::Dir(
+        entries
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n))
+            .collect(),
+    )
+}
+
+/// `public-keys/`: lists `0=name` (one line per key), and `public-keys/0/` lists
+/// `openssh-key`, which is the key.
+fn public_keys(keys: &[(String, String)]) -> Node {
+    let listing: Vec<String> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| format!("{i}={name}"))
+        .collect();
+    let children = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (_, key))| {
+            let key = Node::Text(Bytes::from(key.clone()));
+            (
+                i.to_string(),
+                Node::Dir(BTreeMap::from([("openssh-key".to_owned(), key)])),
+            )
+        })
+        .collect();
+    Node::Listed(
+        children,
+        Bytes::from(listing.join(
+            "
+",
+        )),
+    )
+}
+
 fn listing(children: &BTreeMap<String, Node>) -> String {
     let names: Vec<String> = children
         .iter()
         .map(|(name, node)| match node {
-            Node::Dir(_) => format!("{name}/"),
+            Node::Dir(_) | Node::Listed(..) => format!("{name}/"),
             _ => name.clone(),
         })
         .collect();
@@ -624,6 +733,56 @@ mod tests {
         let resp = m.handle(&req(Method::GET, "/latest/meta-data/instance-id", &[]));
         assert_eq!(resp.headers()["server"], "EC2ws");
         assert_eq!(resp.headers()["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn network_interfaces_and_public_keys() {
+        let m = mock();
+        let mac = "/latest/meta-data/network/interfaces/macs/";
+        assert_eq!(get(&m, mac).1, "0e:49:61:0f:c3:11/");
+        let interface = format!("{mac}0e:49:61:0f:c3:11/");
+        let listing = get(&m, &interface).1;
+        for entry in [
+            "device-number",
+            "local-ipv4s",
+            "subnet-ipv4-cidr-block",
+            "vpc-id",
+        ] {
+            assert!(listing.lines().any(|l| l == entry), "{entry}: {listing:?}");
+        }
+        assert_eq!(get(&m, &format!("{interface}device-number")).1, "0");
+        assert_eq!(
+            get(&m, &format!("{interface}subnet-ipv4-cidr-block")).1,
+            "172.31.16.0/20"
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/public-keys/").1,
+            "0=redirect-mock"
+        );
+        assert_eq!(get(&m, "/latest/meta-data/public-keys/0/").1, "openssh-key");
+        let key = get(&m, "/latest/meta-data/public-keys/0/openssh-key").1;
+        assert!(key.starts_with("ssh-ed25519 "), "{key}");
+        assert_eq!(
+            get(&m, "/latest/meta-data/public-keys/1/").0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/placement/availability-zone-id").1,
+            "use1-az6"
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/events/maintenance/scheduled").1,
+            "[]"
+        );
+        let without = Ec2Mock::new(Ec2Values {
+            public_keys: Vec::new(),
+            ..Ec2Values::default()
+        });
+        assert_eq!(
+            get(&without, "/latest/meta-data/public-keys/").0,
+            StatusCode::NOT_FOUND,
+            "launched without a key pair"
+        );
     }
 
     #[test]

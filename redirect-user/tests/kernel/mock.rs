@@ -4,6 +4,10 @@ use super::*;
 
 pub const TESTS: &[(&str, TestFn)] = &[
     (
+        "cloud_init_ec2_crawls_the_whole_tree_and_builds_network_config",
+        cloud_init_ec2_crawls_the_whole_tree_and_builds_network_config,
+    ),
+    (
         "mock_end_to_end_with_curl_and_status",
         mock_end_to_end_with_curl_and_status,
     ),
@@ -302,5 +306,40 @@ fn config_file_and_flag_overrides() -> Result<()> {
         listen.starts_with("127.0.0.1:") && listen != "127.0.0.1:0" && listen != "127.0.0.1:9000",
         "{listen}"
     );
+    Ok(())
+}
+
+/// cloud-init's Ec2 datasource (Debian's package, unpacked by `cargo xtask test`) crawls the
+/// mock's whole `meta-data/` tree by its listings, as on an instance (any listed entry that
+/// does not answer throws the crawl away), then builds its network configuration from
+/// `network/interfaces/macs/<mac>/` and finds the launch key under `public-keys/`.
+fn cloud_init_ec2_crawls_the_whole_tree_and_builds_network_config() -> Result<()> {
+    let python = test_python()?;
+    let cloud_init = std::env::var("REDIRECT_TEST_CLOUD_INIT").context(
+        "REDIRECT_TEST_CLOUD_INIT is not set: run the tests with `cargo xtask test`, which unpacks cloud-init",
+    )?;
+    let s = mock_setup(&[])?;
+    let script = r#"
+import json
+from cloudinit.sources.helpers import ec2
+from cloudinit.sources import DataSourceEc2
+md = ec2.get_instance_metadata(api_version="2021-03-23",
+                               metadata_address="http://169.254.169.254", retries=0)
+mac = md["mac"]
+net = DataSourceEc2.convert_ec2_metadata_network_config(md["network"], macs_to_nics={mac: "eth0"})
+print(json.dumps({"instance_id": md["instance-id"], "keys": md["public-keys"],
+                  "az_id": md["placement"]["availability-zone-id"], "net": net}))
+"#;
+    let out = sh(command_in(&python, Some(&s.client), Some(&s.ns))?
+        .env("PYTHONPATH", &cloud_init)
+        .args(["-c", script]))?;
+    let got: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    assert_eq!(got["instance_id"], INSTANCE_ID, "{got}");
+    assert_eq!(got["az_id"], "use1-az6", "{got}");
+    let keys = got["keys"].to_string();
+    assert!(keys.contains("ssh-ed25519 AAAA"), "{got}");
+    let eth0 = &got["net"]["ethernets"]["eth0"];
+    assert_eq!(eth0["match"]["macaddress"], "0e:49:61:0f:c3:11", "{got}");
+    assert_eq!(eth0["dhcp4"], true, "{got}");
     Ok(())
 }
