@@ -68,6 +68,15 @@ struct State {
     containers: HashMap<String, Container>,
 }
 
+impl State {
+    fn remember_id(&mut self, id: u64, caller: &Arc<Caller>) {
+        if self.by_id.len() >= MAX_CGROUP_PATHS {
+            self.by_id.clear();
+        }
+        self.by_id.insert(id, Arc::clone(caller));
+    }
+}
+
 /// One host cgroup's caller, as `redirect status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostCallerStatus {
@@ -178,10 +187,7 @@ impl HostCallers {
     fn caller_for(&self, id: u64, cgroup: String) -> Arc<Caller> {
         let mut state = self.lock();
         if let Some(caller) = state.by_cgroup.get(&cgroup).cloned() {
-            if state.by_id.len() >= MAX_CGROUP_PATHS {
-                state.by_id.clear();
-            }
-            state.by_id.insert(id, Arc::clone(&caller));
+            state.remember_id(id, &caller);
             return caller;
         }
         if state.by_cgroup.len() >= MAX_CALLERS {
@@ -206,10 +212,7 @@ impl HostCallers {
             caller.set_container(container.clone());
         }
         state.by_cgroup.insert(cgroup, Arc::clone(&caller));
-        if state.by_id.len() >= MAX_CGROUP_PATHS {
-            state.by_id.clear();
-        }
-        state.by_id.insert(id, Arc::clone(&caller));
+        state.remember_id(id, &caller);
         caller
     }
 

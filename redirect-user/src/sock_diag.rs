@@ -146,29 +146,9 @@ fn same_family(ip: IpAddr, family: u8) -> IpAddr {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        net::{TcpListener, TcpStream},
-        os::fd::AsRawFd as _,
-    };
+    use std::net::{TcpListener, TcpStream};
 
     use super::*;
-
-    fn cookie_of(stream: &TcpStream) -> u64 {
-        let mut cookie = 0u64;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: SO_COOKIE writes a u64 into `cookie`.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut cookie).cast(),
-                &raw mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        cookie
-    }
 
     /// The real kernel: the peer of an accepted loopback connection is the client's socket,
     /// with its cookie, owner and cgroup; once closed, it is not found.
@@ -183,7 +163,10 @@ mod tests {
             let (accepted, peer) = listener.accept().unwrap();
             let local = accepted.local_addr().unwrap();
             let found = diag.find(peer, local).unwrap();
-            assert_eq!(found.cookie, cookie_of(&client));
+            assert_eq!(
+                found.cookie,
+                socket2::SockRef::from(&client).cookie().unwrap()
+            );
             // SAFETY: getuid cannot fail.
             assert_eq!(found.uid, unsafe { libc::getuid() });
             assert!(found.cgroup_id.is_some_and(|id| id > 0), "{found:?}");

@@ -237,18 +237,14 @@ fn idle_flood_never_locks_a_new_caller_out() -> Result<()> {
         .as_u64()
         .context("max_connections")?;
     assert!((1..256).contains(&limit), "limit {limit}");
-    let mut flood = command_in(std::env::current_exe()?, Some(&client), Some(&ns))?
-        .env(child::ROLE_ENV, "idle-flood")
-        .args(["169.254.169.254:80", "600"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(flood.stdout.take().context("stdout")?),
-        &mut line,
+    let (flood, line) = support::ChildGuard::first_line(
+        command_in(std::env::current_exe()?, Some(&client), Some(&ns))?
+            .env(child::ROLE_ENV, "idle-flood")
+            .args(["169.254.169.254:80", "600"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?,
     )?;
-    let flood = support::ChildGuard(Some(flood));
     assert_eq!(line.trim(), r#"{"opened":600}"#);
     // Connected is not yet accepted: wait until the daemon has taken them all (the limit
     // only turns a daemon that never does into a failure instead of a hung test).

@@ -71,11 +71,16 @@ fn netns_name(path: &Path) -> Result<String> {
 }
 
 /// A process that keeps `ns` in use (a namespace without processes is not served).
-fn resident(cgroup: &Path, ns: &NetNs) -> Result<support::ChildGuard> {
+pub fn resident(cgroup: &Path, ns: &NetNs) -> Result<support::ChildGuard> {
     let child = command_in("sleep", Some(cgroup), Some(ns))?
         .arg("600")
         .spawn()?;
     Ok(support::ChildGuard(Some(child)))
+}
+
+/// Descriptors the daemon holds now.
+fn open_fds(daemon: &Daemon) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))?.count())
 }
 
 /// Waits until the daemon has logged `needle` at least `n` times.
@@ -165,9 +170,7 @@ fn namespaces_that_empty_close_their_listeners() -> Result<()> {
         client,
         daemon,
     } = mock_setup(&["--docker", "off"])?;
-    let fds = || -> Result<usize> {
-        Ok(std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))?.count())
-    };
+    let fds = || open_fds(&daemon);
     let before = fds()?;
     for round in 1..=ROUNDS {
         let app = NetNs::new()?;
@@ -499,9 +502,7 @@ fn ten_thousand_namespaces_come_and_go_without_a_leak() -> Result<()> {
         client,
         daemon,
     } = mock_setup(&["--docker", "off"])?;
-    let fds = || -> Result<usize> {
-        Ok(std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))?.count())
-    };
+    let fds = || open_fds(&daemon);
     let before = fds()?;
     let churned = child_role(&client, &host, "churn", &[&COUNT.to_string(), "8"])?;
     let warnings: Vec<String> = daemon
@@ -545,17 +546,13 @@ fn a_caller_gone_mid_request_is_a_closed_connection() -> Result<()> {
     let app_resident = resident(&client, &app)?;
     child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
     wait_for_count(&daemon, "listening in network namespace", 1)?;
-    let mut holder = command_in(std::env::current_exe()?, Some(&client), Some(&app))?
-        .env(super::child::ROLE_ENV, "hold")
-        .arg("169.254.169.254:80")
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().context("stdout")?),
-        &mut line,
+    let (holder, line) = support::ChildGuard::first_line(
+        command_in(std::env::current_exe()?, Some(&client), Some(&app))?
+            .env(super::child::ROLE_ENV, "hold")
+            .arg("169.254.169.254:80")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?,
     )?;
-    let holder = support::ChildGuard(Some(holder));
     assert_eq!(line.trim(), r#"{"sent":true}"#);
     let open = || -> Result<u64> {
         Ok(daemon.status(&host)?["proxy"]["connections_open"]

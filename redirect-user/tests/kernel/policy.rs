@@ -117,10 +117,7 @@ fn config_rules_apply_to_every_caller_after_sighup() -> Result<()> {
         None,
     )?;
     let app = NetNs::new()?;
-    let _resident = super::command_in("sleep", Some(&client), Some(&app))?
-        .arg("600")
-        .spawn()
-        .map(|c| support::ChildGuard(Some(c)))?;
+    let _resident = super::namespaces::resident(&client, &app)?;
     super::child_role(&client, &app, "connect", &["169.254.169.254:80"])?;
     daemon.wait_for_log("listening in network namespace")?;
     let id = super::url("/latest/meta-data/instance-id");

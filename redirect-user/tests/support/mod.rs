@@ -679,6 +679,20 @@ pub fn child_role(
 pub struct ChildGuard(pub Option<Child>);
 
 impl ChildGuard {
+    /// Guards `child` (spawned with its stdout piped) and reads the first line it prints:
+    /// a role saying it is ready. The child is stopped on drop even if the read fails.
+    pub fn first_line(child: Child) -> Result<(Self, String)> {
+        let mut guard = ChildGuard(Some(child));
+        let stdout = guard
+            .0
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("stdout not piped")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut BufReader::new(stdout), &mut line)?;
+        Ok((guard, line))
+    }
+
     /// Waits for the child; its stdout, if it exited 0.
     pub fn wait_with_output(mut self) -> Result<Vec<u8>> {
         let child = self.0.take().context("already waited for")?;
