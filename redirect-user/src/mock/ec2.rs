@@ -218,8 +218,8 @@ struct Instance {
     root: Node,
 }
 
-/// Bodies are complete at construction; the proxy wraps them for hyper.
-pub type Resp = Response<Bytes>;
+pub use super::Resp;
+use super::{Answer, Cloud, CloudKind};
 
 impl Ec2Mock {
     pub fn new(values: Ec2Values) -> Self {
@@ -288,6 +288,20 @@ impl Ec2Mock {
 
     fn instance(&self) -> Arc<Instance> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl Cloud for Ec2Mock {
+    fn kind(&self) -> CloudKind {
+        CloudKind::Ec2
+    }
+
+    fn handle(&self, req: &Request<Bytes>, identity: Option<&str>) -> Answer {
+        Answer::Now(self.handle_as(req, identity))
+    }
+
+    fn forbidden(&self) -> Resp {
+        error(StatusCode::FORBIDDEN)
     }
 }
 
