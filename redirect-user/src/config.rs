@@ -14,7 +14,10 @@ use std::{
 
 use serde::{Deserialize, Deserializer, de};
 
-use crate::{mock::ec2::Ec2Values, paths};
+use crate::{
+    mock::{CloudKind, MockValues, azure::AzureValues, ec2::Ec2Values},
+    paths,
+};
 
 /// Default proxy address: loopback (never exposed to the network) on a port that is not 80.
 pub const DEFAULT_LISTEN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8169);
@@ -40,8 +43,9 @@ pub fn default_targets() -> Vec<Target> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
-    /// Serve a built-in mock (`"ec2"`).
-    pub mock: Option<MockKind>,
+    /// Serve a built-in mock: `"ec2"`, `"azure"`, `"gcp"`, `"openstack"` or `"cloudstack"`,
+    /// the cloud of callers whose policy names none.
+    pub mock: Option<CloudKind>,
     /// Forward to this metadata service instead.
     pub upstream: Option<UpstreamUrl>,
     /// Where the built-in proxy listens.
@@ -94,6 +98,8 @@ pub struct FileConfig {
     pub workers: Option<usize>,
     /// Values served by the EC2 mock.
     pub ec2: Ec2Values,
+    /// Values served by the Azure mock.
+    pub azure: AzureValues,
 }
 
 /// A config file that could not be used, with where the problem is.
@@ -152,14 +158,6 @@ fn line_of(text: &str, offset: usize) -> usize {
         .filter(|&&b| b == b'\n')
         .count()
         + 1
-}
-
-/// Which built-in mock to serve.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum MockKind {
-    /// AWS EC2 instance metadata (IMDSv1 and v2).
-    Ec2,
 }
 
 /// The upstream metadata service: `http://HOST[:PORT]`, nothing after the authority.
@@ -392,7 +390,7 @@ fn de_redirect_to<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ProxyAddrs>,
 /// 188,000 with one).
 pub fn default_workers(backend: &Backend) -> usize {
     match backend {
-        Backend::MockEc2(_) => 1,
+        Backend::Mock { .. } => 1,
         Backend::Upstream(_) | Backend::External => {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
@@ -523,8 +521,12 @@ pub struct Settings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Backend {
-    /// The built-in EC2 mock, with these values.
-    MockEc2(Box<Ec2Values>),
+    /// The built-in mocks, with these values; `default` serves callers whose policy names no
+    /// cloud.
+    Mock {
+        default: CloudKind,
+        values: Box<MockValues>,
+    },
     Upstream(UpstreamSettings),
     /// No proxy here: redirected connects go to a proxy another program serves (`--redirect-to`).
     External,
@@ -564,7 +566,7 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 64 << 10;
 /// What the flags of `redirect run` say; `None`/empty means "not given".
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    pub mock: Option<MockKind>,
+    pub mock: Option<CloudKind>,
     pub upstream: Option<UpstreamUrl>,
     pub redirect_to: Vec<RedirectToAddr>,
     pub listen: Vec<ListenAddr>,
@@ -641,8 +643,15 @@ impl Settings {
         if let Some(t) = flags.http_tokens {
             ec2.http_tokens = t;
         }
+        let values = MockValues {
+            ec2,
+            azure: file.azure,
+        };
         let backend = match (mock, upstream, redirect_to.is_some()) {
-            (Some(MockKind::Ec2), None, false) => Backend::MockEc2(Box::new(ec2)),
+            (Some(default), None, false) => Backend::Mock {
+                default,
+                values: Box::new(values),
+            },
             (None, Some(url), false) => Backend::Upstream(UpstreamSettings {
                 url,
                 connect_timeout: flags
@@ -661,7 +670,7 @@ impl Settings {
             (None, None, true) => Backend::External,
             (None, None, false) => {
                 return Err(
-                    "nothing to serve: pass --mock (built-in EC2 mock), --upstream URL or --redirect-to \
+                    "nothing to serve: pass --mock [ec2|azure|gcp|openstack|cloudstack] (a built-in mock), --upstream URL or --redirect-to \
                      ADDR:PORT, or set `mock`, `upstream` or `redirect_to` in the config file"
                         .to_owned(),
                 );
@@ -782,10 +791,10 @@ impl Sources {
 
 impl Settings {
     /// The settings (config keys) that differ in `new` and take effect only on a restart:
-    /// all but the mock's values and the policy rules, which a reload applies.
+    /// all but the mocks' values and the policy rules, which a reload applies.
     pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
         let same_backend = match (&self.backend, &new.backend) {
-            (Backend::MockEc2(_), Backend::MockEc2(_)) => true,
+            (Backend::Mock { default: a, .. }, Backend::Mock { default: b, .. }) => a == b,
             (a, b) => a == b,
         };
         [
@@ -844,7 +853,7 @@ mod tests {
         let s = Settings::resolve(
             file,
             Overrides {
-                mock: Some(MockKind::Ec2),
+                mock: Some(CloudKind::Ec2),
                 ..Default::default()
             },
         )
@@ -868,7 +877,7 @@ mod tests {
     #[test]
     fn a_reload_names_what_needs_a_restart() {
         let mock = Overrides {
-            mock: Some(MockKind::Ec2),
+            mock: Some(CloudKind::Ec2),
             ..Default::default()
         };
         let before = Settings::resolve(parse("").unwrap(), mock.clone()).unwrap();
@@ -954,7 +963,7 @@ mod tests {
         let s = Settings::resolve(
             file,
             Overrides {
-                mock: Some(MockKind::Ec2),
+                mock: Some(CloudKind::Ec2),
                 listen: vec!["127.0.0.2:2".parse().unwrap()],
                 cgroups: vec!["/b".into(), "/c".into()],
                 http_tokens: Some(HttpTokens::Required),
@@ -964,10 +973,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.idle_timeout, Duration::from_secs(9));
-        let Backend::MockEc2(ec2) = &s.backend else {
+        let Backend::Mock { values, .. } = &s.backend else {
             panic!("--mock must win over the file's upstream")
         };
-        assert_eq!(ec2.http_tokens, HttpTokens::Required);
+        assert_eq!(values.ec2.http_tokens, HttpTokens::Required);
         assert_eq!(s.proxy.v4, Some("127.0.0.2:2".parse().unwrap()));
         assert_eq!(s.cgroups, vec![PathBuf::from("/b"), PathBuf::from("/c")]);
     }
@@ -1001,7 +1010,7 @@ mod tests {
         assert!(!s.policy.labels);
         assert_eq!(s.policy.rules.len(), 2);
         assert_eq!(
-            s.policy.rules[0].policy.ec2_role.as_deref(),
+            s.policy.rules[0].policy.identity.as_deref(),
             Some("app-role")
         );
         assert_eq!(s.policy.rules[1].image.as_deref(), Some("myorg/*"));
@@ -1082,7 +1091,7 @@ mod tests {
         let e = Settings::resolve(
             FileConfig::default(),
             Overrides {
-                mock: Some(MockKind::Ec2),
+                mock: Some(CloudKind::Ec2),
                 listen: vec!["[::1]:8169".parse().unwrap()],
                 ..Default::default()
             },
@@ -1120,11 +1129,11 @@ mod tests {
         assert!(matches!(s.backend, Backend::External));
         let file = parse("redirect_to = [\"127.0.0.1:9000\"]\n").unwrap();
         let flags = Overrides {
-            mock: Some(MockKind::Ec2),
+            mock: Some(CloudKind::Ec2),
             ..Default::default()
         };
         let s = Settings::resolve(file, flags).unwrap();
-        assert!(matches!(s.backend, Backend::MockEc2(_)));
+        assert!(matches!(s.backend, Backend::Mock { .. }));
         assert_eq!(
             s.proxy.v4,
             Some(DEFAULT_LISTEN),

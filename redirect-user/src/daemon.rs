@@ -27,7 +27,7 @@ use crate::{
     control::ControlSocket,
     ebpf::{Redirector, Route},
     host_callers::{self, HostCallers},
-    mock::ec2::Ec2Mock,
+    mock::{CloudKind, Mocks},
     netns::{Planter, Procfs, Scope, Served},
     policy::SharedRules,
     privileges,
@@ -99,9 +99,12 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     }
 
     let serving = match &settings.backend {
-        BackendSettings::MockEc2(ec2) => format!(
-            "built-in EC2 mock (IMDSv2 tokens {}) on {}",
-            ec2.http_tokens,
+        BackendSettings::Mock { default, values } => format!(
+            "built-in {default} mock{} on {}",
+            match default {
+                CloudKind::Ec2 => format!(" (IMDSv2 tokens {})", values.ec2.http_tokens),
+                _ => String::new(),
+            },
             join(proxy_addrs.iter())
         ),
         BackendSettings::Upstream(upstream) => {
@@ -122,10 +125,10 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     // What each proxy worker serves: the mock is shared; each worker keeps its own upstream
     // connections.
     let backend: Option<Box<dyn Fn() -> Backend>> = match &settings.backend {
-        BackendSettings::MockEc2(ec2) => {
-            let ec2 = Arc::new(Ec2Mock::new((**ec2).clone()));
-            mock = Some(Arc::clone(&ec2));
-            Some(Box::new(move || Backend::Ec2(Arc::clone(&ec2))))
+        BackendSettings::Mock { default, values } => {
+            let mocks = Arc::new(Mocks::new(*default, values));
+            mock = Some(Arc::clone(&mocks));
+            Some(Box::new(move || Backend::Mock(Arc::clone(&mocks))))
         }
         BackendSettings::Upstream(upstream) => {
             let upstream = upstream.clone();
@@ -295,7 +298,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
 
 /// What a reload changes while serving.
 struct Live<'a> {
-    mock: Option<&'a Ec2Mock>,
+    mock: Option<&'a Mocks>,
     rules: &'a SharedRules,
     host: &'a HostCallers,
     served: Option<&'a Served>,
@@ -334,15 +337,17 @@ fn reload(running: &Settings, sources: &Sources, live: &Live<'_>) {
         );
     }
     match (live.mock, &new.backend) {
-        (Some(mock), BackendSettings::MockEc2(values)) => {
-            if mock.reload((**values).clone()) {
+        (Some(mock), BackendSettings::Mock { values, .. }) => {
+            let changed = mock.reload(values);
+            if changed.is_empty() {
                 tracing::info!(
-                    "SIGHUP: serving the new [ec2] values from {}",
+                    "SIGHUP: the mocks' values in {} are unchanged",
                     path.display()
                 );
-            } else {
+            }
+            for cloud in changed {
                 tracing::info!(
-                    "SIGHUP: the [ec2] values in {} are unchanged",
+                    "SIGHUP: serving the new [{cloud}] values from {}",
                     path.display()
                 );
             }

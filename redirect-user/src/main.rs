@@ -8,11 +8,11 @@ use clap::{Args, Parser, Subcommand};
 
 use redirect::{
     config::{
-        self, ListenAddr, MockKind, Overrides, RedirectToAddr, Sources, Target, UpstreamUrl,
-        parse_duration, parse_timeout,
+        self, ListenAddr, Overrides, RedirectToAddr, Sources, Target, UpstreamUrl, parse_duration,
+        parse_timeout,
     },
     control, daemon,
-    mock::ec2::HttpTokens,
+    mock::{CloudKind, ec2::HttpTokens},
     paths,
 };
 
@@ -50,9 +50,10 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Serve a built-in mock of the metadata service. KIND: ec2 (the default).
+    /// Serve a built-in mock of the metadata service. KIND: ec2 (the default), azure, gcp,
+    /// openstack or cloudstack: the cloud of callers whose policy names none.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "ec2", value_name = "KIND", conflicts_with_all = ["upstream", "redirect_to"])]
-    mock: Option<MockKind>,
+    mock: Option<CloudKind>,
     /// Forward to this metadata service, e.g. http://169.254.169.254. The daemon's own connects
     /// to it are never redirected.
     #[arg(long, value_name = "URL", conflicts_with = "redirect_to")]

@@ -5,7 +5,10 @@
 //!   one (EC2: 403);
 //! - `redirect.allow=/latest/meta-data/placement/,/latest/meta-data/instance-id`: only paths
 //!   under these prefixes (the IMDSv2 token path is always allowed: a token grants nothing);
-//! - `redirect.ec2.role=NAME`: in mock mode, the IAM role the container's credentials are for.
+//! - `redirect.cloud=azure`: in mock mode, the cloud the container sees (default: `--mock`'s);
+//! - `redirect.identity=NAME`: in mock mode, the container's identity in its cloud: EC2's
+//!   instance-profile role (also `redirect.ec2.role`), Azure's managed identity (a
+//!   user-assigned one's name or client id, or `system`), GCP's default service account.
 //!
 //! A label that does not parse denies the container (fail closed), with a log line naming the
 //! container, the label and the fix.
@@ -24,7 +27,10 @@ use serde::Deserialize;
 
 use crate::{
     docker::Container,
-    mock::ec2::{TOKEN_PATH, is_role_name},
+    mock::{
+        CloudKind,
+        ec2::{TOKEN_PATH, is_role_name},
+    },
 };
 
 /// The labels' prefix.
@@ -35,8 +41,11 @@ pub struct Policy {
     pub deny: bool,
     /// Path prefixes; empty: every path.
     pub allow: Vec<String>,
-    /// The EC2 mock's role name for this caller.
-    pub ec2_role: Option<String>,
+    /// The mock's cloud for this caller; none: the default.
+    pub cloud: Option<CloudKind>,
+    /// The caller's identity in its mocked cloud (see the module's doc); none: the
+    /// configured default.
+    pub identity: Option<String>,
 }
 
 impl Policy {
@@ -70,14 +79,20 @@ impl Policy {
                         policy.allow = prefixes;
                     }
                 }
-                "ec2.role" => {
+                "identity" | "ec2.role" => {
                     if !is_role_name(value) {
-                        bad("a role name without '/' or spaces");
+                        bad("a name without '/' or spaces");
                     } else {
-                        policy.ec2_role = Some(value.clone());
+                        policy.identity = Some(value.clone());
                     }
                 }
-                _ => bad("one of redirect.deny, redirect.allow, redirect.ec2.role"),
+                "cloud" => match CloudKind::parse(value) {
+                    Some(cloud) => policy.cloud = Some(cloud),
+                    None => bad("one of ec2, azure, gcp, openstack, cloudstack"),
+                },
+                _ => bad(
+                    "one of redirect.deny, redirect.allow, redirect.cloud, redirect.identity, redirect.ec2.role",
+                ),
             }
         }
         if !problems.is_empty() {
@@ -207,6 +222,9 @@ struct RawRule {
     deny: bool,
     #[serde(default)]
     allow: Vec<String>,
+    cloud: Option<CloudKind>,
+    identity: Option<String>,
+    /// EC2's name for `identity`.
     ec2_role: Option<String>,
 }
 
@@ -225,12 +243,17 @@ impl TryFrom<RawRule> for Rule {
                 "allow: {bad:?} is not a path (it must start with /)"
             ));
         }
-        if let Some(role) = &raw.ec2_role
-            && !is_role_name(role)
-        {
-            return Err(format!(
-                "ec2_role: {role:?} must be non-empty, without '/' or spaces"
-            ));
+        if raw.identity.is_some() && raw.ec2_role.is_some() {
+            return Err("give `identity` or its EC2 name `ec2_role`, not both".into());
+        }
+        for (key, name) in [("identity", &raw.identity), ("ec2_role", &raw.ec2_role)] {
+            if let Some(name) = name
+                && !is_role_name(name)
+            {
+                return Err(format!(
+                    "{key}: {name:?} must be non-empty, without '/' or spaces"
+                ));
+            }
         }
         Ok(Rule {
             container: raw.container,
@@ -239,7 +262,8 @@ impl TryFrom<RawRule> for Rule {
             policy: Policy {
                 deny: raw.deny,
                 allow: raw.allow,
-                ec2_role: raw.ec2_role,
+                cloud: raw.cloud,
+                identity: raw.identity.or(raw.ec2_role),
             },
         })
     }
@@ -271,7 +295,16 @@ mod tests {
         assert!(p.permits("/latest/meta-data/instance-id"));
         assert!(p.permits(TOKEN_PATH), "a token grants nothing by itself");
         assert!(!p.permits("/latest/meta-data/iam/security-credentials/"));
-        assert_eq!(p.ec2_role.as_deref(), Some("app-role"));
+        assert_eq!(p.identity.as_deref(), Some("app-role"));
+        let (p, problems) = Policy::from_labels(&labels(&[
+            ("redirect.cloud", "azure"),
+            ("redirect.identity", "app-identity"),
+        ]));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            (p.cloud, p.identity.as_deref()),
+            (Some(CloudKind::Azure), Some("app-identity"))
+        );
         let (p, _) = Policy::from_labels(&labels(&[("redirect.deny", "true")]));
         assert!(!p.permits("/latest/meta-data/instance-id") && !p.permits(TOKEN_PATH));
         assert!(Policy::default().permits("/anything"));
@@ -294,7 +327,7 @@ mod tests {
             image: image.map(str::to_owned),
             cgroup: None,
             policy: Policy {
-                ec2_role: Some(role.into()),
+                identity: Some(role.into()),
                 ..Policy::default()
             },
         };
@@ -309,7 +342,7 @@ mod tests {
             rules
                 .for_caller(Some(&app), "/docker/x")
                 .0
-                .ec2_role
+                .identity
                 .as_deref(),
             Some("app")
         );
@@ -318,7 +351,7 @@ mod tests {
             labels: true,
         };
         assert_eq!(
-            by_name.for_caller(Some(&app), "/").0.ec2_role.as_deref(),
+            by_name.for_caller(Some(&app), "/").0.identity.as_deref(),
             Some("named")
         );
         let none_match = Rules {
@@ -326,7 +359,7 @@ mod tests {
             labels: true,
         };
         assert_eq!(
-            none_match.for_caller(Some(&app), "/").0.ec2_role.as_deref(),
+            none_match.for_caller(Some(&app), "/").0.identity.as_deref(),
             Some("admin"),
             "the labels"
         );
@@ -358,6 +391,7 @@ mod tests {
             ("redirect.allow", "latest/meta-data"),
             ("redirect.ec2.role", "a/b"),
             ("redirect.dney", "true"),
+            ("redirect.cloud", "aws"),
         ] {
             let (p, problems) = Policy::from_labels(&labels(&[(key, value)]));
             assert!(p.deny, "{key}={value}");

@@ -82,6 +82,9 @@ pub const BENCH_TOOLS: &[Tool] = &[
 /// client, and the benchmark's charting library.
 pub const PYTHON_TEST_PACKAGES: &[&str] = &[
     "boto3==1.44.5",
+    "azure-identity==1.27.0",
+    "msal==1.39.0",
+    "google-auth==2.63.0",
     // What cloud-init's datasources import (Debian installs them as python3-* packages).
     "requests==2.32.5",
     "PyYAML==6.0.3",

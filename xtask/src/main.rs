@@ -100,6 +100,7 @@ fn run_task(task: Task) -> Result<()> {
             host::ensure_tools(host::BENCH_TOOLS)?;
             host::ensure_python(&workspace, "test-venv", host::PYTHON_TEST_PACKAGES)?;
             host::ensure_python(&workspace, "bench-venv", host::PYTHON_BENCH_PACKAGES)?;
+            host::ensure_cloud_init(&workspace)?;
             Ok(())
         }
         Task::BuildEbpf => build_ebpf(&workspace).map(|obj| println!("{}", obj.display())),

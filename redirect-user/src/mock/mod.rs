@@ -4,7 +4,9 @@
 //! Every cloud's wire behaviour follows its real service
 //! (`../shared/reference/metadata-protocols.md`), down to the error bodies its clients read.
 
+pub mod azure;
 pub mod ec2;
+mod query;
 mod token;
 
 use std::{fmt, future::Future, pin::Pin};
@@ -17,8 +19,9 @@ use serde::Deserialize;
 pub type Resp = Response<Bytes>;
 
 /// The clouds the daemon can mock.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[derive(clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CloudKind {
     #[default]
@@ -96,4 +99,66 @@ pub trait Cloud: Send + Sync {
     /// What this cloud answers a request that the caller's policy refuses, as the real
     /// service refuses a forbidden one.
     fn forbidden(&self) -> Resp;
+
+    /// The largest request body taken; beyond it, 413. Most endpoints take none.
+    fn max_request_body(&self) -> usize {
+        0
+    }
+}
+
+/// The values of every cloud's mock (`[ec2]`, `[azure]`, ... in the config).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MockValues {
+    pub ec2: ec2::Ec2Values,
+    pub azure: azure::AzureValues,
+}
+
+/// Every cloud's mock, each caller served by one: the cloud its policy names
+/// (`redirect.cloud`), else the default (`--mock KIND`). A laptop running an AWS app and an
+/// Azure app needs one daemon, and each container sees exactly one cloud.
+pub struct Mocks {
+    default: CloudKind,
+    ec2: ec2::Ec2Mock,
+    azure: azure::AzureMock,
+}
+
+impl Mocks {
+    pub fn new(default: CloudKind, values: &MockValues) -> Self {
+        Mocks {
+            default,
+            ec2: ec2::Ec2Mock::new(values.ec2.clone()),
+            azure: azure::AzureMock::new(values.azure.clone()),
+        }
+    }
+
+    pub fn default_kind(&self) -> CloudKind {
+        self.default
+    }
+
+    /// The mock of `kind`, or the default one.
+    pub fn cloud(&self, kind: Option<CloudKind>) -> &dyn Cloud {
+        match kind.unwrap_or(self.default) {
+            CloudKind::Ec2 => &self.ec2,
+            CloudKind::Azure => &self.azure,
+            // Until their mocks exist, served by the default's.
+            CloudKind::Gcp | CloudKind::OpenStack | CloudKind::CloudStack => &self.ec2,
+        }
+    }
+
+    /// The EC2 mock itself, for what only it has.
+    pub fn ec2(&self) -> &ec2::Ec2Mock {
+        &self.ec2
+    }
+
+    /// Serves `values` from now on (SIGHUP); the clouds whose values changed.
+    pub fn reload(&self, values: &MockValues) -> Vec<CloudKind> {
+        let mut changed = Vec::new();
+        if self.ec2.reload(values.ec2.clone()) {
+            changed.push(CloudKind::Ec2);
+        }
+        if self.azure.reload(values.azure.clone()) {
+            changed.push(CloudKind::Azure);
+        }
+        changed
+    }
 }

@@ -202,17 +202,17 @@ async fn handle(
     fault_injection(req.uri().path());
     let (mut parts, body) = req.into_parts();
     let admitted = admission::admit(&mut parts, &shared.names);
+    let policy = peer.caller.policy().await;
     let body = match admitted {
-        Ok(()) => read_body(body, shared).await,
+        Ok(()) => read_body(body, shared, shared.backend.body_limit(&policy)).await,
         Err(refusal) => Err((refusal, !body.is_end_stream())),
     };
-    let policy = peer.caller.policy().await;
     let permitted = policy.permits(parts.uri.path());
     // Copied only when the access log is on (`access=off` spares the allocation).
     let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
         .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
     let resp = match body {
-        Ok(_) if !permitted => crate::mock::ec2::error(StatusCode::FORBIDDEN).map(Full::new),
+        Ok(_) if !permitted => shared.backend.forbidden(&policy).map(Full::new),
         Ok(body) => {
             let req = Request::from_parts(parts, body);
             shared
@@ -254,14 +254,16 @@ fn over(
 /// The request body, whole, if the backend takes one that large and the budget has room; it
 /// must arrive within the request read timeout. A refusal says whether the body, or some of
 /// it, was left unread.
-async fn read_body(body: Incoming, shared: &Shared) -> Result<Bytes, (Refusal, bool)> {
+async fn read_body(
+    body: Incoming,
+    shared: &Shared,
+    limit: usize,
+) -> Result<Bytes, (Refusal, bool)> {
     if body.is_end_stream() {
         return Ok(Bytes::new());
     }
     let declared = body.size_hint().exact();
-    let read = shared
-        .budget
-        .collect(body, shared.backend.body_limit(), declared);
+    let read = shared.budget.collect(body, limit, declared);
     let refuse = |status, reason, unread| (Refusal { status, reason }, unread);
     match tokio::time::timeout(shared.timeouts.request_read, read).await {
         Ok(Ok(body)) => Ok(body),

@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::{BODY_BUDGET, Backend, Limits, OwnNames, Shared, Timeouts, connection};
-use crate::mock::ec2::{Ec2Mock, Ec2Values};
+use crate::mock::{CloudKind, MockValues, Mocks};
 
 /// Serves `input` as one client connection of the EC2 mock, in memory, on a paused clock (so
 /// that every timeout passes at once), and returns everything the proxy answered.
@@ -22,7 +22,7 @@ pub fn client_sends(input: &[u8]) -> Vec<u8> {
 }
 
 async fn serve(input: &[u8]) -> Vec<u8> {
-    let backend = Backend::Ec2(Arc::new(Ec2Mock::new(Ec2Values::default())));
+    let backend = Backend::Mock(Arc::new(Mocks::new(CloudKind::Ec2, &MockValues::default())));
     let limits = Limits {
         max_connections: 1,
         per_caller: 1,

@@ -33,7 +33,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, server::conn::http1};
+use hyper::{Request, Response, StatusCode, server::conn::http1};
 use hyper_util::rt::TokioTimer;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -46,7 +46,7 @@ use idle::IdleList;
 use crate::{
     caller::{Caller, Callers, Peer},
     host_callers::HostCallers,
-    mock::ec2::Ec2Mock,
+    mock::{Mocks, Resp},
     policy::Policy,
 };
 
@@ -60,15 +60,16 @@ pub const BODY_BUDGET: usize = 32 << 20;
 
 /// What answers the requests.
 pub enum Backend {
-    Ec2(Arc<Ec2Mock>),
+    Mock(Arc<Mocks>),
     Upstream(Forwarder),
 }
 
 impl Backend {
-    /// The largest request body taken. None of the mock's endpoints takes one.
-    fn body_limit(&self) -> usize {
+    /// The largest request body taken from a caller with `policy`: what its cloud's mock
+    /// takes, or what the upstream is given.
+    fn body_limit(&self, policy: &Policy) -> usize {
         match self {
-            Backend::Ec2(_) => 0,
+            Backend::Mock(mocks) => mocks.cloud(policy.cloud).max_request_body(),
             Backend::Upstream(forwarder) => forwarder.max_request_body(),
         }
     }
@@ -82,10 +83,21 @@ impl Backend {
         budget: &Budget,
     ) -> Response<Full<Bytes>> {
         match self {
-            Backend::Ec2(mock) => mock
-                .handle_as(&req, policy.ec2_role.as_deref())
-                .map(Full::new),
+            Backend::Mock(mocks) => {
+                let cloud = mocks.cloud(policy.cloud);
+                let identity = policy.identity.as_deref();
+                cloud.handle(&req, identity).resolve().await.map(Full::new)
+            }
             Backend::Upstream(forwarder) => forwarder.forward(req, peer, budget).await,
+        }
+    }
+
+    /// The answer to a request `policy` refuses: as the caller's cloud refuses a forbidden
+    /// request (upstream mode: as EC2 does, 403).
+    fn forbidden(&self, policy: &Policy) -> Resp {
+        match self {
+            Backend::Mock(mocks) => mocks.cloud(policy.cloud).forbidden(),
+            Backend::Upstream(_) => crate::mock::ec2::error(StatusCode::FORBIDDEN),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::*;
 use crate::{
     caller::Peer,
     config::UpstreamSettings,
-    mock::ec2::{Ec2Mock, Ec2Values},
+    mock::{CloudKind, MockValues, Mocks},
 };
 
 const ID: &str = "i-0123456789abcdef0";
@@ -60,7 +60,7 @@ fn names() -> OwnNames {
 }
 
 fn mock() -> Arc<Shared> {
-    let backend = Backend::Ec2(Arc::new(Ec2Mock::new(Ec2Values::default())));
+    let backend = Backend::Mock(Arc::new(Mocks::new(CloudKind::Ec2, &MockValues::default())));
     Shared::new(backend, names(), LIMITS, BODY_BUDGET)
 }
 
@@ -278,7 +278,7 @@ async fn at_the_limit_the_longest_idle_connection_makes_room() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    let mock = Arc::new(Ec2Mock::new(Ec2Values::default()));
+    let mock = Arc::new(Mocks::new(CloudKind::Ec2, &MockValues::default()));
     let limits = Limits {
         max_connections: 2,
         ..LIMITS
@@ -286,7 +286,7 @@ async fn at_the_limit_the_longest_idle_connection_makes_room() {
     let proxy = Proxy::spawn(
         vec![vec![listener]],
         &host_callers(),
-        || Backend::Ec2(Arc::clone(&mock)),
+        || Backend::Mock(Arc::clone(&mock)),
         names(),
         limits,
         &CancellationToken::new(),

@@ -8,7 +8,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod azure;
 mod bounds;
+mod clouds;
 mod compose;
 mod containers;
 mod errors;
@@ -101,10 +103,28 @@ fn mock_setup(extra: &[&str]) -> Result<MockSetup> {
     })
 }
 
+/// [`mock_setup`] with the mock of `cloud` (`--mock CLOUD`).
+fn mock_setup_cloud(cloud: &str, extra: &[&str]) -> Result<MockSetup> {
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let mut args = vec!["--mock", cloud, "--cgroup", client.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&args, &ns, None)?;
+    Ok(MockSetup {
+        daemon,
+        client,
+        cg,
+        ns,
+    })
+}
+
 /// Every test, one module per feature.
 fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
     [
         mock::TESTS,
+        azure::TESTS,
+        clouds::TESTS,
         routing::TESTS,
         containers::TESTS,
         compose::TESTS,
