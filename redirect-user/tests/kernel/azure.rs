@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, Result};
 
-use super::{MockSetup, command_in, curl, mock_setup_cloud, sh, test_python, url};
+use super::{MODES, MockSetup, Mode, cloud_setup, command_in, curl, sh, test_python, url};
 
 pub const TESTS: &[(&str, super::TestFn)] = &[
     (
@@ -44,7 +44,14 @@ fn python_json(s: &MockSetup, script: &str, path: Option<&str>) -> Result<serde_
 }
 
 fn azure_identity_gets_tokens_for_system_and_user_assigned_identities() -> Result<()> {
-    let s = mock_setup_cloud("azure", &[])?;
+    for mode in MODES {
+        azure_identity(mode).with_context(|| format!("{mode:?} mode"))?;
+    }
+    Ok(())
+}
+
+fn azure_identity(mode: Mode) -> Result<()> {
+    let s = cloud_setup("azure", mode, &[])?;
     let script = format!(
         r#"
 import base64, json, time
@@ -95,7 +102,14 @@ except Exception as e:
 }
 
 fn azure_refusals_are_the_real_services() -> Result<()> {
-    let s = mock_setup_cloud("azure", &[])?;
+    for mode in MODES {
+        azure_refusals(mode).with_context(|| format!("{mode:?} mode"))?;
+    }
+    Ok(())
+}
+
+fn azure_refusals(mode: Mode) -> Result<()> {
+    let s = cloud_setup("azure", mode, &[])?;
     let md = ["-H", "Metadata: true"];
     let instance = url("/metadata/instance?api-version=2021-08-01");
     assert_eq!(
@@ -162,7 +176,14 @@ fn cloud_init_azure_reads_the_instance_document() -> Result<()> {
     let cloud_init = std::env::var("REDIRECT_TEST_CLOUD_INIT").context(
         "REDIRECT_TEST_CLOUD_INIT is not set: run the tests with `cargo xtask test`, which unpacks cloud-init",
     )?;
-    let s = mock_setup_cloud("azure", &[])?;
+    for mode in MODES {
+        cloud_init_azure(&cloud_init, mode).with_context(|| format!("{mode:?} mode"))?;
+    }
+    Ok(())
+}
+
+fn cloud_init_azure(cloud_init: &str, mode: Mode) -> Result<()> {
+    let s = cloud_setup("azure", mode, &[])?;
     // The datasource's own steps: the IMDS fetch with its version fallback, then what it
     // takes from the document (22.4's module-level helpers).
     let script = r#"
@@ -178,7 +199,7 @@ print(json.dumps({
     "net": az.generate_network_config_from_instance_network_metadata(md["network"]),
 }))
 "#;
-    let got = python_json(&s, script, Some(&cloud_init))?;
+    let got = python_json(&s, script, Some(cloud_init))?;
     assert_eq!(got["username"], "azureuser", "{got}");
     assert_eq!(got["hostname"], "redirect-mock-vm", "{got}");
     assert_eq!(got["disable_password"], true, "{got}");

@@ -82,6 +82,8 @@ fn get_instance_id(mut stream: &TcpStream) -> Result<String> {
 /// Field order is drop order: the daemon stops before its cgroup and namespace go away.
 struct MockSetup {
     daemon: Daemon,
+    /// In [`Mode::Proxy`], the mock standing in for the real service.
+    _stand_in: Option<Daemon>,
     client: std::path::PathBuf,
     cg: TestCgroup,
     ns: NetNs,
@@ -97,22 +99,57 @@ fn mock_setup(extra: &[&str]) -> Result<MockSetup> {
     let daemon = Daemon::start(&args, &ns, None)?;
     Ok(MockSetup {
         daemon,
+        _stand_in: None,
         client,
         cg,
         ns,
     })
 }
 
-/// [`mock_setup`] with the mock of `cloud` (`--mock CLOUD`).
-fn mock_setup_cloud(cloud: &str, extra: &[&str]) -> Result<MockSetup> {
+/// How a test's cloud is served: by the mock, or by upstream mode forwarding to the mock
+/// standing in for the real service at 169.254.169.254 inside the test's namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Mock,
+    Proxy,
+}
+
+const MODES: [Mode; 2] = [Mode::Mock, Mode::Proxy];
+
+/// [`mock_setup`] for `cloud` (`--mock CLOUD`), or in [`Mode::Proxy`] a daemon forwarding
+/// to that mock at the real service's address. `mock_args` go to the mock.
+fn cloud_setup(cloud: &str, mode: Mode, mock_args: &[&str]) -> Result<MockSetup> {
     let ns = NetNs::new()?;
     let cg = TestCgroup::new()?;
     let client = cg.child("client")?;
-    let mut args = vec!["--mock", cloud, "--cgroup", client.to_str().unwrap()];
-    args.extend_from_slice(extra);
+    let mut stand_in = None;
+    let mut args = vec!["--cgroup", client.to_str().unwrap()];
+    match mode {
+        Mode::Mock => {
+            args.extend(["--mock", cloud]);
+            args.extend_from_slice(mock_args);
+        }
+        Mode::Proxy => {
+            ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+            // It redirects for an empty cgroup: it only serves.
+            let idle = cg.child("stand-in")?;
+            let mut stand_in_args = vec![
+                "--mock",
+                cloud,
+                "--listen",
+                "169.254.169.254:80",
+                "--cgroup",
+                idle.to_str().unwrap(),
+            ];
+            stand_in_args.extend_from_slice(mock_args);
+            stand_in = Some(Daemon::start(&stand_in_args, &ns, None)?);
+            args.extend(["--upstream", "http://169.254.169.254"]);
+        }
+    }
     let daemon = Daemon::start(&args, &ns, None)?;
     Ok(MockSetup {
         daemon,
+        _stand_in: stand_in,
         client,
         cg,
         ns,

@@ -208,9 +208,16 @@ fn imdsv2_token_flow() -> Result<()> {
 }
 
 fn sdk_boto3_gets_credentials_and_region() -> Result<()> {
+    for mode in MODES {
+        boto3(mode).with_context(|| format!("{mode:?} mode"))?;
+    }
+    Ok(())
+}
+
+fn boto3(mode: Mode) -> Result<()> {
     let python = test_python()?;
     // IMDSv2 only, so the SDK must do the token dance through the redirect.
-    let s = mock_setup(&["--http-tokens", "required"])?;
+    let s = cloud_setup("ec2", mode, &["--http-tokens", "required"])?;
     let home = tempfile::tempdir()?;
     let script = r#"
 import json, boto3, botocore.utils
@@ -318,7 +325,14 @@ fn cloud_init_ec2_crawls_the_whole_tree_and_builds_network_config() -> Result<()
     let cloud_init = std::env::var("REDIRECT_TEST_CLOUD_INIT").context(
         "REDIRECT_TEST_CLOUD_INIT is not set: run the tests with `cargo xtask test`, which unpacks cloud-init",
     )?;
-    let s = mock_setup(&[])?;
+    for mode in MODES {
+        cloud_init_ec2(&python, &cloud_init, mode).with_context(|| format!("{mode:?} mode"))?;
+    }
+    Ok(())
+}
+
+fn cloud_init_ec2(python: &str, cloud_init: &str, mode: Mode) -> Result<()> {
+    let s = cloud_setup("ec2", mode, &[])?;
     let script = r#"
 import json
 from cloudinit.sources.helpers import ec2
@@ -330,8 +344,8 @@ net = DataSourceEc2.convert_ec2_metadata_network_config(md["network"], macs_to_n
 print(json.dumps({"instance_id": md["instance-id"], "keys": md["public-keys"],
                   "az_id": md["placement"]["availability-zone-id"], "net": net}))
 "#;
-    let out = sh(command_in(&python, Some(&s.client), Some(&s.ns))?
-        .env("PYTHONPATH", &cloud_init)
+    let out = sh(command_in(python, Some(&s.client), Some(&s.ns))?
+        .env("PYTHONPATH", cloud_init)
         .args(["-c", script]))?;
     let got: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
     assert_eq!(got["instance_id"], INSTANCE_ID, "{got}");

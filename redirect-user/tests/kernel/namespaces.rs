@@ -143,6 +143,7 @@ fn a_namespace_made_later_is_served_from_its_second_connect() -> Result<()> {
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&[])?;
     let app = NetNs::new()?;
     let _resident = resident(&client, &app)?;
@@ -169,6 +170,7 @@ fn namespaces_that_empty_close_their_listeners() -> Result<()> {
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&["--docker", "off"])?;
     let fds = || open_fds(&daemon);
     let before = fds()?;
@@ -210,6 +212,7 @@ fn a_port_taken_inside_a_namespace_is_named_and_left_to_its_owner() -> Result<()
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&[])?;
     let app = NetNs::new()?;
     let _resident = resident(&client, &app)?;
@@ -250,6 +253,7 @@ fn namespaces_beyond_max_namespaces_wait_for_room() -> Result<()> {
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&["--docker", "off", "--max-namespaces", "2"])?;
     let spaces = [NetNs::new()?, NetNs::new()?, NetNs::new()?];
     let mut residents: Vec<_> = spaces
@@ -308,6 +312,7 @@ fn one_namespace_cannot_take_the_connections_of_the_others() -> Result<()> {
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&["--max-connections", "64"])?;
     let (greedy, other) = (NetNs::new()?, NetNs::new()?);
     let _residents = (resident(&client, &greedy)?, resident(&client, &other)?);
@@ -501,6 +506,7 @@ fn ten_thousand_namespaces_come_and_go_without_a_leak() -> Result<()> {
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&["--docker", "off"])?;
     let fds = || open_fds(&daemon);
     let before = fds()?;
@@ -541,6 +547,7 @@ fn a_caller_gone_mid_request_is_a_closed_connection() -> Result<()> {
         cg: _cg,
         client,
         daemon,
+        ..
     } = mock_setup(&["--docker", "off"])?;
     let app = NetNs::new()?;
     let app_resident = resident(&client, &app)?;
