@@ -2,7 +2,8 @@
 //!
 //! A unix socket in the filesystem works from any network namespace that sees the file, and is
 //! not reachable over the network. `curl --unix-socket /run/redirect/control.sock
-//! http://localhost/status` works as well as `redirect status`.
+//! http://localhost/status` works as well as `redirect status`; `POST
+//! /simulate?event=spot-interruption&after=30s` as well as `redirect simulate`.
 
 use std::{
     io,
@@ -20,7 +21,16 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::status::Status;
+use crate::{mock::ec2::events::Event, status::Status};
+
+/// What the control API answers with.
+pub struct Handlers {
+    pub status: Box<dyn Fn() -> Status + Send + Sync>,
+    /// Simulates an EC2 instance event (`None`: clears them) after a delay; says what it did,
+    /// or why it cannot (no mock served).
+    pub simulate:
+        Box<dyn Fn(Option<Event>, std::time::Duration) -> Result<String, String> + Send + Sync>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -93,12 +103,8 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Answers `GET /status` with `status()` until `shutdown` is cancelled.
-    pub async fn serve(
-        &mut self,
-        status: Arc<dyn Fn() -> Status + Send + Sync>,
-        shutdown: CancellationToken,
-    ) {
+    /// Answers `GET /status` and `POST /simulate` until `shutdown` is cancelled.
+    pub async fn serve(&mut self, handlers: Arc<Handlers>, shutdown: CancellationToken) {
         let Some(listener) = self.listener.take() else {
             return;
         };
@@ -113,10 +119,10 @@ impl ControlSocket {
                     }
                 },
             };
-            let status = Arc::clone(&status);
+            let handlers = Arc::clone(&handlers);
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let status = Arc::clone(&status);
-                async move { Ok::<_, std::convert::Infallible>(route(&req, &*status)) }
+                let handlers = Arc::clone(&handlers);
+                async move { Ok::<_, std::convert::Infallible>(route(&req, &handlers)) }
             });
             tokio::spawn(async move {
                 let _ = http1::Builder::new()
@@ -133,12 +139,18 @@ impl Drop for ControlSocket {
     }
 }
 
-fn route(
-    req: &Request<hyper::body::Incoming>,
-    status: &(dyn Fn() -> Status + Send + Sync),
-) -> Response<Full<Bytes>> {
+fn route(req: &Request<hyper::body::Incoming>, handlers: &Handlers) -> Response<Full<Bytes>> {
     let (code, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/status") => match serde_json::to_vec_pretty(&status()) {
+        (&Method::POST, "/simulate") => {
+            let (code, text) = simulate(req.uri().query(), handlers);
+            (code, "text/plain", format!("{text}\n").into_bytes())
+        }
+        (_, "/simulate") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            b"use POST\n".to_vec(),
+        ),
+        (&Method::GET, "/status") => match serde_json::to_vec_pretty(&(handlers.status)()) {
             Ok(json) => (StatusCode::OK, "application/json", json),
             Err(e) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -154,7 +166,7 @@ fn route(
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            b"not found; try GET /status\n".to_vec(),
+            b"not found; try GET /status or POST /simulate?event=EVENT\n".to_vec(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -166,8 +178,83 @@ fn route(
     resp
 }
 
-/// Asks the daemon listening on `path` for its status.
-pub async fn fetch_status(path: &Path) -> Result<Status, ControlError> {
+/// `event=NAME|clear` and `after=DURATION` (default 0s).
+fn simulate(query: Option<&str>, handlers: &Handlers) -> (StatusCode, String) {
+    let mut event = None;
+    let mut after = std::time::Duration::ZERO;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "event" => event = Some(value.into_owned()),
+            "after" => match crate::config::parse_duration(&value) {
+                Ok(d) => after = d,
+                Err(e) => return (StatusCode::BAD_REQUEST, format!("after: {e}")),
+            },
+            other => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {other:?}"),
+                );
+            }
+        }
+    }
+    let names: Vec<&str> = Event::ALL.iter().map(|e| e.name()).collect();
+    let event = match event.as_deref() {
+        Some("clear") => None,
+        Some(name) => match Event::parse(name) {
+            Some(event) => Some(event),
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown event {name:?}: expected clear or one of {}",
+                        names.join(", ")
+                    ),
+                );
+            }
+        },
+        None => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("give event=clear or one of {}", names.join(", ")),
+            );
+        }
+    };
+    match (handlers.simulate)(event, after) {
+        Ok(done) => (StatusCode::OK, done),
+        Err(why) => (StatusCode::CONFLICT, why),
+    }
+}
+
+/// Asks the daemon listening on `path` to simulate `event` (`None`: clear) after `after`;
+/// what it did.
+pub async fn post_simulate(
+    path: &Path,
+    event: Option<Event>,
+    after: std::time::Duration,
+) -> Result<String, ControlError> {
+    let name = event.map_or("clear", Event::name);
+    let target = format!(
+        "/simulate?event={name}&after={}",
+        humantime::format_duration(after)
+            .to_string()
+            .replace(' ', "")
+    );
+    let (code, body) = request(path, Method::POST, &target).await?;
+    if !code.is_success() {
+        return Err(ControlError::Protocol {
+            path: path.to_owned(),
+            message: body.trim().to_owned(),
+        });
+    }
+    Ok(body.trim().to_owned())
+}
+
+/// One request to the daemon at `path`: its status and body.
+async fn request(
+    path: &Path,
+    method: Method,
+    target: &str,
+) -> Result<(StatusCode, String), ControlError> {
     let protocol = |message: String| ControlError::Protocol {
         path: path.to_owned(),
         message,
@@ -182,7 +269,9 @@ pub async fn fetch_status(path: &Path) -> Result<Status, ControlError> {
         .await
         .map_err(|e| protocol(e.to_string()))?;
     tokio::spawn(conn);
-    let req = Request::get("/status")
+    let req = Request::builder()
+        .method(method)
+        .uri(target)
         .header(header::HOST, "redirect")
         .body(Full::new(Bytes::new()))
         .map_err(|e| protocol(e.to_string()))?;
@@ -197,11 +286,18 @@ pub async fn fetch_status(path: &Path) -> Result<Status, ControlError> {
         .await
         .map_err(|e| protocol(e.to_string()))?
         .to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Asks the daemon listening on `path` for its status.
+pub async fn fetch_status(path: &Path) -> Result<Status, ControlError> {
+    let protocol = |message: String| ControlError::Protocol {
+        path: path.to_owned(),
+        message,
+    };
+    let (code, body) = request(path, Method::GET, "/status").await?;
     if !code.is_success() {
-        return Err(protocol(format!(
-            "{code}: {}",
-            String::from_utf8_lossy(&body).trim()
-        )));
+        return Err(protocol(format!("{code}: {}", body.trim())));
     }
-    serde_json::from_slice(&body).map_err(|e| protocol(format!("unreadable status: {e}")))
+    serde_json::from_str(&body).map_err(|e| protocol(format!("unreadable status: {e}")))
 }

@@ -13,7 +13,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -27,7 +27,7 @@ use crate::{
     control::ControlSocket,
     ebpf::{Redirector, Route},
     host_callers::{self, HostCallers},
-    mock::{CloudKind, Mocks},
+    mock::{CloudKind, Mocks, ec2::events::Event},
     netns::{Planter, Procfs, Scope, Served},
     policy::SharedRules,
     privileges,
@@ -225,7 +225,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         let serving = serving.clone();
         let started = Instant::now();
         let max_connections = serves.then_some(limits.max_connections);
-        Arc::new(move || {
+        Box::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
             let mut status = build_status(
                 &redirector,
@@ -243,11 +243,38 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             status
         })
     };
+    let simulate = {
+        let mock = mock.clone();
+        Box::new(move |event: Option<Event>, after: Duration| {
+            match &mock {
+            Some(mock) => {
+                mock.ec2().simulate(event, after);
+                let what = event.map_or("every simulated event cleared".to_owned(), |e| {
+                    format!(
+                        "{} noticed by the EC2 mock in {}",
+                        e.name(),
+                        humantime::format_duration(after)
+                    )
+                });
+                tracing::info!("simulate: {what}");
+                Ok(what)
+            }
+            None => Err(
+                "this daemon serves no mock (it forwards upstream): events are simulated by `redirect run --mock`"
+                    .to_owned(),
+            ),
+        }
+        })
+    };
+    let handlers = Arc::new(crate::control::Handlers {
+        status: status_fn,
+        simulate,
+    });
     let stop_control = CancellationToken::new();
     let control_path = control.path().to_owned();
     let control_task = tokio::spawn({
         let stop = stop_control.clone();
-        async move { control.serve(status_fn, stop).await }
+        async move { control.serve(handlers, stop).await }
     });
 
     tracing::info!(

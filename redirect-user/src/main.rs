@@ -12,7 +12,10 @@ use redirect::{
         parse_timeout,
     },
     control, daemon,
-    mock::{CloudKind, ec2::HttpTokens},
+    mock::{
+        CloudKind,
+        ec2::{HttpTokens, events::Event},
+    },
     paths,
 };
 
@@ -46,6 +49,40 @@ enum Command {
     Run(Box<RunArgs>),
     /// Show the running daemon's attachments, redirects and counters.
     Status(StatusArgs),
+    /// Make the EC2 mock notice an instance event, so an app's handler can be tested: a spot
+    /// interruption, a rebalance recommendation, scheduled maintenance or the Auto Scaling
+    /// group's termination (`clear` removes them all).
+    Simulate(SimulateArgs),
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// spot-interruption, rebalance-recommendation, scheduled-maintenance, asg-termination,
+    /// or clear.
+    #[arg(value_name = "EVENT", value_parser = parse_event)]
+    event: SimulatedEvent,
+    /// Noticed this long from now (e.g. 30s).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = config::parse_duration)]
+    after: Duration,
+    /// The daemon's control socket. [default: /run/redirect/control.sock]
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+}
+
+/// An event, or `clear` (`None`).
+#[derive(Clone, Copy, Debug)]
+struct SimulatedEvent(Option<Event>);
+
+fn parse_event(s: &str) -> Result<SimulatedEvent, String> {
+    if s == "clear" {
+        return Ok(SimulatedEvent(None));
+    }
+    Event::parse(s)
+        .map(|e| SimulatedEvent(Some(e)))
+        .ok_or_else(|| {
+            let names: Vec<&str> = Event::ALL.iter().map(|e| e.name()).collect();
+            format!("expected clear or one of {}", names.join(", "))
+        })
 }
 
 #[derive(Args)]
@@ -161,6 +198,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Status(args) => status(args),
+        Command::Simulate(args) => simulate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -256,5 +294,18 @@ fn status(args: StatusArgs) -> Result<()> {
     } else {
         print!("{}", status.render());
     }
+    Ok(())
+}
+
+fn simulate(args: SimulateArgs) -> Result<()> {
+    let path = args
+        .control_socket
+        .unwrap_or_else(paths::default_control_socket);
+    let done = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(control::post_simulate(&path, args.event.0, args.after))?;
+    println!("{done}");
     Ok(())
 }

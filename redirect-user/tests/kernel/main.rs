@@ -14,6 +14,7 @@ mod clouds;
 mod compose;
 mod containers;
 mod errors;
+mod events;
 mod framing;
 mod identity;
 mod lifecycle;
@@ -162,6 +163,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         mock::TESTS,
         azure::TESTS,
         clouds::TESTS,
+        events::TESTS,
         routing::TESTS,
         containers::TESTS,
         compose::TESTS,

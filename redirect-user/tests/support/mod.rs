@@ -476,6 +476,16 @@ impl Daemon {
         status_kb(self.pid(), field)
     }
 
+    /// `redirect ARGS --control-socket <this daemon's>` from `netns`: its output, or its
+    /// error's.
+    pub fn cli(&self, netns: &NetNs, args: &[&str]) -> Result<Output> {
+        Ok(command_in(DAEMON, None, Some(netns))?
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.control_socket)
+            .output()?)
+    }
+
     /// `redirect status --json` against this daemon, run from `netns`.
     pub fn status(&self, netns: &NetNs) -> Result<serde_json::Value> {
         let out = sh(command_in(DAEMON, None, Some(netns))?

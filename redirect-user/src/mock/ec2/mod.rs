@@ -4,10 +4,13 @@
 //! `Server: EC2ws`, plain-text listings one entry per line with directories ending in `/`,
 //! XHTML error pages, `PUT /latest/api/token` with TTL 1..=21600 s, 401 for a bad or (in
 //! `required` mode) missing token, 403 for token traffic carrying `X-Forwarded-For`.
+//! Instance events (spot interruption and the rest) are simulated in `events`.
+
+pub mod events;
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
@@ -20,6 +23,7 @@ use hyper::{
 use serde::{Deserialize, Deserializer, de};
 
 use super::token::{TokenIssuer, parse_ttl};
+use events::{Active, Event, SPOT_WARNING, Schedule, maintenance_date};
 
 pub const TOKEN_PATH: &str = "/latest/api/token";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -110,6 +114,27 @@ pub struct Ec2Values {
     /// `public-keys/`: the launch key pair as `[name, openssh key]`; `[]`: none, as for an
     /// instance launched without one (404).
     pub public_keys: Vec<(String, String)>,
+    /// The primary interface's IPv6 addresses (`ipv6s`, which cloud-init turns into DHCPv6)
+    /// and its subnet's and VPC's IPv6 blocks; none by default, as in a default VPC.
+    pub ipv6s: Vec<Ipv6Addr>,
+    pub subnet_ipv6_cidr_block: Option<String>,
+    pub vpc_ipv6_cidr_block: Option<String>,
+    /// The instance's tags, served under `tags/instance/` as with `InstanceMetadataTags`
+    /// enabled; none: no `tags/` (the default, as on an instance without it).
+    #[serde(deserialize_with = "de_tags")]
+    pub tags: BTreeMap<String, String>,
+    /// Simulated events (see `events`): each noticed this long after the daemon starts.
+    #[serde(deserialize_with = "de_delay")]
+    pub spot_interruption_after: Option<Duration>,
+    /// What the spot interruption does: terminate, stop or hibernate.
+    pub spot_interruption_action: SpotAction,
+    #[serde(deserialize_with = "de_delay")]
+    pub rebalance_recommendation_after: Option<Duration>,
+    #[serde(deserialize_with = "de_delay")]
+    pub scheduled_maintenance_after: Option<Duration>,
+    /// Also makes the instance one of an Auto Scaling group (`autoscaling/`).
+    #[serde(deserialize_with = "de_delay")]
+    pub asg_termination_after: Option<Duration>,
     /// The instance profile's role; `iam/security-credentials/` lists it.
     #[serde(deserialize_with = "de_role_name")]
     pub role_name: String,
@@ -156,8 +181,80 @@ impl Default for Ec2Values {
             credentials_lifetime: Duration::from_secs(6 * 3600),
             user_data: None,
             http_tokens: HttpTokens::Optional,
+            ipv6s: Vec::new(),
+            subnet_ipv6_cidr_block: None,
+            vpc_ipv6_cidr_block: None,
+            tags: BTreeMap::new(),
+            spot_interruption_after: None,
+            spot_interruption_action: SpotAction::Terminate,
+            rebalance_recommendation_after: None,
+            scheduled_maintenance_after: None,
+            asg_termination_after: None,
         }
     }
+}
+
+/// `spot/instance-action`'s `action`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpotAction {
+    #[default]
+    Terminate,
+    Stop,
+    Hibernate,
+}
+
+impl SpotAction {
+    fn name(self) -> &'static str {
+        match self {
+            SpotAction::Terminate => "terminate",
+            SpotAction::Stop => "stop",
+            SpotAction::Hibernate => "hibernate",
+        }
+    }
+}
+
+impl Ec2Values {
+    /// The configured delay of each simulated event.
+    fn delays(&self) -> [(Event, Option<Duration>); 4] {
+        [
+            (Event::SpotInterruption, self.spot_interruption_after),
+            (
+                Event::RebalanceRecommendation,
+                self.rebalance_recommendation_after,
+            ),
+            (
+                Event::ScheduledMaintenance,
+                self.scheduled_maintenance_after,
+            ),
+            (Event::AsgTermination, self.asg_termination_after),
+        ]
+    }
+}
+
+fn de_delay<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::config::parse_duration(&s)
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
+/// Tag keys as IMDS serves them: path segments, so AWS refuses to enable tags in metadata
+/// for keys with `/` (and spaces, and a few more); so does the config.
+fn de_tags<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let tags = BTreeMap::<String, String>::deserialize(d)?;
+    if let Some(bad) = tags.keys().find(|k| {
+        k.is_empty()
+            || k.len() > 128
+            || !k
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-=._:@".contains(c))
+    }) {
+        return Err(de::Error::custom(format!(
+            "tag key {bad:?}: instance metadata serves only keys of letters, digits and + - = . _ : @"
+        )));
+    }
+    Ok(tags)
 }
 
 /// Whether `s` can name an IAM role in the metadata tree (a path segment): non-empty, without
@@ -196,25 +293,37 @@ enum Node {
     Text(Bytes),
     IamInfo,
     Credentials,
+    /// `identity-credentials/ec2/`: the instance's own credentials, for AWS's internal use.
+    InstanceCredentialsInfo,
+    InstanceCredentials,
     IdentityDocument,
+    /// `pkcs7`, `signature` or `rsa2048` of the identity document.
+    IdentitySignature(&'static str),
     UserData(Bytes),
 }
 
-/// The mock, whose values a reload replaces (SIGHUP) while its token key and start time stay:
-/// tokens issued before a reload remain valid.
+/// The mock, whose values a reload replaces (SIGHUP) while its token key, start time and
+/// simulated events stay: tokens issued before a reload remain valid.
 pub struct Ec2Mock {
     current: RwLock<Arc<Instance>>,
     /// The instance as callers with a role of their own (`redirect.ec2.role`) see it, by role
     /// name: the same values and tokens, another instance profile. Cleared on reload.
     by_role: RwLock<BTreeMap<String, Arc<Instance>>>,
+    common: Arc<Common>,
+}
+
+/// What every view of the instance shares, over reloads.
+struct Common {
+    tokens: TokenIssuer,
+    started: SystemTime,
+    events: Schedule,
 }
 
 /// The instance the mock serves now.
 struct Instance {
     values: Ec2Values,
-    tokens: Arc<TokenIssuer>,
-    started: SystemTime,
-    /// The tree under `/latest/`.
+    common: Arc<Common>,
+    /// The tree under `/latest/` while no simulated event is noticed.
     root: Node,
 }
 
@@ -223,10 +332,17 @@ use super::{Answer, Cloud, CloudKind};
 
 impl Ec2Mock {
     pub fn new(values: Ec2Values) -> Self {
-        let instance = Instance::new(values, Arc::new(TokenIssuer::new()), SystemTime::now());
+        let started = SystemTime::now();
+        let common = Arc::new(Common {
+            tokens: TokenIssuer::new(),
+            started,
+            events: Schedule::new(started, &values.delays()),
+        });
+        let instance = Instance::new(values, Arc::clone(&common));
         Ec2Mock {
             current: RwLock::new(Arc::new(instance)),
             by_role: RwLock::default(),
+            common,
         }
     }
 
@@ -254,16 +370,11 @@ impl Ec2Mock {
         {
             return Arc::clone(instance);
         }
-        let current = self.instance();
         let values = Ec2Values {
             role_name: role.to_owned(),
-            ..current.values.clone()
+            ..self.instance().values.clone()
         };
-        let instance = Arc::new(Instance::new(
-            values,
-            Arc::clone(&current.tokens),
-            current.started,
-        ));
+        let instance = Arc::new(Instance::new(values, Arc::clone(&self.common)));
         self.by_role
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -271,19 +382,33 @@ impl Ec2Mock {
         instance
     }
 
-    /// Serves `values` from now on; false when they are the ones served already.
+    /// Serves `values` from now on; false when they are the ones served already. Changed
+    /// event delays count from the daemon's start, as at startup.
     pub fn reload(&self, values: Ec2Values) -> bool {
         let current = self.instance();
         if current.values == values {
             return false;
         }
-        let next = Instance::new(values, Arc::clone(&current.tokens), current.started);
+        if current.values.delays() != values.delays() {
+            let common = &self.common;
+            common.events.configure(common.started, &values.delays());
+        }
+        let next = Instance::new(values, Arc::clone(&self.common));
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         self.by_role
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         true
+    }
+
+    /// `redirect simulate EVENT`: `event` is noticed `after` from now; `None` clears every
+    /// event, configured ones included.
+    pub fn simulate(&self, event: Option<Event>, after: Duration) {
+        match event {
+            Some(event) => self.common.events.trigger(event, SystemTime::now(), after),
+            None => self.common.events.clear(),
+        }
     }
 
     fn instance(&self) -> Arc<Instance> {
@@ -306,12 +431,11 @@ impl Cloud for Ec2Mock {
 }
 
 impl Instance {
-    fn new(values: Ec2Values, tokens: Arc<TokenIssuer>, started: SystemTime) -> Self {
-        let root = build_tree(&values);
+    fn new(values: Ec2Values, common: Arc<Common>) -> Self {
+        let root = build_tree(&values, &Active::default());
         Instance {
             values,
-            tokens,
-            started,
+            common,
             root,
         }
     }
@@ -328,7 +452,7 @@ impl Instance {
                     .and_then(|v| parse_ttl(v.as_bytes()))
                 {
                     Some(ttl) => {
-                        let mut resp = text(self.tokens.issue(ttl, now).into());
+                        let mut resp = text(self.common.tokens.issue(ttl, now).into());
                         resp.headers_mut()
                             .insert(TOKEN_TTL_NAME, HeaderValue::from(ttl.as_secs()));
                         resp
@@ -359,7 +483,9 @@ impl Instance {
         match headers.get(TOKEN_NAME) {
             Some(_) if forwarded => Some(StatusCode::FORBIDDEN),
             Some(token) => {
-                let valid = token.to_str().is_ok_and(|t| self.tokens.is_valid(t, now));
+                let valid = token
+                    .to_str()
+                    .is_ok_and(|t| self.common.tokens.is_valid(t, now));
                 (!valid).then_some(StatusCode::UNAUTHORIZED)
             }
             None if self.values.http_tokens == HttpTokens::Required => {
@@ -378,7 +504,10 @@ impl Instance {
         if !VERSIONS.contains(&version) {
             return None;
         }
-        let mut node = &self.root;
+        // While an event is noticed, the tree has its entries (rare: built per request).
+        let active = self.common.events.active(now);
+        let with_events = active.any().then(|| build_tree(&self.values, &active));
+        let mut node = with_events.as_ref().unwrap_or(&self.root);
         let mut segments = rest.split('/').peekable();
         while let Some(segment) = segments.next() {
             // A trailing slash (empty last segment) names the node itself: the real service
@@ -407,7 +536,10 @@ impl Instance {
             }
             Node::IamInfo => text(self.iam_info(now).into()),
             Node::Credentials => text(self.credentials(now).into()),
+            Node::InstanceCredentialsInfo => text(self.instance_credentials_info(now).into()),
+            Node::InstanceCredentials => text(self.credentials(now).into()),
             Node::IdentityDocument => text(self.identity_document().into()),
+            Node::IdentitySignature(kind) => text(self.identity_signature(kind).into()),
         })
     }
 
@@ -416,10 +548,10 @@ impl Instance {
     fn credentials_window(&self, now: SystemTime) -> (SystemTime, SystemTime) {
         let period = (self.values.credentials_lifetime / 2).as_secs().max(1);
         let elapsed = now
-            .duration_since(self.started)
+            .duration_since(self.common.started)
             .unwrap_or_default()
             .as_secs();
-        let issued = self.started + Duration::from_secs(elapsed - elapsed % period);
+        let issued = self.common.started + Duration::from_secs(elapsed - elapsed % period);
         (issued, issued + self.values.credentials_lifetime)
     }
 
@@ -447,6 +579,39 @@ impl Instance {
         )
     }
 
+    fn instance_credentials_info(&self, now: SystemTime) -> String {
+        let (issued, _) = self.credentials_window(now);
+        format!(
+            "{{\n  \"Code\" : \"Success\",\n  \"LastUpdated\" : \"{}\",\n  \"AccountId\" : \"{}\"\n}}",
+            rfc3339(issued),
+            json_str(&self.values.account_id),
+        )
+    }
+
+    /// The real signatures are made with AWS's private keys, which no mock has: these are
+    /// base64 of a digest of the document, shaped as the real ones (`pkcs7` and `rsa2048`
+    /// in 64-column lines), so a client that reads them works and one that verifies them
+    /// fails, as it should.
+    fn identity_signature(&self, kind: &str) -> String {
+        use base64::{Engine as _, engine::general_purpose::STANDARD};
+        use sha2::{Digest as _, Sha256};
+        let digest = Sha256::new()
+            .chain_update(kind.as_bytes())
+            .chain_update(self.identity_document().as_bytes())
+            .finalize();
+        let repeat = if kind == "signature" { 4 } else { 8 };
+        let encoded = STANDARD.encode(digest.repeat(repeat));
+        if kind == "signature" {
+            return encoded;
+        }
+        let lines: Vec<&str> = encoded
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap_or_default())
+            .collect();
+        lines.join("\n")
+    }
+
     fn identity_document(&self) -> String {
         let v = &self.values;
         format!(
@@ -457,14 +622,15 @@ impl Instance {
             json_str(&v.ami_id),
             json_str(&v.instance_id),
             json_str(&v.instance_type),
-            rfc3339(self.started),
+            rfc3339(self.common.started),
             v.local_ipv4,
             json_str(&v.region),
         )
     }
 }
 
-fn build_tree(v: &Ec2Values) -> Node {
+/// The tree under `/latest/` with the events of `active` in it.
+fn build_tree(v: &Ec2Values, active: &Active) -> Node {
     fn dir<const N: usize>(entries: [(&str, Node); N]) -> Node {
         Node::Dir(
             entries
@@ -493,16 +659,32 @@ fn build_tree(v: &Ec2Values) -> Node {
                 ),
             ]),
         ),
+        ("events", events_dir(active)),
         (
-            "events",
+            "identity-credentials",
             dir([(
-                "maintenance",
-                dir([("history", t("[]")), ("scheduled", t("[]"))]),
+                "ec2",
+                dir([
+                    ("info", Node::InstanceCredentialsInfo),
+                    (
+                        "security-credentials",
+                        dir([("ec2-instance", Node::InstanceCredentials)]),
+                    ),
+                ]),
             )]),
         ),
         ("instance-action", t("none")),
         ("instance-id", t(&v.instance_id)),
-        ("instance-life-cycle", t("on-demand")),
+        (
+            "instance-life-cycle",
+            t(
+                if v.spot_interruption_after.is_some() || active.spot.is_some() {
+                    "spot"
+                } else {
+                    "on-demand"
+                },
+            ),
+        ),
         ("instance-type", t(&v.instance_type)),
         ("local-hostname", t(&v.hostname)),
         ("local-ipv4", t(&v.local_ipv4.to_string())),
@@ -534,12 +716,55 @@ fn build_tree(v: &Ec2Values) -> Node {
         ),
     ]);
     let mut meta_data = meta_data;
-    if let (Node::Dir(entries), false) = (&mut meta_data, v.public_keys.is_empty()) {
-        entries.insert("public-keys".to_owned(), public_keys(&v.public_keys));
+    if let Node::Dir(entries) = &mut meta_data {
+        // Only what answers is listed: cloud-init throws a crawl away on any listed 404.
+        if !v.public_keys.is_empty() {
+            entries.insert("public-keys".to_owned(), public_keys(&v.public_keys));
+        }
+        if !v.tags.is_empty() {
+            let tags = v
+                .tags
+                .iter()
+                .map(|(k, value)| (k.clone(), t(value)))
+                .collect();
+            entries.insert(
+                "tags".to_owned(),
+                Node::Dir(BTreeMap::from([("instance".to_owned(), Node::Dir(tags))])),
+            );
+        }
+        if let Some(notice) = active.spot {
+            let time = rfc3339(notice + SPOT_WARNING);
+            let action = format!(
+                "{{\"action\": \"{}\", \"time\": \"{time}\"}}",
+                v.spot_interruption_action.name()
+            );
+            entries.insert(
+                "spot".to_owned(),
+                dir([
+                    ("instance-action", t(&action)),
+                    ("termination-time", t(&time)),
+                ]),
+            );
+        }
+        if active.in_asg {
+            let state = match active.asg_terminated {
+                Some(_) => "Terminated",
+                None => "InService",
+            };
+            entries.insert(
+                "autoscaling".to_owned(),
+                dir([("target-lifecycle-state", t(state))]),
+            );
+        }
     }
     let dynamic = dir([(
         "instance-identity",
-        dir([("document", Node::IdentityDocument)]),
+        dir([
+            ("document", Node::IdentityDocument),
+            ("pkcs7", Node::IdentitySignature("pkcs7")),
+            ("rsa2048", Node::IdentitySignature("rsa2048")),
+            ("signature", Node::IdentitySignature("signature")),
+        ]),
     )]);
     let mut latest = BTreeMap::from([
         ("dynamic".to_owned(), dynamic),
@@ -552,6 +777,38 @@ fn build_tree(v: &Ec2Values) -> Node {
         );
     }
     Node::Dir(latest)
+}
+
+/// `events/`: maintenance (history and scheduled, `[]` while none is), and
+/// `recommendations/rebalance` once recommended.
+fn events_dir(active: &Active) -> Node {
+    let t = |s: String| Node::Text(Bytes::from(s));
+    let scheduled = match active.maintenance {
+        None => "[]".to_owned(),
+        Some(notice) => {
+            let not_before = notice + Duration::from_secs(7 * 24 * 3600);
+            format!(
+                "[ {{\n  \"NotBefore\" : \"{}\",\n  \"Code\" : \"system-reboot\",\n  \"Description\" : \"scheduled reboot\",\n  \"EventId\" : \"instance-event-0d59937288b749b32\",\n  \"NotAfter\" : \"{}\",\n  \"State\" : \"active\"\n}} ]",
+                maintenance_date(not_before),
+                maintenance_date(not_before + Duration::from_secs(2 * 3600)),
+            )
+        }
+    };
+    let mut events = BTreeMap::from([(
+        "maintenance".to_owned(),
+        Node::Dir(BTreeMap::from([
+            ("history".to_owned(), t("[]".into())),
+            ("scheduled".to_owned(), t(scheduled)),
+        ])),
+    )]);
+    if let Some(notice) = active.rebalance {
+        let rebalance = format!("{{\"noticeTime\": \"{}\"}}", rfc3339(notice));
+        events.insert(
+            "recommendations".to_owned(),
+            Node::Dir(BTreeMap::from([("rebalance".to_owned(), t(rebalance))])),
+        );
+    }
+    Node::Dir(events)
 }
 
 /// `network/interfaces/macs/<mac>/` of the primary interface, as a Nitro instance in a VPC
@@ -574,12 +831,21 @@ fn interface(v: &Ec2Values) -> Node {
         ("vpc-ipv4-cidr-block", t(&v.vpc_ipv4_cidr_block)),
         ("vpc-ipv4-cidr-blocks", t(&v.vpc_ipv4_cidr_block)),
     ];
-    Node::Dir(
-        entries
-            .into_iter()
-            .map(|(k, n)| (k.to_owned(), n))
-            .collect(),
-    )
+    let mut entries: BTreeMap<String, Node> = entries
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect();
+    if !v.ipv6s.is_empty() {
+        let ipv6s: Vec<String> = v.ipv6s.iter().map(Ipv6Addr::to_string).collect();
+        entries.insert("ipv6s".to_owned(), t(&ipv6s.join("\n")));
+    }
+    if let Some(block) = &v.subnet_ipv6_cidr_block {
+        entries.insert("subnet-ipv6-cidr-blocks".to_owned(), t(block));
+    }
+    if let Some(block) = &v.vpc_ipv6_cidr_block {
+        entries.insert("vpc-ipv6-cidr-blocks".to_owned(), t(block));
+    }
+    Node::Dir(entries)
 }
 
 /// `public-keys/`: lists `0=name` (one line per key), and `public-keys/0/` lists
@@ -835,7 +1101,7 @@ mod tests {
         });
         for elapsed in [0, 299, 300, 301, 599, 600, 7_777] {
             let instance = m.instance();
-            let now = instance.started + Duration::from_secs(elapsed);
+            let now = instance.common.started + Duration::from_secs(elapsed);
             let (issued, expires) = instance.credentials_window(now);
             assert!(
                 issued <= now && expires >= now + Duration::from_secs(300),
@@ -1014,5 +1280,124 @@ mod tests {
         assert_eq!(resp.headers()["allow"], "OPTIONS, PUT");
         let resp = m.handle(&req(Method::POST, "/latest/meta-data/instance-id", &[]));
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn simulated_events_appear_listed_and_clear() {
+        let m = Ec2Mock::new(Ec2Values {
+            asg_termination_after: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        });
+        let spot = "/latest/meta-data/spot/instance-action";
+        let rebalance = "/latest/meta-data/events/recommendations/rebalance";
+        let asg = "/latest/meta-data/autoscaling/target-lifecycle-state";
+        assert_eq!(get(&m, spot).0, StatusCode::NOT_FOUND);
+        assert!(!get(&m, "/latest/meta-data/").1.contains("spot/"));
+        assert_eq!(get(&m, asg).1, "InService", "in an Auto Scaling group");
+        assert_eq!(get(&m, "/latest/meta-data/events/").1, "maintenance/");
+        m.simulate(Some(Event::SpotInterruption), Duration::ZERO);
+        m.simulate(Some(Event::RebalanceRecommendation), Duration::ZERO);
+        m.simulate(Some(Event::ScheduledMaintenance), Duration::ZERO);
+        m.simulate(Some(Event::AsgTermination), Duration::ZERO);
+        let (status, action) = get(&m, spot);
+        assert_eq!(status, StatusCode::OK);
+        let action: serde_json::Value = serde_json::from_str(&action).unwrap();
+        assert_eq!(action["action"], "terminate");
+        let time = humantime::parse_rfc3339(action["time"].as_str().unwrap()).unwrap();
+        assert!(
+            time > SystemTime::now() + Duration::from_secs(100),
+            "two minutes' warning"
+        );
+        assert_eq!(
+            get(&m, "/latest/meta-data/spot/termination-time").1,
+            action["time"].as_str().unwrap()
+        );
+        assert!(
+            get(&m, "/latest/meta-data/")
+                .1
+                .lines()
+                .any(|l| l == "spot/")
+        );
+        assert_eq!(get(&m, "/latest/meta-data/instance-life-cycle").1, "spot");
+        let notice: serde_json::Value = serde_json::from_str(&get(&m, rebalance).1).unwrap();
+        assert!(notice["noticeTime"].is_string());
+        let scheduled: serde_json::Value =
+            serde_json::from_str(&get(&m, "/latest/meta-data/events/maintenance/scheduled").1)
+                .unwrap();
+        assert_eq!(scheduled[0]["Code"], "system-reboot");
+        assert!(
+            scheduled[0]["NotBefore"]
+                .as_str()
+                .unwrap()
+                .ends_with(" GMT")
+        );
+        assert_eq!(get(&m, asg).1, "Terminated");
+        // Over a reload, still there.
+        assert!(m.reload(Ec2Values {
+            instance_id: "i-reloaded".into(),
+            asg_termination_after: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        }));
+        assert_eq!(get(&m, spot).0, StatusCode::OK);
+        m.simulate(None, Duration::ZERO);
+        assert_eq!(get(&m, spot).0, StatusCode::NOT_FOUND);
+        assert_eq!(get(&m, asg).0, StatusCode::NOT_FOUND, "cleared");
+    }
+
+    #[test]
+    fn a_delayed_event_waits_for_its_time() {
+        let m = mock();
+        m.simulate(Some(Event::SpotInterruption), Duration::from_secs(3600));
+        assert_eq!(
+            get(&m, "/latest/meta-data/spot/instance-action").0,
+            StatusCode::NOT_FOUND
+        );
+        let later = SystemTime::now() + Duration::from_secs(3601);
+        let r = req(Method::GET, "/latest/meta-data/spot/instance-action", &[]);
+        assert_eq!(m.instance().handle_at(&r, later).status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn identity_credentials_signatures_tags_and_ipv6() {
+        let m = Ec2Mock::new(Ec2Values {
+            tags: BTreeMap::from([("Name".into(), "web-1".into())]),
+            ipv6s: vec!["2600:1f18::10".parse().unwrap()],
+            subnet_ipv6_cidr_block: Some("2600:1f18::/64".into()),
+            ..Default::default()
+        });
+        let creds: serde_json::Value = serde_json::from_str(
+            &get(
+                &m,
+                "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            )
+            .1,
+        )
+        .unwrap();
+        assert_eq!(creds["Code"], "Success");
+        let info: serde_json::Value =
+            serde_json::from_str(&get(&m, "/latest/meta-data/identity-credentials/ec2/info").1)
+                .unwrap();
+        assert_eq!(info["AccountId"], "123456789012");
+        assert_eq!(
+            get(&m, "/latest/dynamic/instance-identity/").1,
+            "document\npkcs7\nrsa2048\nsignature"
+        );
+        for kind in ["pkcs7", "rsa2048", "signature"] {
+            let (status, body) = get(&m, &format!("/latest/dynamic/instance-identity/{kind}"));
+            assert_eq!(status, StatusCode::OK);
+            assert!(
+                body.lines().all(|l| l.len() <= 64 || kind == "signature"),
+                "{kind}"
+            );
+        }
+        assert_eq!(get(&m, "/latest/meta-data/tags/instance/").1, "Name");
+        assert_eq!(get(&m, "/latest/meta-data/tags/instance/Name").1, "web-1");
+        let nic = "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/";
+        assert_eq!(get(&m, &format!("{nic}ipv6s")).1, "2600:1f18::10");
+        assert!(!get(&m, nic).1.contains("vpc-ipv6"), "unset: unlisted");
+        assert_eq!(
+            get(&mock(), "/latest/meta-data/tags/instance/").0,
+            StatusCode::NOT_FOUND
+        );
     }
 }
