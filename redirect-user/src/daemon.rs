@@ -31,7 +31,10 @@ use crate::{
     netns::{Planter, Procfs, Scope, Served},
     policy::SharedRules,
     privileges,
-    proxy::{Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts, forward::Forwarder},
+    proxy::{
+        Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts,
+        forward::{CredentialCache, Forwarder},
+    },
     sock_diag::SockDiag,
     status::{self, Status},
 };
@@ -132,10 +135,12 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         }
         BackendSettings::Upstream(upstream) => {
             let upstream = upstream.clone();
+            let cache = Arc::new(CredentialCache::default());
             Some(Box::new(move || {
                 Backend::Upstream(Forwarder::new(
                     upstream.clone(),
                     Some(Arc::clone(&exemptions)),
+                    Arc::clone(&cache),
                 ))
             }))
         }

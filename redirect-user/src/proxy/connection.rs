@@ -302,7 +302,12 @@ fn refused(shared: &Shared, refusal: Refusal) -> Response<Full<Bytes>> {
 
 /// A `text/plain` answer of the proxy's own; a 503 says when to retry.
 pub(super) fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    plain_bytes(status, text).map(Full::new)
+}
+
+/// [`plain`], its body as bytes.
+pub(super) fn plain_bytes(status: StatusCode, text: String) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(text));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

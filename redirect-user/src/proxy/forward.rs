@@ -21,10 +21,12 @@ use hyper::{
 use super::{
     admission::connection_options,
     budget::{BodyError, Budget},
-    connection::plain,
+    connection::plain_bytes,
     upstream::Upstream,
 };
 use crate::{caller::Peer, config::UpstreamSettings, ebpf::Exemptions};
+
+pub use super::cache::CredentialCache;
 
 /// Largest upstream response body passed on: beyond it, a 502.
 pub const MAX_RESPONSE_BODY: usize = 16 << 20;
@@ -37,6 +39,8 @@ pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 pub struct Forwarder {
     upstream: Upstream,
     settings: UpstreamSettings,
+    /// Shared by every worker's forwarder.
+    cache: Arc<CredentialCache>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,10 +57,18 @@ enum ForwardError {
 
 impl Forwarder {
     /// `exemptions` is `None` only where no programs are loaded (unit tests, the fuzzer).
-    pub fn new(settings: UpstreamSettings, exemptions: Option<Arc<Exemptions>>) -> Self {
+    pub fn new(
+        settings: UpstreamSettings,
+        exemptions: Option<Arc<Exemptions>>,
+        cache: Arc<CredentialCache>,
+    ) -> Self {
         let authority = settings.url.authority.clone();
         let upstream = Upstream::new(authority, exemptions, settings.connect_timeout);
-        Forwarder { upstream, settings }
+        Forwarder {
+            upstream,
+            settings,
+            cache,
+        }
     }
 
     pub fn max_request_body(&self) -> usize {
@@ -65,21 +77,40 @@ impl Forwarder {
 
     /// A client that goes away drops this future, and with it the upstream request. `peer`
     /// names the caller in the log line of a failure (never to the upstream: the real
-    /// service gets no added header).
+    /// service gets no added header). Credentials and tokens come from the cache (`cache`).
     pub async fn forward(
         &self,
         req: Request<Bytes>,
         peer: &Peer,
         budget: &Budget,
     ) -> Response<Full<Bytes>> {
+        let fetch = |req| self.send(req, peer, budget);
+        if let Some(served) = self.cache.respond(&req, fetch).await {
+            return served.resp.map(Full::new);
+        }
+        match self.send(req, peer, budget).await {
+            Ok(resp) | Err(resp) => resp.map(Full::new),
+        }
+    }
+
+    /// The upstream's answer, or (`Err`) the proxy's gateway error when there is none.
+    async fn send(
+        &self,
+        req: Request<Bytes>,
+        peer: &Peer,
+        budget: &Budget,
+    ) -> Result<Response<Bytes>, Response<Bytes>> {
         let (parts, body) = req.into_parts();
         let limit = self.deadline(&parts.uri);
         let exchange = self.exchange(&parts, body, budget);
         let (status, why) = match tokio::time::timeout(limit, exchange).await {
-            Ok(Ok(resp)) => return resp,
+            Ok(Ok(resp)) => return Ok(resp),
             Ok(Err(ForwardError::Body(BodyError::Exhausted))) => {
                 let busy = "redirect: too many responses in flight; retry\n";
-                return plain(StatusCode::SERVICE_UNAVAILABLE, busy.to_owned());
+                return Err(plain_bytes(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    busy.to_owned(),
+                ));
             }
             Ok(Err(e)) => (StatusCode::BAD_GATEWAY, format!("failed: {e}")),
             Err(_) => (
@@ -89,7 +120,10 @@ impl Forwarder {
         };
         let url = &self.settings.url;
         tracing::warn!("upstream {url} {why} (asked by {peer})");
-        plain(status, format!("redirect: upstream {url} {why}\n"))
+        Err(plain_bytes(
+            status,
+            format!("redirect: upstream {url} {why}\n"),
+        ))
     }
 
     async fn exchange(
@@ -97,7 +131,7 @@ impl Forwarder {
         parts: &Parts,
         body: Bytes,
         budget: &Budget,
-    ) -> Result<Response<Full<Bytes>>, ForwardError> {
+    ) -> Result<Response<Bytes>, ForwardError> {
         let mut sent_again = false;
         let (mut lease, resp) = loop {
             let mut lease = self
@@ -137,7 +171,7 @@ impl Forwarder {
             .drive(budget.collect(body, MAX_RESPONSE_BODY, declared))
             .await?;
         lease.release();
-        Ok(Response::from_parts(head, Full::new(body)))
+        Ok(Response::from_parts(head, body))
     }
 
     fn upstream_request(&self, parts: &Parts, body: Bytes) -> Request<Full<Bytes>> {

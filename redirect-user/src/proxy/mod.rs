@@ -12,6 +12,7 @@
 
 mod admission;
 mod budget;
+mod cache;
 mod connection;
 pub mod forward;
 #[cfg(fuzzing)]

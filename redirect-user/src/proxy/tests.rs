@@ -74,7 +74,11 @@ fn upstream_settings(addr: SocketAddr) -> UpstreamSettings {
 }
 
 fn forwarding_to(addr: SocketAddr) -> Arc<Shared> {
-    let backend = Backend::Upstream(Forwarder::new(upstream_settings(addr), None));
+    let backend = Backend::Upstream(Forwarder::new(
+        upstream_settings(addr),
+        None,
+        Arc::default(),
+    ));
     Shared::new(backend, names(), LIMITS, BODY_BUDGET)
 }
 
@@ -337,7 +341,13 @@ async fn at_the_limit_with_every_connection_busy_the_first_to_be_idle_makes_room
     let proxy = Proxy::spawn(
         vec![vec![listener]],
         &host_callers(),
-        || Backend::Upstream(Forwarder::new(upstream_settings(upstream), None)),
+        || {
+            Backend::Upstream(Forwarder::new(
+                upstream_settings(upstream),
+                None,
+                Arc::default(),
+            ))
+        },
         names(),
         limits,
         &CancellationToken::new(),
@@ -636,7 +646,11 @@ async fn a_long_poll_is_bounded_by_its_own_timeout() {
     let poll = b"GET /computeMetadata/v1/instance/tags?wait_for_change=true&timeout_sec=30 HTTP/1.1\r\nHost: md\r\n\r\n";
     // Far beyond the idle timeout too: a request in progress is never idle.
     let (addr, _seen) = stand_in(vec![vec![Reply::After(Duration::from_secs(29), OK)]]).await;
-    let backend = Backend::Upstream(Forwarder::new(upstream_settings(addr), None));
+    let backend = Backend::Upstream(Forwarder::new(
+        upstream_settings(addr),
+        None,
+        Arc::default(),
+    ));
     let mut limits = LIMITS;
     limits.timeouts.idle = Some(Duration::from_secs(1));
     let got = ask(
@@ -705,7 +719,11 @@ async fn request_bodies_over_the_limit_are_refused_unsent() {
 #[tokio::test]
 async fn request_bodies_beyond_the_shared_budget_get_503() {
     let (addr, _seen) = stand_in(vec![vec![Reply::Hold], vec![Reply::Send(OK)]]).await;
-    let backend = Backend::Upstream(Forwarder::new(upstream_settings(addr), None));
+    let backend = Backend::Upstream(Forwarder::new(
+        upstream_settings(addr),
+        None,
+        Arc::default(),
+    ));
     let shared = Shared::new(backend, names(), LIMITS, 100);
     let put = |n: usize| {
         format!(

@@ -10,6 +10,7 @@ mod support;
 
 mod azure;
 mod bounds;
+mod cache;
 mod clouds;
 mod compose;
 mod containers;
@@ -84,7 +85,7 @@ fn get_instance_id(mut stream: &TcpStream) -> Result<String> {
 struct MockSetup {
     daemon: Daemon,
     /// In [`Mode::Proxy`], the mock standing in for the real service.
-    _stand_in: Option<Daemon>,
+    stand_in: Option<Daemon>,
     client: std::path::PathBuf,
     cg: TestCgroup,
     ns: NetNs,
@@ -100,7 +101,7 @@ fn mock_setup(extra: &[&str]) -> Result<MockSetup> {
     let daemon = Daemon::start(&args, &ns, None)?;
     Ok(MockSetup {
         daemon,
-        _stand_in: None,
+        stand_in: None,
         client,
         cg,
         ns,
@@ -150,7 +151,7 @@ fn cloud_setup(cloud: &str, mode: Mode, mock_args: &[&str]) -> Result<MockSetup>
     let daemon = Daemon::start(&args, &ns, None)?;
     Ok(MockSetup {
         daemon,
-        _stand_in: stand_in,
+        stand_in,
         client,
         cg,
         ns,
@@ -163,6 +164,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         mock::TESTS,
         azure::TESTS,
         clouds::TESTS,
+        cache::TESTS,
         events::TESTS,
         routing::TESTS,
         containers::TESTS,
