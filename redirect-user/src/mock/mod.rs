@@ -4,7 +4,9 @@
 //! Every cloud's wire behaviour follows its real service
 //! (`../shared/reference/metadata-protocols.md`), down to the error bodies its clients read.
 
+pub mod cloudstack;
 pub mod ec2;
+pub mod openstack;
 mod token;
 
 use std::{fmt, future::Future, pin::Pin};
