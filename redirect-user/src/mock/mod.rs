@@ -5,7 +5,9 @@
 //! (`../shared/reference/metadata-protocols.md`), down to the error bodies its clients read.
 
 pub mod azure;
+pub mod cloudstack;
 pub mod ec2;
+pub mod openstack;
 mod query;
 mod token;
 
