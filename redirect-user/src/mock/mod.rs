@@ -5,6 +5,7 @@
 //! (`../shared/reference/metadata-protocols.md`), down to the error bodies its clients read.
 
 pub mod ec2;
+pub mod gcp;
 mod token;
 
 use std::{fmt, future::Future, pin::Pin};
