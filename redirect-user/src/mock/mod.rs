@@ -7,6 +7,7 @@
 pub mod azure;
 pub mod cloudstack;
 pub mod ec2;
+pub mod gcp;
 pub mod openstack;
 mod query;
 mod token;
