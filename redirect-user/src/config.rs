@@ -15,7 +15,10 @@ use std::{
 use serde::{Deserialize, Deserializer, de};
 
 use crate::{
-    mock::{CloudKind, MockValues, azure::AzureValues, ec2::Ec2Values},
+    mock::{
+        CloudKind, MockValues, azure::AzureValues, cloudstack::CloudStackValues, ec2::Ec2Values,
+        gcp::GcpValues, openstack::OpenStackValues,
+    },
     paths,
 };
 
@@ -100,6 +103,12 @@ pub struct FileConfig {
     pub ec2: Ec2Values,
     /// Values served by the Azure mock.
     pub azure: AzureValues,
+    /// Values served by the GCP mock.
+    pub gcp: GcpValues,
+    /// Values served by the OpenStack mock.
+    pub openstack: OpenStackValues,
+    /// Values served by the CloudStack mock.
+    pub cloudstack: CloudStackValues,
 }
 
 /// A config file that could not be used, with where the problem is.
@@ -646,6 +655,9 @@ impl Settings {
         let values = MockValues {
             ec2,
             azure: file.azure,
+            gcp: file.gcp,
+            openstack: file.openstack,
+            cloudstack: file.cloudstack,
         };
         let backend = match (mock, upstream, redirect_to.is_some()) {
             (Some(default), None, false) => Backend::Mock {
@@ -706,7 +718,21 @@ impl Settings {
         };
         let targets = non_empty(flags.targets)
             .or(file.targets)
-            .unwrap_or_else(default_targets);
+            .unwrap_or_else(|| match &backend {
+                // The router's password server too (`DomU_Request`, port 8080).
+                Backend::Mock {
+                    default: CloudKind::CloudStack,
+                    ..
+                } => {
+                    let mut targets = default_targets();
+                    targets.push(Target(SocketAddr::V4(SocketAddrV4::new(
+                        Ipv4Addr::new(169, 254, 169, 254),
+                        8080,
+                    ))));
+                    targets
+                }
+                _ => default_targets(),
+            });
         if proxy.v4.is_none() && targets.iter().any(|t| t.0.is_ipv4()) {
             return Err(
                 "IPv4 targets need an IPv4 proxy address: an IPv4 connect can only be sent to an IPv4 address"

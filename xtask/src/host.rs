@@ -28,6 +28,15 @@ pub const TEST_TOOLS: &[Tool] = &[
         bin: "curl",
         package: "curl",
     },
+    // cloud-init's CloudStack datasource asks the password server with wget.
+    Tool {
+        bin: "wget",
+        package: "wget",
+    },
+    Tool {
+        bin: "unshare",
+        package: "util-linux",
+    },
     Tool {
         bin: "ip",
         package: "iproute2",

@@ -114,6 +114,9 @@ pub trait Cloud: Send + Sync {
 pub struct MockValues {
     pub ec2: ec2::Ec2Values,
     pub azure: azure::AzureValues,
+    pub gcp: gcp::GcpValues,
+    pub openstack: openstack::OpenStackValues,
+    pub cloudstack: cloudstack::CloudStackValues,
 }
 
 /// Every cloud's mock, each caller served by one: the cloud its policy names
@@ -123,6 +126,9 @@ pub struct Mocks {
     default: CloudKind,
     ec2: ec2::Ec2Mock,
     azure: azure::AzureMock,
+    gcp: gcp::GcpMock,
+    openstack: openstack::OpenStackMock,
+    cloudstack: cloudstack::CloudStackMock,
 }
 
 impl Mocks {
@@ -131,6 +137,9 @@ impl Mocks {
             default,
             ec2: ec2::Ec2Mock::new(values.ec2.clone()),
             azure: azure::AzureMock::new(values.azure.clone()),
+            gcp: gcp::GcpMock::new(values.gcp.clone()),
+            openstack: openstack::OpenStackMock::new(values.openstack.clone()),
+            cloudstack: cloudstack::CloudStackMock::new(values.cloudstack.clone()),
         }
     }
 
@@ -143,8 +152,9 @@ impl Mocks {
         match kind.unwrap_or(self.default) {
             CloudKind::Ec2 => &self.ec2,
             CloudKind::Azure => &self.azure,
-            // Until their mocks exist, served by the default's.
-            CloudKind::Gcp | CloudKind::OpenStack | CloudKind::CloudStack => &self.ec2,
+            CloudKind::Gcp => &self.gcp,
+            CloudKind::OpenStack => &self.openstack,
+            CloudKind::CloudStack => &self.cloudstack,
         }
     }
 
@@ -161,6 +171,15 @@ impl Mocks {
         }
         if self.azure.reload(values.azure.clone()) {
             changed.push(CloudKind::Azure);
+        }
+        if self.gcp.reload(values.gcp.clone()) {
+            changed.push(CloudKind::Gcp);
+        }
+        if self.openstack.reload(values.openstack.clone()) {
+            changed.push(CloudKind::OpenStack);
+        }
+        if self.cloudstack.reload(values.cloudstack.clone()) {
+            changed.push(CloudKind::CloudStack);
         }
         changed
     }

@@ -13,13 +13,17 @@
 //! - `Connection` naming `Host` (it would strip Host from what is forwarded): 400.
 //!
 //! Header names with `_` are dropped (nginx's `underscores_in_headers off`): an upstream that
-//! folds `_` into `-` would otherwise read `Transfer_Encoding` as framing.
+//! folds `_` into `-` would otherwise read `Transfer_Encoding` as framing. One is kept:
+//! CloudStack's password server protocol is a header named `DomU_Request`, which no framing
+//! header resembles.
 
 use hyper::{
     HeaderMap, Method, StatusCode, Uri, Version,
     header::{self, HeaderName, HeaderValue},
     http::{request::Parts, uri::Authority},
 };
+
+use crate::mock::cloudstack::PASSWORD_HEADER;
 
 /// Longest request target: beyond it, 414 (nginx's default `large_client_header_buffers`).
 pub const MAX_TARGET: usize = 8 << 10;
@@ -106,7 +110,7 @@ pub fn admit(parts: &mut Parts, names: &OwnNames) -> Result<(), Refusal> {
     let underscored: Vec<HeaderName> = parts
         .headers
         .keys()
-        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| name.as_str().contains('_') && name.as_str() != PASSWORD_HEADER)
         .cloned()
         .collect();
     for name in underscored {
@@ -296,11 +300,16 @@ mod tests {
                 ("transfer_encoding", "chunked"),
                 ("content_length", "5"),
                 ("x-keep", "1"),
+                ("DomU_Request", "send_my_password"),
             ],
         )
         .unwrap();
         let mut left: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, ["host", "x-keep"]);
+        assert_eq!(
+            left,
+            ["domu_request", "host", "x-keep"],
+            "CloudStack's password header kept"
+        );
     }
 }

@@ -17,12 +17,14 @@ mod containers;
 mod errors;
 mod events;
 mod framing;
+mod gcp;
 mod identity;
 mod lifecycle;
 mod mock;
 mod namespaces;
 mod policy;
 mod routing;
+mod stack;
 mod swarm;
 mod upstream;
 
@@ -158,12 +160,51 @@ fn cloud_setup(cloud: &str, mode: Mode, mock_args: &[&str]) -> Result<MockSetup>
     })
 }
 
+/// Runs `script` with the test Python in `s.client`, with `hosts` added to its `/etc/hosts`
+/// (a private copy, bind-mounted in a mount namespace of its own) and none of the host's
+/// environment variables starting with one of `unset`; its last line is JSON.
+fn python_with_hosts(
+    s: &MockSetup,
+    hosts: &str,
+    unset: &[&str],
+    script: &str,
+    pythonpath: Option<&str>,
+) -> Result<serde_json::Value> {
+    let python = test_python()?;
+    let home = tempfile::tempdir()?;
+    let hosts_file = home.path().join("hosts");
+    std::fs::write(&hosts_file, format!("127.0.0.1 localhost\n{hosts}"))?;
+    let script_file = home.path().join("script.py");
+    std::fs::write(&script_file, script)?;
+    let mut cmd = command_in("unshare", Some(&s.client), Some(&s.ns))?;
+    for (key, _) in std::env::vars() {
+        if unset.iter().any(|prefix| key.starts_with(prefix)) {
+            cmd.env_remove(key);
+        }
+    }
+    if let Some(path) = pythonpath {
+        cmd.env("PYTHONPATH", path);
+    }
+    let out = sh(cmd
+        .env("HOME", home.path())
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" "$3""#)
+        .arg("sh")
+        .arg(&hosts_file)
+        .arg(&python)
+        .arg(&script_file))?;
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| out.clone())
+}
+
 /// Every test, one module per feature.
 fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
     [
         mock::TESTS,
         azure::TESTS,
         clouds::TESTS,
+        gcp::TESTS,
+        stack::TESTS,
         cache::TESTS,
         events::TESTS,
         routing::TESTS,
