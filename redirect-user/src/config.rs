@@ -20,6 +20,7 @@ use crate::{
         gcp::GcpValues, openstack::OpenStackValues,
     },
     paths,
+    router::RouterSettings,
 };
 
 /// Default proxy address: loopback (never exposed to the network) on a port that is not 80.
@@ -109,6 +110,22 @@ pub struct FileConfig {
     pub openstack: OpenStackValues,
     /// Values served by the CloudStack mock.
     pub cloudstack: CloudStackValues,
+    /// How `upstream = "cloudstack"` finds the virtual router.
+    pub cloudstack_router: RouterConfig,
+}
+
+/// `[cloudstack_router]`: where to look for the router (see `crate::router`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Directories of DHCP lease files (default: systemd-networkd's, dhclient's,
+    /// NetworkManager's and dhcpcd's).
+    pub lease_dirs: Option<Vec<PathBuf>>,
+    /// The interface on the router's network (default: the default route's).
+    pub interface: Option<String>,
+    /// How often to look for the router again while it answers (default 30s).
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub recheck: Option<Duration>,
 }
 
 /// A config file that could not be used, with where the problem is.
@@ -169,15 +186,30 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The upstream metadata service: `http://HOST[:PORT]`, nothing after the authority.
+/// The upstream metadata service: `http://HOST[:PORT]`, nothing after the authority; or
+/// `cloudstack`: CloudStack's virtual router, wherever it is (`crate::router`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub authority: hyper::http::uri::Authority,
+pub enum UpstreamUrl {
+    Http(hyper::http::uri::Authority),
+    CloudStack,
+}
+
+impl UpstreamUrl {
+    /// The host requests go to, when it is a fixed one.
+    pub fn authority(&self) -> Option<&hyper::http::uri::Authority> {
+        match self {
+            UpstreamUrl::Http(authority) => Some(authority),
+            UpstreamUrl::CloudStack => None,
+        }
+    }
 }
 
 impl FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if s == "cloudstack" {
+            return Ok(UpstreamUrl::CloudStack);
+        }
         let uri: hyper::Uri = s
             .parse()
             .map_err(|e| format!("invalid upstream URL {s:?}: {e}"))?;
@@ -208,13 +240,16 @@ impl FromStr for UpstreamUrl {
                 "upstream URL {s:?}: credentials in the URL are not supported"
             ));
         }
-        Ok(UpstreamUrl { authority })
+        Ok(UpstreamUrl::Http(authority))
     }
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority)
+        match self {
+            UpstreamUrl::Http(authority) => write!(f, "http://{authority}"),
+            UpstreamUrl::CloudStack => f.write_str("the CloudStack virtual router"),
+        }
     }
 }
 
@@ -551,6 +586,8 @@ impl Backend {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub url: UpstreamUrl,
+    /// For `UpstreamUrl::CloudStack`: how the router is found.
+    pub router: RouterSettings,
     /// Budget for the TCP connect to the upstream. SDKs give the whole request about 1 s.
     pub connect_timeout: Duration,
     /// Budget from sending the request to the end of the upstream's response.
@@ -666,6 +703,15 @@ impl Settings {
             },
             (None, Some(url), false) => Backend::Upstream(UpstreamSettings {
                 url,
+                router: {
+                    let defaults = RouterSettings::default();
+                    let raw = file.cloudstack_router;
+                    RouterSettings {
+                        lease_dirs: raw.lease_dirs.unwrap_or(defaults.lease_dirs),
+                        interface: raw.interface,
+                        recheck: raw.recheck.unwrap_or(defaults.recheck),
+                    }
+                },
                 connect_timeout: flags
                     .upstream_connect_timeout
                     .or(file.upstream_connect_timeout)
@@ -723,7 +769,11 @@ impl Settings {
                 Backend::Mock {
                     default: CloudKind::CloudStack,
                     ..
-                } => {
+                }
+                | Backend::Upstream(UpstreamSettings {
+                    url: UpstreamUrl::CloudStack,
+                    ..
+                }) => {
                     let mut targets = default_targets();
                     targets.push(Target(SocketAddr::V4(SocketAddrV4::new(
                         Ipv4Addr::new(169, 254, 169, 254),

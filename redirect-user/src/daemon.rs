@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cgroup::{self, Cgroup},
-    config::{Backend as BackendSettings, DockerApi, ProxyAddrs, Settings, Sources, Target},
+    config::{
+        Backend as BackendSettings, DockerApi, ProxyAddrs, Settings, Sources, Target, UpstreamUrl,
+    },
     control::ControlSocket,
     ebpf::{Redirector, Route},
     host_callers::{self, HostCallers},
@@ -33,8 +35,9 @@ use crate::{
     privileges,
     proxy::{
         Backend, Limits, OwnNames, Proxy, ProxyStats, Timeouts,
-        forward::{CredentialCache, Forwarder},
+        forward::{self, Forwarder},
     },
+    router::Router,
     sock_diag::SockDiag,
     status::{self, Status},
 };
@@ -134,14 +137,24 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             Some(Box::new(move || Backend::Mock(Arc::clone(&mocks))))
         }
         BackendSettings::Upstream(upstream) => {
+            let router = (upstream.url == UpstreamUrl::CloudStack).then(|| {
+                let router = Arc::new(Router::default());
+                let (settings, stop) = (upstream.router.clone(), stop_proxy.clone());
+                let follower = Arc::clone(&router);
+                tokio::spawn(async move { follower.follow(settings, stop).await });
+                router
+            });
             let upstream = upstream.clone();
-            let cache = Arc::new(CredentialCache::default());
+            let shared = Arc::new(forward::Shared {
+                router,
+                ..Default::default()
+            });
             Some(Box::new(move || {
-                Backend::Upstream(Forwarder::new(
+                Backend::Upstream(Box::new(Forwarder::new(
                     upstream.clone(),
                     Some(Arc::clone(&exemptions)),
-                    Arc::clone(&cache),
-                ))
+                    Arc::clone(&shared),
+                )))
             }))
         }
         BackendSettings::External => None,
@@ -448,7 +461,10 @@ fn own_names(settings: &Settings, endpoints: &[SocketAddr]) -> OwnNames {
         .chain(["metadata.google.internal", "metadata"].map(String::from))
         .collect();
     if let BackendSettings::Upstream(upstream) = &settings.backend {
-        names.push(upstream.url.authority.host().to_owned());
+        match upstream.url.authority() {
+            Some(authority) => names.push(authority.host().to_owned()),
+            None => names.push(crate::router::DATA_SERVER.to_owned()),
+        }
     }
     OwnNames::new(names)
 }

@@ -17,5 +17,6 @@ pub mod policy;
 pub mod privileges;
 pub mod proxy;
 pub mod rlimit;
+pub mod router;
 pub mod sock_diag;
 pub mod status;

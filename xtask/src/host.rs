@@ -37,6 +37,11 @@ pub const TEST_TOOLS: &[Tool] = &[
         bin: "unshare",
         package: "util-linux",
     },
+    // The DHCP server CloudStack's virtual router runs, for `--upstream cloudstack`.
+    Tool {
+        bin: "dnsmasq",
+        package: "dnsmasq-base",
+    },
     Tool {
         bin: "ip",
         package: "iproute2",

@@ -22,11 +22,17 @@ use super::{
     admission::connection_options,
     budget::{BodyError, Budget},
     connection::plain_bytes,
-    upstream::Upstream,
+    upstream::{Dial, Upstream},
 };
-use crate::{caller::Peer, config::UpstreamSettings, ebpf::Exemptions};
+use crate::{
+    caller::Peer, config::UpstreamSettings, ebpf::Exemptions, mock::cloudstack::PASSWORD_HEADER,
+    router::Router,
+};
 
-pub use super::cache::CredentialCache;
+/// The CloudStack router's password server.
+const PASSWORD_PORT: u16 = 8080;
+
+use super::cache::CredentialCache;
 
 /// Largest upstream response body passed on: beyond it, a 502.
 pub const MAX_RESPONSE_BODY: usize = 16 << 20;
@@ -38,9 +44,19 @@ pub const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct Forwarder {
     upstream: Upstream,
+    /// CloudStack's password server (port 8080 of the router), for requests that carry
+    /// `DomU_Request`.
+    password_server: Option<Box<Upstream>>,
     settings: UpstreamSettings,
-    /// Shared by every worker's forwarder.
-    cache: Arc<CredentialCache>,
+    shared: Arc<Shared>,
+}
+
+/// What every worker's forwarder shares.
+#[derive(Default)]
+pub struct Shared {
+    pub cache: CredentialCache,
+    /// The CloudStack router followed, with `upstream = "cloudstack"`.
+    pub router: Option<Arc<Router>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +76,27 @@ impl Forwarder {
     pub fn new(
         settings: UpstreamSettings,
         exemptions: Option<Arc<Exemptions>>,
-        cache: Arc<CredentialCache>,
+        shared: Arc<Shared>,
     ) -> Self {
-        let authority = settings.url.authority.clone();
-        let upstream = Upstream::new(authority, exemptions, settings.connect_timeout);
+        let timeout = settings.connect_timeout;
+        let (dial, password_dial) = match (settings.url.authority(), &shared.router) {
+            (Some(authority), _) => (Dial::Authority(authority.clone()), None),
+            (None, router) => {
+                let router = router.clone().unwrap_or_default();
+                (
+                    Dial::Router(Arc::clone(&router), 80),
+                    Some(Dial::Router(router, PASSWORD_PORT)),
+                )
+            }
+        };
+        let upstream = Upstream::new(dial, exemptions.clone(), timeout);
+        let password_server =
+            password_dial.map(|dial| Box::new(Upstream::new(dial, exemptions, timeout)));
         Forwarder {
             upstream,
+            password_server,
             settings,
-            cache,
+            shared,
         }
     }
 
@@ -85,7 +114,7 @@ impl Forwarder {
         budget: &Budget,
     ) -> Response<Full<Bytes>> {
         let fetch = |req| self.send(req, peer, budget);
-        if let Some(served) = self.cache.respond(&req, fetch).await {
+        if let Some(served) = self.shared.cache.respond(&req, fetch).await {
             return served.resp.map(Full::new);
         }
         match self.send(req, peer, budget).await {
@@ -132,10 +161,13 @@ impl Forwarder {
         body: Bytes,
         budget: &Budget,
     ) -> Result<Response<Bytes>, ForwardError> {
+        let upstream = match &self.password_server {
+            Some(password) if parts.headers.contains_key(PASSWORD_HEADER) => &**password,
+            _ => &self.upstream,
+        };
         let mut sent_again = false;
         let (mut lease, resp) = loop {
-            let mut lease = self
-                .upstream
+            let mut lease = upstream
                 .lease(sent_again)
                 .await
                 .map_err(ForwardError::Connect)?;
@@ -181,7 +213,12 @@ impl Forwarder {
         headers.remove(header::EXPECT);
         headers.remove(header::CONTENT_LENGTH);
         if !headers.contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(self.settings.url.authority.as_str())
+            && let Ok(host) = HeaderValue::from_str(
+                self.settings
+                    .url
+                    .authority()
+                    .map_or(crate::router::DATA_SERVER, |a| a.as_str()),
+            )
         {
             headers.insert(header::HOST, host); // HTTP/1.0 may omit it; the upstream gets one
         }

@@ -62,7 +62,7 @@ pub const BODY_BUDGET: usize = 32 << 20;
 /// What answers the requests.
 pub enum Backend {
     Mock(Arc<Mocks>),
-    Upstream(Forwarder),
+    Upstream(Box<Forwarder>),
 }
 
 impl Backend {

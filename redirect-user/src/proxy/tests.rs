@@ -67,6 +67,7 @@ fn mock() -> Arc<Shared> {
 fn upstream_settings(addr: SocketAddr) -> UpstreamSettings {
     UpstreamSettings {
         url: format!("http://{addr}").parse().unwrap(),
+        router: Default::default(),
         connect_timeout: Duration::from_secs(1),
         timeout: Duration::from_secs(5),
         max_request_body: 64 << 10,
@@ -74,11 +75,11 @@ fn upstream_settings(addr: SocketAddr) -> UpstreamSettings {
 }
 
 fn forwarding_to(addr: SocketAddr) -> Arc<Shared> {
-    let backend = Backend::Upstream(Forwarder::new(
+    let backend = Backend::Upstream(Box::new(Forwarder::new(
         upstream_settings(addr),
         None,
         Arc::default(),
-    ));
+    )));
     Shared::new(backend, names(), LIMITS, BODY_BUDGET)
 }
 
@@ -342,11 +343,11 @@ async fn at_the_limit_with_every_connection_busy_the_first_to_be_idle_makes_room
         vec![vec![listener]],
         &host_callers(),
         || {
-            Backend::Upstream(Forwarder::new(
+            Backend::Upstream(Box::new(Forwarder::new(
                 upstream_settings(upstream),
                 None,
                 Arc::default(),
-            ))
+            )))
         },
         names(),
         limits,
@@ -646,11 +647,11 @@ async fn a_long_poll_is_bounded_by_its_own_timeout() {
     let poll = b"GET /computeMetadata/v1/instance/tags?wait_for_change=true&timeout_sec=30 HTTP/1.1\r\nHost: md\r\n\r\n";
     // Far beyond the idle timeout too: a request in progress is never idle.
     let (addr, _seen) = stand_in(vec![vec![Reply::After(Duration::from_secs(29), OK)]]).await;
-    let backend = Backend::Upstream(Forwarder::new(
+    let backend = Backend::Upstream(Box::new(Forwarder::new(
         upstream_settings(addr),
         None,
         Arc::default(),
-    ));
+    )));
     let mut limits = LIMITS;
     limits.timeouts.idle = Some(Duration::from_secs(1));
     let got = ask(
@@ -719,11 +720,11 @@ async fn request_bodies_over_the_limit_are_refused_unsent() {
 #[tokio::test]
 async fn request_bodies_beyond_the_shared_budget_get_503() {
     let (addr, _seen) = stand_in(vec![vec![Reply::Hold], vec![Reply::Send(OK)]]).await;
-    let backend = Backend::Upstream(Forwarder::new(
+    let backend = Backend::Upstream(Box::new(Forwarder::new(
         upstream_settings(addr),
         None,
         Arc::default(),
-    ));
+    )));
     let shared = Shared::new(backend, names(), LIMITS, 100);
     let put = |n: usize| {
         format!(

@@ -27,7 +27,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::ebpf::Exemptions;
+use crate::{ebpf::Exemptions, router::Router};
 
 /// Largest upstream response head: beyond it, a 502.
 pub const MAX_RESPONSE_HEAD: usize = 64 << 10;
@@ -39,6 +39,8 @@ const POOL_MAX_IDLE: usize = 64;
 type Body = Full<Bytes>;
 
 struct Pooled {
+    /// Where it is connected (a moved CloudStack router leaves its connections unused).
+    peer: SocketAddr,
     sender: SendRequest<Body>,
     /// `None` once it has ended (the upstream closed it, or it failed).
     connection: Option<Connection<TokioIo<TcpStream>, Body>>,
@@ -46,11 +48,20 @@ struct Pooled {
 }
 
 pub struct Upstream {
-    authority: Authority,
+    dial: Dial,
     /// `None` only where no programs are loaded (unit tests, the fuzzer).
     exemptions: Option<Arc<Exemptions>>,
     connect_timeout: Duration,
     idle: Mutex<Vec<Pooled>>,
+}
+
+/// Where upstream connections go.
+pub enum Dial {
+    /// A host (name or address) and port.
+    Authority(Authority),
+    /// CloudStack's virtual router, wherever it is now, on this port; from the VM's own
+    /// address.
+    Router(Arc<Router>, u16),
 }
 
 /// A connection held for one exchange; back to the pool with [`Lease::release`], closed if
@@ -63,13 +74,9 @@ pub struct Lease<'a> {
 }
 
 impl Upstream {
-    pub fn new(
-        authority: Authority,
-        exemptions: Option<Arc<Exemptions>>,
-        connect_timeout: Duration,
-    ) -> Self {
+    pub fn new(dial: Dial, exemptions: Option<Arc<Exemptions>>, connect_timeout: Duration) -> Self {
         Upstream {
-            authority,
+            dial,
             exemptions,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
@@ -97,6 +104,7 @@ impl Upstream {
             }
         }
         let stream = self.connect().await?;
+        let peer = stream.peer_addr()?;
         let (sender, connection) = http1::Builder::new()
             .max_buf_size(MAX_RESPONSE_HEAD)
             .max_header_size(MAX_RESPONSE_HEAD)
@@ -104,6 +112,7 @@ impl Upstream {
             .await
             .map_err(io::Error::other)?;
         let pooled = Pooled {
+            peer,
             sender,
             connection: Some(connection),
             idle_since: Instant::now(),
@@ -120,7 +129,13 @@ impl Upstream {
         // Most recently used last; the oldest go once unused for POOL_IDLE.
         let pooled = idle.pop()?;
         let expired = pooled.idle_since.elapsed() >= POOL_IDLE;
-        if expired {
+        let moved = match &self.dial {
+            Dial::Router(router, _) => router
+                .current()
+                .is_none_or(|found| pooled.peer.ip() != found.router),
+            Dial::Authority(_) => false,
+        };
+        if expired || moved {
             idle.clear();
             return None;
         }
@@ -128,15 +143,30 @@ impl Upstream {
     }
 
     async fn connect(&self) -> io::Result<TcpStream> {
-        let host = self
-            .authority
+        let authority = match &self.dial {
+            Dial::Authority(authority) => authority,
+            Dial::Router(router, port) => {
+                let found = router.current().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "no CloudStack virtual router found yet (the daemon's log says where it looked)",
+                    )
+                })?;
+                let addr = SocketAddr::new(found.router.into(), *port);
+                let source = found.source.map(|s| SocketAddr::new(s.into(), 0));
+                return self.connect_to(addr, source).await.inspect_err(|_| {
+                    router.failed();
+                });
+            }
+        };
+        let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let port = self.authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(80);
         let mut last = None;
         for addr in tokio::net::lookup_host((host, port)).await? {
-            match self.connect_to(addr).await {
+            match self.connect_to(addr, None).await {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last = Some(e),
             }
@@ -144,11 +174,19 @@ impl Upstream {
         Err(last.unwrap_or_else(|| io::Error::other(format!("{host} has no address"))))
     }
 
-    async fn connect_to(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+    /// Connects to `addr`, from `source` if given.
+    async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> io::Result<TcpStream> {
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
+        if let Some(source) = source {
+            socket.bind(source)?;
+        }
         // Exempt until the connect has returned: only the connect is rewritten.
         let _exempt = self
             .exemptions

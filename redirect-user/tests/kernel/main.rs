@@ -23,6 +23,7 @@ mod lifecycle;
 mod mock;
 mod namespaces;
 mod policy;
+mod router;
 mod routing;
 mod stack;
 mod swarm;
@@ -205,6 +206,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         clouds::TESTS,
         gcp::TESTS,
         stack::TESTS,
+        router::TESTS,
         cache::TESTS,
         events::TESTS,
         routing::TESTS,

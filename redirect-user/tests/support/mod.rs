@@ -219,13 +219,14 @@ fn enter_netns(ns: &File) -> std::io::Result<()> {
 
 /// Connects two namespaces with a veth pair: `a` gets `a_addr` (CIDR), `b` gets `b_addr`.
 /// Only the connected subnet is routable; there is still no default route.
-pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) -> Result<()> {
+pub fn veth(a: &NetNs, a_addr: &str, b: &NetNs, b_addr: &str) -> Result<(String, String)> {
     veth_to(a, a_addr, &b.path(), b_addr)
 }
 
 /// Like [`veth`], with the far end in the namespace at `b_ns` (e.g. `/proc/PID/ns/net`).
 /// The pair goes away with `a` (deleting a namespace deletes its veth ends and their peers).
-pub fn veth_to(a: &NetNs, a_addr: &str, b_ns: &Path, b_addr: &str) -> Result<()> {
+/// The ends' names, in `a` and in `b`.
+pub fn veth_to(a: &NetNs, a_addr: &str, b_ns: &Path, b_addr: &str) -> Result<(String, String)> {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let (va, vb) = (format!("rdva{id}"), format!("rdvb{id}"));
     let b_ns = b_ns.to_str().context("netns path")?;
@@ -242,7 +243,7 @@ pub fn veth_to(a: &NetNs, a_addr: &str, b_ns: &Path, b_addr: &str) -> Result<()>
     };
     in_b(&["addr", "add", b_addr, "dev", &vb])?;
     in_b(&["link", "set", &vb, "up"])?;
-    Ok(())
+    Ok((va, vb))
 }
 
 /// A cgroup made for one test under the cgroup v2 mount, with child cgroups on demand.
