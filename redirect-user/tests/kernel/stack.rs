@@ -4,7 +4,9 @@
 
 use anyhow::{Context as _, Result};
 
-use super::{MODES, Mode, cloud_setup, curl, python_with_hosts, url};
+use super::{
+    Daemon, MODES, MockSetup, Mode, NetNs, TestCgroup, cloud_setup, curl, python_with_hosts, url,
+};
 
 pub const TESTS: &[(&str, super::TestFn)] = &[
     (
@@ -71,21 +73,62 @@ print(json.dumps({"uuid": meta.get("uuid"), "hostname": meta.get("hostname"),
     Ok(())
 }
 
-/// Mock mode only: in upstream mode the router's password server (port 8080) is the
-/// CloudStack upstream's (`--upstream cloudstack`, not built yet).
+/// cloud-init's whole CloudStack datasource, `data-server` naming 169.254.169.254: in mock
+/// mode the mock answers; in proxy mode `--upstream cloudstack` forwards to the router (the
+/// mock on 80 and on 8080 of an address in a lease, standing in for apache and the
+/// password server).
 fn cloud_init_cloudstack_finds_the_router_and_its_password() -> Result<()> {
     let cloud_init = cloud_init()?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("redirect.toml");
+    let config = dir.path().join("mock.toml");
     std::fs::write(
         &config,
         "[cloudstack]\npassword = \"correct-horse\"\nuser_data = \"#cloud-config\\n\"\n",
     )?;
-    let s = cloud_setup(
-        "cloudstack",
-        Mode::Mock,
-        &["--config", config.to_str().unwrap()],
+    let mock_config = ["--config", config.to_str().unwrap()];
+    let s = cloud_setup("cloudstack", Mode::Mock, &mock_config)?;
+    cloudstack_datasource(&s, &cloud_init).context("mock mode")?;
+
+    let ns = NetNs::new()?;
+    ns.ip(&["addr", "add", "10.1.1.1/32", "dev", "lo"])?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let router = |port: &str, idle: &str| -> Result<Daemon> {
+        let idle = cg.child(idle)?;
+        let listen = format!("10.1.1.1:{port}");
+        let mut args = vec!["--mock", "cloudstack", "--listen", &listen, "--cgroup"];
+        args.push(idle.to_str().unwrap());
+        args.extend_from_slice(&mock_config);
+        Daemon::start(&args, &ns, None)
+    };
+    let apache = router("80", "apache")?;
+    let password_server = router("8080", "password")?;
+    let leases = tempfile::tempdir()?;
+    std::fs::write(leases.path().join("2"), "SERVER_ADDRESS=10.1.1.1\n")?;
+    let front = dir.path().join("front.toml");
+    std::fs::write(
+        &front,
+        format!(
+            "upstream = \"cloudstack\"\ncgroups = [{:?}]\n[cloudstack_router]\nlease_dirs = [{:?}]\n",
+            client.to_str().unwrap(),
+            leases.path().to_str().unwrap()
+        ),
     )?;
+    let daemon = Daemon::start(&["--config", front.to_str().unwrap()], &ns, None)?;
+    daemon.wait_for_log("CloudStack virtual router: 10.1.1.1")?;
+    let s = MockSetup {
+        daemon,
+        stand_in: Some(apache),
+        client,
+        cg,
+        ns,
+    };
+    cloudstack_datasource(&s, &cloud_init).context("proxy mode")?;
+    drop(password_server);
+    Ok(())
+}
+
+fn cloudstack_datasource(s: &MockSetup, cloud_init: &str) -> Result<()> {
     let seed = tempfile::tempdir()?;
     // The whole datasource: router by `data-server`, crawl, password (fetched, then
     // acknowledged: asked again, the server says it was saved).
@@ -106,11 +149,11 @@ print(json.dumps({{"ok": ok, "router": ds.vr_addr, "id": ds.get_instance_id(),
         seed = seed.path().display()
     );
     let got = python_with_hosts(
-        &s,
+        s,
         "169.254.169.254 data-server\n",
         &[],
         &script,
-        Some(&cloud_init),
+        Some(cloud_init),
     )?;
     assert_eq!(got["ok"], true, "{got}");
     assert_eq!(got["router"], "169.254.169.254", "{got}");
