@@ -118,10 +118,12 @@ pub enum Placement {
 }
 
 #[derive(Clone, Copy)]
-enum Script {
+pub(crate) enum Script {
     Plain,
     Close,
     TokenFlow,
+    /// Every request with these headers (a cloud's required ones).
+    Headers(&'static [(&'static str, &'static str)]),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -396,7 +398,7 @@ end
     clippy::too_many_arguments,
     reason = "one call per row and target, all named"
 )]
-fn wrk(
+pub(crate) fn wrk(
     ns: &NetNs,
     cgroup: &Path,
     url: &str,
@@ -406,10 +408,18 @@ fn wrk(
     cpu: Option<usize>,
     dir: &Path,
 ) -> Result<HttpCell> {
+    let headers: String;
     let body = match script {
         Script::Plain => "",
         Script::Close => CLOSE,
         Script::TokenFlow => TOKEN_FLOW,
+        Script::Headers(list) => {
+            headers = list
+                .iter()
+                .map(|(k, v)| format!("wrk.headers[\"{k}\"] = \"{v}\"\n"))
+                .collect();
+            &headers
+        }
     };
     let script_path = dir.join("bench.lua");
     std::fs::write(&script_path, format!("{body}\n{DONE}"))?;
@@ -551,7 +561,7 @@ pub struct Nginx {
 impl Nginx {
     /// nginx proxying to `upstream`, or with `None` answering `return 200` with the mock's
     /// instance id itself.
-    fn start(ns: &NetNs, listen: &str, upstream: Option<&str>) -> Result<Self> {
+    pub fn start(ns: &NetNs, listen: &str, upstream: Option<&str>) -> Result<Self> {
         Self::start_with(ns, listen, upstream, "worker_connections 32768;", "")
     }
 

@@ -6,6 +6,8 @@
 //! - HTTP path (`http`): our mock directly, the redirect plus our proxy, plus nginx, plus Go's
 //!   ReverseProxy, driven by wrk; the daemon's RSS idle and with 10,000 connections; then the
 //!   hostile section (`hostile`): body flood, idle flood, stalled reader, ours against nginx.
+//! - Clouds (`clouds`): every cloud's mock driven by wrk; a burst of 1,000 callers asking
+//!   for credentials at once through our proxy (its credential cache) and through nginx.
 //! - Served namespaces (`namespaces`): 1,000 network namespaces served by one daemon: RSS,
 //!   time to plant, what the caller's identity adds to a request.
 //!
@@ -20,6 +22,7 @@
 )]
 mod support;
 
+mod clouds;
 mod connect;
 mod hostile;
 mod http;
@@ -140,9 +143,12 @@ fn run(mode: Mode, only: Option<&str>) -> Result<()> {
     let started = std::time::Instant::now();
     eprintln!("bench: {} mode", mode.name);
     if let Some(part) = only
-        && !matches!(part, "connect" | "http" | "hostile" | "namespaces")
+        && !matches!(
+            part,
+            "connect" | "http" | "hostile" | "clouds" | "namespaces"
+        )
     {
-        bail!("--only takes `connect`, `http`, `hostile` or `namespaces`, not {part:?}");
+        bail!("--only takes `connect`, `http`, `hostile`, `clouds` or `namespaces`, not {part:?}");
     }
     let runs = |part: &str| only.is_none_or(|o| o == part);
     let connect = runs("connect")
@@ -154,10 +160,21 @@ fn run(mode: Mode, only: Option<&str>) -> Result<()> {
     let hostile = runs("hostile")
         .then(|| hostile::run().context("hostile callers"))
         .transpose()?;
+    let clouds = runs("clouds")
+        .then(|| clouds::run(&mode).context("clouds"))
+        .transpose()?;
     let namespaces = runs("namespaces")
         .then(|| namespaces::run().context("served namespaces"))
         .transpose()?;
-    let results = report::Results::new(mode, connect, http, hostile, namespaces, started.elapsed());
+    let results = report::Results::new(
+        mode,
+        connect,
+        http,
+        hostile,
+        clouds,
+        namespaces,
+        started.elapsed(),
+    );
     let dir = out_dir();
     std::fs::create_dir_all(&dir)?;
     print!("{}", results.table());

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     Mode,
+    clouds::CloudResults,
     connect::ConnectResults,
     hostile::HostileRow,
     http::{HttpResults, HttpRow, Paired, TARGETS},
@@ -36,6 +37,7 @@ pub struct Results {
     pub connect: Option<ConnectResults>,
     pub http: Option<HttpResults>,
     pub hostile: Option<Vec<HostileRow>>,
+    pub clouds: Option<CloudResults>,
     pub namespaces: Option<NamespaceResults>,
     pub checks: Vec<Check>,
 }
@@ -46,6 +48,7 @@ impl Results {
         connect: Option<ConnectResults>,
         http: Option<HttpResults>,
         hostile: Option<Vec<HostileRow>>,
+        clouds: Option<CloudResults>,
         namespaces: Option<NamespaceResults>,
         took: Duration,
     ) -> Self {
@@ -59,6 +62,9 @@ impl Results {
         if let Some(h) = &hostile {
             hostile_checks(h, &mut checks);
         }
+        if let Some(c) = &clouds {
+            cloud_checks(c, &mut checks);
+        }
         if let Some(n) = &namespaces {
             namespace_checks(n, &mut checks);
         }
@@ -69,6 +75,7 @@ impl Results {
             connect,
             http,
             hostile,
+            clouds,
             namespaces,
             checks,
         }
@@ -168,6 +175,9 @@ impl Results {
         if let Some(hostile) = &self.hostile {
             let _ = writeln!(s, "{}", hostile_text(hostile, false));
         }
+        if let Some(clouds) = &self.clouds {
+            let _ = writeln!(s, "{}", cloud_text(clouds, false));
+        }
         let _ = writeln!(s, "Targets:");
         for c in &self.checks {
             let _ = writeln!(
@@ -261,6 +271,9 @@ impl Results {
         }
         if let Some(hostile) = &self.hostile {
             let _ = writeln!(s, "{}", hostile_text(hostile, true));
+        }
+        if let Some(clouds) = &self.clouds {
+            let _ = writeln!(s, "{}", cloud_text(clouds, true));
         }
         let _ = writeln!(s, "| target | this run | |");
         let _ = writeln!(s, "|---|---|---|");
@@ -575,6 +588,90 @@ fn namespace_text(n: &NamespaceResults) -> String {
         n.connection_us_namespace,
         n.connection_us_host,
     )
+}
+
+/// The targets: every cloud's mock answers well inside the SDKs' 1 s budget, and a
+/// credential burst costs the real service one request.
+fn cloud_checks(c: &CloudResults, out: &mut Vec<Check>) {
+    let slowest = c.mocks.iter().map(|m| m.p99_us).max().unwrap_or_default();
+    check(
+        out,
+        "every cloud's mock: p99 under 10 ms at 32 connections",
+        format!("slowest p99 {:.2} ms", slowest as f64 / 1000.0),
+        slowest < 10_000,
+    );
+    if let Some(ours) = c.burst.iter().find(|b| b.proxy.starts_with("redirect")) {
+        check(
+            out,
+            "1,000 callers asking for credentials at once: one upstream request",
+            format!(
+                "{} upstream request(s), {}/{} answered, p99 {:.1} ms",
+                ours.upstream_requests,
+                ours.answered,
+                ours.callers,
+                ours.p99_us as f64 / 1000.0
+            ),
+            ours.upstream_requests == 1 && ours.answered == ours.callers,
+        );
+    }
+}
+
+/// The clouds section as lines for the terminal, or markdown tables.
+fn cloud_text(c: &CloudResults, markdown: bool) -> String {
+    let mut s = String::new();
+    if markdown {
+        let _ = writeln!(
+            s,
+            "Every cloud's mock, wrk with 32 keep-alive connections:\n"
+        );
+        let _ = writeln!(s, "| cloud | request | requests/s | p50 µs | p99 µs |");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|");
+    } else {
+        let _ = writeln!(s, "Every cloud's mock, wrk with 32 keep-alive connections:");
+    }
+    for m in &c.mocks {
+        if markdown {
+            let _ = writeln!(
+                s,
+                "| {} | `{}` | {:.0} | {} | {} |",
+                m.cloud, m.path, m.requests_per_sec, m.p50_us, m.p99_us
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  {:<11} {:<42} {:>9.0}/s  p50 {:>5} us  p99 {:>6} us",
+                m.cloud, m.path, m.requests_per_sec, m.p50_us, m.p99_us
+            );
+        }
+    }
+    let head = "Credential burst: 1,000 callers at once, each on a new connection, in front of the same EC2 mock";
+    if markdown {
+        let _ = writeln!(s, "\n{head}:\n");
+        let _ = writeln!(
+            s,
+            "| proxy | answered | p50 ms | p99 ms | requests upstream |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    } else {
+        let _ = writeln!(s, "{head}:");
+    }
+    for b in &c.burst {
+        let (p50, p99) = (b.p50_us as f64 / 1000.0, b.p99_us as f64 / 1000.0);
+        if markdown {
+            let _ = writeln!(
+                s,
+                "| {} | {}/{} | {p50:.1} | {p99:.1} | {} |",
+                b.proxy, b.answered, b.callers, b.upstream_requests
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  {:<28} {}/{} answered  p50 {p50:.1} ms  p99 {p99:.1} ms  {} upstream",
+                b.proxy, b.answered, b.callers, b.upstream_requests
+            );
+        }
+    }
+    s
 }
 
 /// The hostile section as lines for the terminal, or a markdown table.
