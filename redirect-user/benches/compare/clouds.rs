@@ -22,8 +22,11 @@ use crate::{
     support::{Daemon, NetNs, TestCgroup},
 };
 
+/// Request headers, as (name, value).
+type Headers = &'static [(&'static str, &'static str)];
+
 /// (cloud, path, headers) of each cloud's row.
-const CLOUDS: [(&str, &str, &[(&str, &str)]); 5] = [
+const CLOUDS: [(&str, &str, Headers); 5] = [
     ("ec2", "/latest/meta-data/instance-id", &[]),
     (
         "azure",
