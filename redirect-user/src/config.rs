@@ -1255,4 +1255,22 @@ mod tests {
             "http://169.254.169.254:8080"
         );
     }
+
+    /// The README's config file is one the daemon takes, every table included.
+    #[test]
+    fn the_readme_config_parses() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## Config file").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let file =
+            FileConfig::parse(block, Path::new("README.md")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(file.mock, Some(CloudKind::Ec2));
+        assert_eq!(file.azure.user_assigned.len(), 1);
+        assert_eq!(
+            file.cloudstack_router.recheck,
+            Some(Duration::from_secs(30))
+        );
+        Settings::resolve(file, Overrides::default()).unwrap();
+    }
 }
