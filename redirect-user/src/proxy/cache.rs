@@ -8,8 +8,9 @@
 //! (per account and scopes or audience). Nothing else: every other request goes upstream.
 //!
 //! - Requested once: concurrent requests for the same entry wait for one upstream request
-//!   (single flight), so 10,000 callers asking at once cost the service one request, and
-//!   Azure's identity endpoint (20 requests/s, 5 at once) never answers us 429.
+//!   (single flight), so 10,000 callers asking at once cost the service one request; and
+//!   upstream credential requests go at most 5 at once and 20 a second, so Azure's identity
+//!   endpoint (20 requests/s, 5 at once) never answers us 429.
 //! - Refreshed before they expire: once two thirds of an entry's lifetime have passed, the
 //!   next request refreshes it while the others are served the cached one.
 //! - Served while the upstream fails, until the entry expires.
@@ -42,6 +43,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const EC2_MAX_TTL: u64 = 21_600;
 /// Upstream credential requests in flight at once (Azure's identity endpoint takes 5).
 const MAX_FETCHES: usize = 5;
+/// Between the starts of two upstream credential requests: at most 20 a second (Azure's).
+const FETCH_SPACING: Duration = Duration::from_millis(50);
 /// Entries kept at most; beyond, new identities are not cached (served uncached).
 const MAX_ENTRIES: usize = 4096;
 
@@ -62,6 +65,8 @@ pub struct CredentialCache {
     /// IMDSv2 tokens the upstream issued to the cache, with their expiry.
     tokens: Mutex<HashMap<String, Instant>>,
     fetches: Semaphore,
+    /// When the next upstream credential request may start.
+    next_fetch: tokio::sync::Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -87,6 +92,7 @@ impl Default for CredentialCache {
             entries: Mutex::default(),
             tokens: Mutex::default(),
             fetches: Semaphore::new(MAX_FETCHES),
+            next_fetch: tokio::sync::Mutex::new(Instant::now()),
         }
     }
 }
@@ -204,6 +210,11 @@ impl CredentialCache {
                 .insert(EC2_TOKEN_TTL, HeaderValue::from(EC2_MAX_TTL));
         }
         let _permit = self.fetches.acquire().await;
+        {
+            let mut next = self.next_fetch.lock().await;
+            tokio::time::sleep_until(*next).await;
+            *next = Instant::now().max(*next) + FETCH_SPACING;
+        }
         let fetched = SystemTime::now();
         let resp = fetch(upstream_req).await?;
         let now = Instant::now();
@@ -684,5 +695,51 @@ mod tests {
         ] {
             assert!(!is_ec2_credentials(path), "{path}");
         }
+    }
+
+    /// Many identities at once: at most 5 upstream requests in flight and 20 a second.
+    #[tokio::test(start_paused = true)]
+    async fn upstream_requests_stay_within_azures_limits() {
+        let cache = Arc::new(CredentialCache::default());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let began = Instant::now();
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let (cache, in_flight, most) = (
+                    Arc::clone(&cache),
+                    Arc::clone(&in_flight),
+                    Arc::clone(&most),
+                );
+                tokio::spawn(async move {
+                    let r = req(
+                        Method::GET,
+                        &format!("/metadata/identity/oauth2/token?resource=https://r{i}"),
+                        &[("metadata", "true")],
+                    );
+                    cache
+                        .respond(&r, |_| async {
+                            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                            Ok(ok("{\"expires_in\":\"3600\"}".into(), &[]))
+                        })
+                        .await
+                        .unwrap()
+                        .resp
+                        .status()
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), StatusCode::OK);
+        }
+        assert!(most.load(Ordering::SeqCst) <= MAX_FETCHES);
+        assert!(
+            began.elapsed() >= FETCH_SPACING * 39,
+            "40 starts take at least 1.95 s: {:?}",
+            began.elapsed()
+        );
     }
 }
