@@ -83,6 +83,20 @@ fn container_labels_and_config_rules_deny_limit_and_name_roles() -> Result<()> {
     assert_eq!(get(&[], roles)?, "redirect-mock-role200 ");
     let managed_role = get_from(&managed, &["redirect.ec2.role=label-role"], roles)?;
     assert_eq!(managed_role, "operator-role200 ", "the config's rule wins");
+    // A container on another cloud sees that cloud, and is refused as that cloud refuses.
+    let openstack = get(
+        &["redirect.cloud=openstack"],
+        "/openstack/latest/meta_data.json",
+    )?;
+    assert!(
+        openstack.contains("\"uuid\"") && openstack.ends_with("200 "),
+        "{openstack}"
+    );
+    let azure_denied = get(
+        &["redirect.cloud=azure", "redirect.deny=true"],
+        "/metadata/instance",
+    )?;
+    assert_eq!(azure_denied, "{\"error\":\"Forbidden\"}403 ");
     let bad = get(&["redirect.deny=yes"], id)?;
     assert!(
         bad.ends_with("403 "),
