@@ -1273,4 +1273,33 @@ mod tests {
         );
         Settings::resolve(file, Overrides::default()).unwrap();
     }
+
+    /// CloudStack, mocked or upstream, also redirects the router's password server port.
+    #[test]
+    fn cloudstack_adds_the_password_server_target() {
+        let password: Target = "169.254.169.254:8080".parse().unwrap();
+        for text in ["mock = \"cloudstack\"", "upstream = \"cloudstack\""] {
+            let s = Settings::resolve(parse(text).unwrap(), Overrides::default()).unwrap();
+            assert!(s.targets.contains(&password), "{text}");
+            assert_eq!(s.targets.len(), 3, "{text}");
+        }
+        let s =
+            Settings::resolve(parse("mock = \"azure\"").unwrap(), Overrides::default()).unwrap();
+        assert_eq!(s.targets, default_targets());
+        let Backend::Upstream(up) = Settings::resolve(
+            parse("upstream = \"cloudstack\"\n[cloudstack_router]\nrecheck = \"5s\"\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap()
+        .backend
+        else {
+            panic!("upstream")
+        };
+        assert_eq!(up.url, UpstreamUrl::CloudStack);
+        assert_eq!(up.router.recheck, Duration::from_secs(5));
+        let e = parse("upstream = \"cloudstack\"\n[cloudstack_router]\nrecheck = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cloudstack_router.recheck"), "{e}");
+    }
 }

@@ -10,6 +10,7 @@ use std::{
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -23,13 +24,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{mock::ec2::events::Event, status::Status};
 
+/// Simulates an EC2 instance event (`None`: clears them) after a delay; says what it did, or
+/// why it cannot (no mock served).
+pub type Simulate = dyn Fn(Option<Event>, Duration) -> Result<String, String> + Send + Sync;
+
 /// What the control API answers with.
 pub struct Handlers {
     pub status: Box<dyn Fn() -> Status + Send + Sync>,
-    /// Simulates an EC2 instance event (`None`: clears them) after a delay; says what it did,
-    /// or why it cannot (no mock served).
-    pub simulate:
-        Box<dyn Fn(Option<Event>, std::time::Duration) -> Result<String, String> + Send + Sync>,
+    pub simulate: Box<Simulate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +183,7 @@ fn route(req: &Request<hyper::body::Incoming>, handlers: &Handlers) -> Response<
 /// `event=NAME|clear` and `after=DURATION` (default 0s).
 fn simulate(query: Option<&str>, handlers: &Handlers) -> (StatusCode, String) {
     let mut event = None;
-    let mut after = std::time::Duration::ZERO;
+    let mut after = Duration::ZERO;
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*key {
             "event" => event = Some(value.into_owned()),
@@ -230,15 +232,10 @@ fn simulate(query: Option<&str>, handlers: &Handlers) -> (StatusCode, String) {
 pub async fn post_simulate(
     path: &Path,
     event: Option<Event>,
-    after: std::time::Duration,
+    after: Duration,
 ) -> Result<String, ControlError> {
     let name = event.map_or("clear", Event::name);
-    let target = format!(
-        "/simulate?event={name}&after={}",
-        humantime::format_duration(after)
-            .to_string()
-            .replace(' ', "")
-    );
+    let target = format!("/simulate?event={name}&after={}ms", after.as_millis());
     let (code, body) = request(path, Method::POST, &target).await?;
     if !code.is_success() {
         return Err(ControlError::Protocol {

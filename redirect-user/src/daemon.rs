@@ -261,29 +261,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             status
         })
     };
-    let simulate = {
-        let mock = mock.clone();
-        Box::new(move |event: Option<Event>, after: Duration| {
-            match &mock {
-            Some(mock) => {
-                mock.ec2().simulate(event, after);
-                let what = event.map_or("every simulated event cleared".to_owned(), |e| {
-                    format!(
-                        "{} noticed by the EC2 mock in {}",
-                        e.name(),
-                        humantime::format_duration(after)
-                    )
-                });
-                tracing::info!("simulate: {what}");
-                Ok(what)
-            }
-            None => Err(
-                "this daemon serves no mock (it forwards upstream): events are simulated by `redirect run --mock`"
-                    .to_owned(),
-            ),
-        }
-        })
-    };
+    let simulate = simulator(mock.clone());
     let handlers = Arc::new(crate::control::Handlers {
         status: status_fn,
         simulate,
@@ -339,6 +317,27 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     control_task.await.context("control task")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `redirect simulate`'s handler: the EC2 mock's events, when a mock is served.
+fn simulator(mock: Option<Arc<Mocks>>) -> Box<crate::control::Simulate> {
+    Box::new(move |event: Option<Event>, after: Duration| {
+        let Some(mock) = &mock else {
+            let why = "this daemon serves no mock (it forwards upstream): events are simulated by `redirect run --mock`";
+            return Err(why.to_owned());
+        };
+        mock.ec2().simulate(event, after);
+        let what = match event {
+            Some(e) => format!(
+                "{} noticed by the EC2 mock in {}",
+                e.name(),
+                humantime::format_duration(after)
+            ),
+            None => "every simulated event cleared".to_owned(),
+        };
+        tracing::info!("simulate: {what}");
+        Ok(what)
+    })
 }
 
 /// What a reload changes while serving.

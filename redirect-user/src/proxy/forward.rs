@@ -21,6 +21,7 @@ use hyper::{
 use super::{
     admission::connection_options,
     budget::{BodyError, Budget},
+    cache::CredentialCache,
     connection::plain_bytes,
     upstream::{Dial, Upstream},
 };
@@ -31,8 +32,6 @@ use crate::{
 
 /// The CloudStack router's password server.
 const PASSWORD_PORT: u16 = 8080;
-
-use super::cache::CredentialCache;
 
 /// Largest upstream response body passed on: beyond it, a 502.
 pub const MAX_RESPONSE_BODY: usize = 16 << 20;
