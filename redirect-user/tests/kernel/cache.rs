@@ -6,10 +6,16 @@ use anyhow::{Context as _, Result};
 
 use super::{Mode, TOKEN_TTL, cloud_setup, command_in, curl, sh, test_python, url};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[(
-    "concurrent_callers_cost_one_upstream_request_and_survive_its_outage",
-    concurrent_callers_cost_one_upstream_request_and_survive_its_outage,
-)];
+pub const TESTS: &[(&str, super::TestFn)] = &[
+    (
+        "concurrent_callers_cost_one_upstream_request_and_survive_its_outage",
+        concurrent_callers_cost_one_upstream_request_and_survive_its_outage,
+    ),
+    (
+        "ten_thousand_concurrent_requests_cost_one_upstream_request",
+        ten_thousand_concurrent_requests_cost_one_upstream_request,
+    ),
+];
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/redirect-mock-role";
 
@@ -83,5 +89,98 @@ print(json.dumps({{"served": len(results), "keys": sorted(set(results))}}))
         status, 502,
         "forwarded for the service to judge, and it is down"
     );
+    Ok(())
+}
+
+/// 10,000 requests for the same credentials at once, each on its own connection to the
+/// proxy (dialled directly: the redirect is not what this measures), with a proxy that takes
+/// them all: one request reaches the stand-in.
+fn ten_thousand_concurrent_requests_cost_one_upstream_request() -> Result<()> {
+    const CALLERS: usize = 10_000;
+    raise_nofile(CALLERS as u64 + 2_000)?;
+    let ns = super::NetNs::new()?;
+    ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+    let cg = super::TestCgroup::new()?;
+    let (idle, client) = (cg.child("stand-in")?, cg.child("client")?);
+    let stand_in = super::Daemon::start_logging(
+        &[
+            "--mock",
+            "--listen",
+            "169.254.169.254:80",
+            "--cgroup",
+            idle.to_str().unwrap(),
+        ],
+        &ns,
+        None,
+        "info,access=off",
+    )?;
+    let proxy = "127.0.0.1:8169";
+    let _front = super::Daemon::start_with(
+        &[
+            "--upstream",
+            "http://169.254.169.254",
+            "--listen",
+            proxy,
+            "--cgroup",
+            client.to_str().unwrap(),
+        ],
+        &ns,
+        None,
+        "info,access=off",
+        |_| {},
+    )?;
+    let answered = ns.run(move || -> Result<usize> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let tasks: Vec<_> = (0..CALLERS).map(|_| tokio::spawn(ask(proxy))).collect();
+            let mut ok = 0;
+            for task in tasks {
+                ok += usize::from(task.await? == Some(200));
+            }
+            Ok(ok)
+        })
+    })??;
+    assert_eq!(answered, CALLERS);
+    let upstream = stand_in.status(&ns)?["proxy"]["requests"].as_u64();
+    assert_eq!(upstream, Some(1), "one request reached the real service");
+    Ok(())
+}
+
+/// One GET for the credentials on a new connection: its status.
+async fn ask(proxy: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    let request =
+        format!("GET {CREDS} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    std::str::from_utf8(answer.get(9..12)?).ok()?.parse().ok()
+}
+
+/// Lets this test process hold `n` descriptors: its soft limit raised up to the hard one
+/// (raising that needs CAP_SYS_RESOURCE, which a root in a container may lack).
+fn raise_nofile(n: u64) -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write a plain value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        anyhow::ensure!(
+            limit.rlim_max >= n,
+            "this test needs {n} descriptors; the hard RLIMIT_NOFILE is {} (raise it: ulimit -Hn)",
+            limit.rlim_max
+        );
+        limit.rlim_cur = limit.rlim_cur.max(n);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
     Ok(())
 }
