@@ -96,6 +96,7 @@ pub const BENCH_TOOLS: &[Tool] = &[
 /// client, and the benchmark's charting library.
 pub const PYTHON_TEST_PACKAGES: &[&str] = &[
     "boto3==1.44.5",
+    "awscli==1.46.3",
     "azure-identity==1.27.0",
     "msal==1.39.0",
     "google-auth==2.63.0",

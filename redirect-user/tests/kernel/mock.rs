@@ -21,6 +21,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         sdk_boto3_gets_credentials_and_region,
     ),
     (
+        "awscli_finds_the_instance_role_credentials",
+        awscli_finds_the_instance_role_credentials,
+    ),
+    (
         "config_file_and_flag_overrides",
         config_file_and_flag_overrides,
     ),
@@ -247,6 +251,38 @@ print(json.dumps({"method": creds.method, "access_key": frozen.access_key,
         "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     );
     assert_eq!(got["region"], "us-east-1");
+    Ok(())
+}
+
+/// awscli (v1, from PyPI) resolves its credentials from the instance role, IMDSv2 only; its
+/// `configure list` names where they came from (nothing else here may leave the namespace).
+fn awscli_finds_the_instance_role_credentials() -> Result<()> {
+    let python = test_python()?;
+    let aws = Path::new(&python).with_file_name("aws");
+    for mode in MODES {
+        let s = cloud_setup("ec2", mode, &["--http-tokens", "required"])?;
+        let home = tempfile::tempdir()?;
+        let mut cmd = command_in(&aws, Some(&s.client), Some(&s.ns))?;
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AWS_") {
+                cmd.env_remove(key);
+            }
+        }
+        let out = sh(cmd
+            .env("HOME", home.path())
+            .env("AWS_CONFIG_FILE", home.path().join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", home.path().join("none"))
+            .args(["configure", "list"]))
+        .with_context(|| format!("{mode:?} mode"))?;
+        let access = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("access_key"))
+            .with_context(|| out.clone())?;
+        assert!(
+            access.contains("MPLE") && access.contains("iam-role"),
+            "{mode:?}: {out}"
+        );
+    }
     Ok(())
 }
 
