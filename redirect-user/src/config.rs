@@ -61,6 +61,11 @@ pub struct FileConfig {
     pub cgroups: Option<Vec<PathBuf>>,
     pub targets: Option<Vec<Target>>,
     pub control_socket: Option<PathBuf>,
+    /// Where the programs' links are pinned (bpffs), so the redirect outlives the daemon.
+    pub pin_dir: Option<PathBuf>,
+    /// Unpin the links: a daemon that dies takes the redirect with it (callers then reach
+    /// the real service), as before pinning.
+    pub fail_open: Option<bool>,
     #[serde(default, deserialize_with = "de_duration_opt")]
     pub upstream_connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de_duration_opt")]
@@ -541,6 +546,10 @@ pub struct Settings {
     pub cgroups: Vec<PathBuf>,
     pub targets: Vec<Target>,
     pub control_socket: PathBuf,
+    /// Where the links are pinned (the layout's version directory is made under it).
+    pub pin_dir: PathBuf,
+    /// Links unpinned: the redirect goes when the daemon does.
+    pub fail_open: bool,
     pub shutdown_grace: Duration,
     /// Client connections idle this long between requests are closed; zero: never.
     pub idle_timeout: Duration,
@@ -619,6 +628,8 @@ pub struct Overrides {
     pub cgroups: Vec<PathBuf>,
     pub targets: Vec<Target>,
     pub control_socket: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    pub fail_open: bool,
     pub upstream_connect_timeout: Option<Duration>,
     pub upstream_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
@@ -811,6 +822,11 @@ impl Settings {
                 .control_socket
                 .or(file.control_socket)
                 .unwrap_or_else(paths::default_control_socket),
+            pin_dir: flags
+                .pin_dir
+                .or(file.pin_dir)
+                .unwrap_or_else(|| PathBuf::from(paths::PIN_DIR)),
+            fail_open: flags.fail_open || file.fail_open.unwrap_or(false),
             shutdown_grace: flags
                 .shutdown_grace
                 .or(file.shutdown_grace)
@@ -882,6 +898,8 @@ impl Settings {
             ("cgroups", self.cgroups == new.cgroups),
             ("targets", self.targets == new.targets),
             ("control_socket", self.control_socket == new.control_socket),
+            ("pin_dir", self.pin_dir == new.pin_dir),
+            ("fail_open", self.fail_open == new.fail_open),
             ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
             ("idle_timeout", self.idle_timeout == new.idle_timeout),
             ("docker", self.docker == new.docker),

@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -27,7 +27,7 @@ use crate::{
         Backend as BackendSettings, DockerApi, ProxyAddrs, Settings, Sources, Target, UpstreamUrl,
     },
     control::ControlSocket,
-    ebpf::{Redirector, Route},
+    ebpf::{Redirector, Route, pins::PinDir},
     host_callers::{self, HostCallers},
     mock::{CloudKind, Mocks, ec2::events::Event},
     netns::{Planter, Procfs, Scope, Served},
@@ -47,7 +47,7 @@ use crate::{
 fn host_kernel(
     redirector: &mut Redirector,
     settings: &Settings,
-    mount: &std::path::Path,
+    mount: &Path,
 ) -> host_callers::Kernel {
     let diag = SockDiag::open()
         .inspect_err(|e| {
@@ -91,9 +91,21 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
 
     let mut redirector = Redirector::load(settings.ebpf_object.as_deref(), settings.ebpf_log)?;
     redirector.set_routes(&routes)?;
+    match PinDir::open(&settings.pin_dir) {
+        Ok(pins) => redirector.use_pins(pins),
+        Err(e) if settings.fail_open => {
+            tracing::warn!("{e}; with --fail-open the programs are not pinned")
+        }
+        Err(e) => {
+            return Err(e).context(
+                "pinning the programs, so that callers are refused while no daemon runs (--fail-open runs without)",
+            );
+        }
+    }
     for cgroup in &cgroups {
         redirector.attach(cgroup)?;
     }
+    adopt_report(&mut redirector, settings.fail_open)?;
     let exemptions = redirector.exemptions()?;
     if settings.ebpf_log {
         match redirector.take_logger() {
@@ -297,11 +309,24 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
             }
         }
     };
-    let detached = redirector
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .detach_all();
-    tracing::info!("{signal_name}: detached {detached} program links; finishing open requests");
+    {
+        let mut redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+        match redirector.pin_dir().map(Path::to_owned) {
+            Some(dir) if !settings.fail_open => {
+                let left = redirector.leave_pinned();
+                tracing::info!(
+                    "{signal_name}: left {left} program links pinned in {} (fail closed: covered callers are refused until a daemon adopts them; `redirect detach` removes them); finishing open requests",
+                    dir.display()
+                );
+            }
+            _ => {
+                let detached = redirector.detach_all();
+                tracing::info!(
+                    "{signal_name}: detached {detached} program links; finishing open requests"
+                );
+            }
+        }
+    }
     tokio::spawn(async move {
         // A second stop signal skips the drain; the programs are already detached.
         while !matches!(signals.recv().await, Signal::Stop(_)) {}
@@ -316,6 +341,37 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     stop_control.cancel();
     control_task.await.context("control task")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Says what attaching did with the pins, drops those of cgroups no longer covered and, with
+/// `fail_open`, unpins ours.
+fn adopt_report(redirector: &mut Redirector, fail_open: bool) -> Result<()> {
+    let stale = redirector.drop_stale_pins()?;
+    let report = redirector.pin_report();
+    if let Some(dir) = redirector.pin_dir().map(Path::to_owned) {
+        if report.adopted > 0 {
+            tracing::info!(
+                "adopted {} program links pinned in {}: their programs replaced in place, never a moment without one",
+                report.adopted,
+                dir.display()
+            );
+        }
+        if stale > 0 {
+            tracing::info!(
+                "removed {stale} pinned program links of cgroups no longer covered, from {}",
+                dir.display()
+            );
+        }
+    }
+    if fail_open {
+        let unpinned = redirector.unpin_all();
+        if unpinned > 0 {
+            tracing::info!(
+                "--fail-open: {unpinned} program links unpinned; the redirect goes when this daemon does"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -468,7 +524,7 @@ fn own_names(settings: &Settings, endpoints: &[SocketAddr]) -> OwnNames {
     OwnNames::new(names)
 }
 
-fn resolve_cgroups(mount: &std::path::Path, given: &[PathBuf]) -> Result<Vec<Cgroup>> {
+fn resolve_cgroups(mount: &Path, given: &[PathBuf]) -> Result<Vec<Cgroup>> {
     let wanted = if given.is_empty() {
         vec![mount.to_path_buf()]
     } else {

@@ -53,6 +53,16 @@ enum Command {
     /// interruption, a rebalance recommendation, scheduled maintenance or the Auto Scaling
     /// group's termination (`clear` removes them all).
     Simulate(SimulateArgs),
+    /// Remove the pinned programs (the uninstall path): covered callers are no longer
+    /// redirected. Refused while a daemon serves them.
+    Detach(DetachArgs),
+}
+
+#[derive(Args)]
+struct DetachArgs {
+    /// The pin directory. [default: /sys/fs/bpf/redirect]
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -125,6 +135,15 @@ struct RunArgs {
     /// Unix socket for `redirect status`. [default: /run/redirect/control.sock]
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Where the programs' links are pinned (bpffs, mounted at /sys/fs/bpf when it is not),
+    /// so that covered callers are refused, never handed the real service, while no daemon
+    /// runs. [default: /sys/fs/bpf/redirect]
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Pin nothing: when the daemon stops or dies, the redirect goes with it and callers
+    /// reach the real metadata service.
+    #[arg(long)]
+    fail_open: bool,
     /// Budget for connecting to the upstream. [default: 1s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     upstream_connect_timeout: Option<Duration>,
@@ -185,6 +204,9 @@ struct StatusArgs {
     /// The daemon's control socket. [default: /run/redirect/control.sock]
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Where to look for pinned programs when no daemon answers. [default: /sys/fs/bpf/redirect]
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
@@ -199,6 +221,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Status(args) => status(args),
         Command::Simulate(args) => simulate(args),
+        Command::Detach(args) => detach(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -253,6 +276,8 @@ fn run(args: RunArgs) -> Result<()> {
             cgroups: args.cgroups,
             targets: args.targets,
             control_socket: args.control_socket,
+            pin_dir: args.pin_dir,
+            fail_open: args.fail_open,
             upstream_connect_timeout: args.upstream_connect_timeout,
             upstream_timeout: args.upstream_timeout,
             shutdown_grace: args.shutdown_grace,
@@ -288,7 +313,26 @@ fn status(args: StatusArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(control::fetch_status(&path))?;
+        .block_on(control::fetch_status(&path));
+    let status = match status {
+        Ok(status) => status,
+        Err(e @ control::ControlError::NotRunning { .. }) => {
+            // No daemon: say whether pinned programs still refuse the covered callers.
+            let base = args
+                .pin_dir
+                .unwrap_or_else(|| PathBuf::from(paths::PIN_DIR));
+            let dir = base.join(redirect::ebpf::pins::LAYOUT);
+            let pinned = redirect::ebpf::pins::list(&dir).unwrap_or_default().len();
+            if pinned > 0 {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "no daemon serves the {pinned} program links pinned in {}: covered callers are refused (fail closed) until `redirect run` adopts them; `redirect detach` removes them",
+                    dir.display()
+                )));
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -307,5 +351,19 @@ fn simulate(args: SimulateArgs) -> Result<()> {
         .context("starting the async runtime")?
         .block_on(control::post_simulate(&path, args.event.0, args.after))?;
     println!("{done}");
+    Ok(())
+}
+
+fn detach(args: DetachArgs) -> Result<()> {
+    let dir = args
+        .pin_dir
+        .unwrap_or_else(|| PathBuf::from(paths::PIN_DIR));
+    match redirect::ebpf::pins::detach(&dir)? {
+        0 => println!("nothing pinned in {}; nothing to detach", dir.display()),
+        n => println!(
+            "detached {n} pinned program links from {}: covered callers are not redirected any more",
+            dir.display()
+        ),
+    }
     Ok(())
 }

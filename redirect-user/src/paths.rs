@@ -10,6 +10,9 @@ pub fn default_control_socket() -> PathBuf {
     PathBuf::from(RUN_DIR).join("control.sock")
 }
 
+/// Where the programs' links are pinned (bpffs; the layout's version directory goes under it).
+pub const PIN_DIR: &str = "/sys/fs/bpf/redirect";
+
 /// Where the kernel lists mounts, to find the cgroup v2 hierarchy.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 

@@ -2,9 +2,11 @@
 //! their counters.
 //!
 //! What happens on each kernel:
-//! - Attaching uses a BPF link (`BPF_LINK_CREATE`, kernels >= 5.7). A link lives as long as its
-//!   file descriptor, which this process holds: when the daemon exits, however it exits (even
-//!   SIGKILL), the kernel detaches the programs. Nothing is pinned, so nothing is left behind.
+//! - Attaching uses a BPF link (`BPF_LINK_CREATE`, kernels >= 5.7), pinned in bpffs (`pins`):
+//!   the redirect outlives the daemon, however it exits (even SIGKILL), and callers are
+//!   refused until a daemon adopts the links (fail closed). With `--fail-open` the pins are
+//!   removed once attached: the links then live as long as this process's descriptors, and the
+//!   kernel detaches the programs when it exits.
 //! - On older kernels aya falls back to `BPF_PROG_ATTACH`; those attachments are detached
 //!   explicitly by [`Redirector::detach_all`] and when the [`Redirector`] is dropped.
 //! - Links coexist with other programs on the same cgroup. Programs of a child cgroup run before
@@ -15,6 +17,7 @@
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -24,6 +27,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::FdLink,
     },
 };
 use redirect_common::{
@@ -35,6 +39,7 @@ use crate::cgroup::Cgroup;
 pub mod exempt;
 pub mod netns;
 pub mod pids;
+pub mod pins;
 
 pub use exempt::Exemptions;
 pub use netns::{NetnsEvents, NetnsWatch};
@@ -78,6 +83,15 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
+    #[error("cannot pin or adopt the link of `{program}` at {}", path.display())]
+    Pin {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    PinDir(#[from] pins::PinError),
     #[error("eBPF map `{name}`")]
     Map {
         name: &'static str,
@@ -108,7 +122,31 @@ pub enum EbpfError {
 pub struct Attachment {
     pub cgroup: PathBuf,
     pub program: &'static str,
-    link: CgroupSockAddrLinkId,
+    link: Held,
+}
+
+/// How an attachment is held.
+#[derive(Debug)]
+enum Held {
+    /// By aya (no pin directory).
+    Aya(CgroupSockAddrLinkId),
+    /// Pinned at `path` (while it is there, the link outlives us), and by our descriptor;
+    /// `created`: by us (a `Redirector` dropped without [`Redirector::leave_pinned`], as
+    /// when `redirect run` fails, removes those), else adopted.
+    Pinned {
+        path: PathBuf,
+        created: bool,
+        _fd: OwnedFd,
+    },
+}
+
+/// What attaching did with the pins.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PinReport {
+    /// Links found pinned whose programs were replaced by ours.
+    pub adopted: usize,
+    /// Links attached and pinned anew.
+    pub pinned: usize,
 }
 
 /// Where redirected connects to one target go.
@@ -132,13 +170,23 @@ pub struct ProgramStats {
     pub run_time_ns: u64,
 }
 
-/// The loaded programs and their maps. Dropping it detaches everything.
+/// The loaded programs and their maps. Dropping it detaches what it attached, pinned or not,
+/// unless [`Redirector::leave_pinned`] or [`Redirector::detach_all`] said otherwise.
 pub struct Redirector {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
+    /// Where links are pinned; `None`: not pinned (kernels or hosts without bpffs).
+    pins: Option<pins::PinDir>,
+    report: PinReport,
     /// The target-table slots [`Redirector::set_routes`] filled, IPv4 then IPv6, so that
     /// [`Redirector::routes`] reads back only those.
     filled: (Vec<u32>, Vec<u32>),
+}
+
+impl Drop for Redirector {
+    fn drop(&mut self) {
+        self.remove_created_pins();
+    }
 }
 
 impl Redirector {
@@ -180,6 +228,8 @@ impl Redirector {
         Ok(Redirector {
             ebpf,
             attached: Vec::new(),
+            pins: None,
+            report: PinReport::default(),
             filled: (Vec::new(), Vec::new()),
         })
     }
@@ -292,17 +342,91 @@ impl Redirector {
         Ok(routes)
     }
 
-    /// Attaches every program to `cgroup`. On error, what was attached stays attached until
+    /// Pins the links attached from now on in `pins`, and adopts those pinned there already.
+    pub fn use_pins(&mut self, pins: pins::PinDir) {
+        self.pins = Some(pins);
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.path())
+    }
+
+    pub fn pin_report(&self) -> PinReport {
+        self.report
+    }
+
+    /// Attaches every program to `cgroup`: with a pin directory, a link pinned there for this
+    /// cgroup and program gets our program in its place (`BPF_LINK_UPDATE`: the cgroup is never
+    /// without one), and a new link is pinned. On error, what was attached stays attached until
     /// the `Redirector` is dropped.
     pub fn attach(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError> {
-        for name in PROGRAMS {
-            let link = program_mut(&mut self.ebpf, name)?
-                .attach(&cgroup.dir, CgroupAttachMode::Single)
-                .map_err(|source| EbpfError::Attach {
-                    program: name,
-                    cgroup: cgroup.path.clone(),
+        let inode = match &self.pins {
+            Some(_) => Some(
+                pins::cgroup_inode(&cgroup.dir).map_err(|source| EbpfError::Pin {
+                    program: PROGRAMS[0],
+                    path: cgroup.path.clone(),
                     source,
-                })?;
+                })?,
+            ),
+            None => None,
+        };
+        for name in PROGRAMS {
+            let link = match (&self.pins, inode) {
+                (Some(pins), Some(inode)) => {
+                    let path = pins.path_of(inode, name);
+                    let pin_err = |source| EbpfError::Pin {
+                        program: name,
+                        path: path.clone(),
+                        source,
+                    };
+                    let created = !path.exists();
+                    if !created {
+                        let program = program_mut(&mut self.ebpf, name)?
+                            .fd()
+                            .map_err(|source| EbpfError::Load {
+                                program: name,
+                                source,
+                            })?
+                            .as_fd();
+                        pins::update_pinned(&path, program).map_err(pin_err)?;
+                        self.report.adopted += 1;
+                    } else {
+                        let program = program_mut(&mut self.ebpf, name)?;
+                        let id = program
+                            .attach(&cgroup.dir, CgroupAttachMode::Single)
+                            .map_err(|source| EbpfError::Attach {
+                                program: name,
+                                cgroup: cgroup.path.clone(),
+                                source,
+                            })?;
+                        let link = program.take_link(id).map_err(|source| EbpfError::Attach {
+                            program: name,
+                            cgroup: cgroup.path.clone(),
+                            source,
+                        })?;
+                        FdLink::try_from(link)
+                            .map_err(|e| pin_err(io::Error::other(e)))?
+                            .pin(&path)
+                            .map_err(|e| pin_err(io::Error::other(e)))?;
+                        self.report.pinned += 1;
+                    }
+                    let fd = pins::obj_get(&path).map_err(pin_err)?;
+                    Held::Pinned {
+                        path,
+                        created,
+                        _fd: fd,
+                    }
+                }
+                _ => Held::Aya(
+                    program_mut(&mut self.ebpf, name)?
+                        .attach(&cgroup.dir, CgroupAttachMode::Single)
+                        .map_err(|source| EbpfError::Attach {
+                            program: name,
+                            cgroup: cgroup.path.clone(),
+                            source,
+                        })?,
+                ),
+            };
             self.attached.push(Attachment {
                 cgroup: cgroup.path.clone(),
                 program: name,
@@ -312,11 +436,52 @@ impl Redirector {
         Ok(())
     }
 
+    /// Removes the pins of cgroups no longer covered (their links go with them); how many.
+    pub fn drop_stale_pins(&mut self) -> Result<usize, EbpfError> {
+        let Some(pins) = &self.pins else {
+            return Ok(0);
+        };
+        let ours: Vec<&Path> = self
+            .attached
+            .iter()
+            .filter_map(|a| match &a.link {
+                Held::Pinned { path, .. } => Some(path.as_path()),
+                Held::Aya(_) => None,
+            })
+            .collect();
+        let mut removed = 0;
+        for pin in pins.pins()? {
+            if !ours.contains(&pin.path.as_path()) {
+                std::fs::remove_file(&pin.path).map_err(|source| EbpfError::Pin {
+                    program: pin.program,
+                    path: pin.path.clone(),
+                    source,
+                })?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes our pins (fail open): the links then live as long as this process holds them.
+    pub fn unpin_all(&mut self) -> usize {
+        let mut unpinned = 0;
+        for a in &self.attached {
+            if let Held::Pinned { path, .. } = &a.link
+                && std::fs::remove_file(path).is_ok()
+            {
+                unpinned += 1;
+            }
+        }
+        unpinned
+    }
+
     pub fn attachments(&self) -> &[Attachment] {
         &self.attached
     }
 
-    /// Detaches every program from every cgroup. Returns how many links were detached.
+    /// Detaches every program from every cgroup: pins removed, links closed. Returns how many
+    /// links were detached.
     pub fn detach_all(&mut self) -> usize {
         let mut detached = 0;
         for Attachment {
@@ -325,13 +490,25 @@ impl Redirector {
             link,
         } in std::mem::take(&mut self.attached)
         {
-            let result = program_mut(&mut self.ebpf, program).and_then(|p| {
-                p.detach(link).map_err(|source| EbpfError::Attach {
-                    program,
-                    cgroup: cgroup.clone(),
-                    source,
-                })
-            });
+            let result = match link {
+                Held::Aya(link) => program_mut(&mut self.ebpf, program).and_then(|p| {
+                    p.detach(link).map_err(|source| EbpfError::Attach {
+                        program,
+                        cgroup: cgroup.clone(),
+                        source,
+                    })
+                }),
+                // The link goes with its last reference: the pin and our descriptor.
+                Held::Pinned { path, .. } => match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(source) => Err(EbpfError::Pin {
+                        program,
+                        path,
+                        source,
+                    }),
+                },
+            };
             match result {
                 Ok(()) => detached += 1,
                 // The link's fd is still closed when the Redirector drops.
@@ -339,6 +516,31 @@ impl Redirector {
             }
         }
         detached
+    }
+
+    /// Lets go of every attachment and leaves the pinned ones in place (fail closed): how
+    /// many stay pinned.
+    pub fn leave_pinned(&mut self) -> usize {
+        let attached = std::mem::take(&mut self.attached);
+        attached
+            .iter()
+            .filter(|a| matches!(a.link, Held::Pinned { .. }))
+            .count()
+    }
+
+    /// Removes the pins this `Redirector` made (a start that failed leaves nothing behind;
+    /// adopted pins stay, still refusing their callers).
+    fn remove_created_pins(&mut self) {
+        for a in &self.attached {
+            if let Held::Pinned {
+                path,
+                created: true,
+                ..
+            } = &a.link
+            {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     /// Takes the exemption maps out, as the handle the upstream connector exempts its sockets

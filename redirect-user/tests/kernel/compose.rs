@@ -74,6 +74,8 @@ fn compose_example_serves_every_service_unchanged() -> Result<()> {
     let app_image = Image::import_paths(&binaries)?;
     let cg = TestCgroup::new()?;
     let apps = cg.child("apps")?;
+    // Pinned where the test cleans up (the daemon's container sees the host's bpffs).
+    let pins = support::PinDirGuard::new();
     let parent = CgroupParent::new(&apps)?;
     let run_dir = tempfile::tempdir()?;
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/compose");
@@ -111,7 +113,11 @@ fn compose_example_serves_every_service_unchanged() -> Result<()> {
             ("REDIRECT_IMAGE".into(), daemon_image.name.clone()),
             (
                 "REDIRECT_FLAGS".into(),
-                format!("--cgroup {} --listen 127.0.0.1:0", apps.display()),
+                format!(
+                    "--cgroup {} --listen 127.0.0.1:0 --pin-dir {}",
+                    apps.display(),
+                    pins.arg()
+                ),
             ),
             (
                 "REDIRECT_RUN_DIR".into(),

@@ -35,9 +35,14 @@ pub fn one_line_error(stderr: &str, expected: &str) -> Result<()> {
 }
 
 /// `redirect run ARGS...`, inside `netns` when given.
+/// `redirect run ARGS`, pinning (if it gets that far) in a directory of the test's, which the
+/// sweep of the next run removes.
 pub fn redirect_run(netns: Option<&NetNs>, args: &[&str]) -> Result<Command> {
     let mut cmd = command_in(DAEMON, None, netns)?;
-    cmd.arg("run").args(args);
+    cmd.arg("run")
+        .args(args)
+        .arg("--pin-dir")
+        .arg(support::test_pin_dir());
     Ok(cmd)
 }
 
@@ -77,6 +82,8 @@ fn error_root_without_capabilities() -> Result<()> {
     let mut cmd = Command::new("setpriv");
     cmd.args(["--bounding-set", "-bpf,-sys_admin,-net_admin", DAEMON])
         .args(["run", "--mock", "--control-socket", "/nonexistent/x.sock"])
+        .arg("--pin-dir")
+        .arg(support::test_pin_dir())
         .arg("--cgroup")
         .arg(&cg.path);
     let stderr = run_daemon_expecting_failure(cmd)?;

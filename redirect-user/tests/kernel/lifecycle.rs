@@ -3,14 +3,20 @@
 use super::*;
 
 pub const TESTS: &[(&str, TestFn)] = &[
-    ("sigterm_detaches_and_exits_0", || {
-        stop_leaves_nothing_attached(libc::SIGTERM)
+    ("sigterm_leaves_the_redirect_pinned_and_exits_0", || {
+        stop_fails_closed(libc::SIGTERM)
     }),
-    ("sigint_detaches_and_exits_0", || {
-        stop_leaves_nothing_attached(libc::SIGINT)
+    ("sigint_leaves_the_redirect_pinned_and_exits_0", || {
+        stop_fails_closed(libc::SIGINT)
     }),
-    ("sigkill_leaves_nothing_attached", || {
-        stop_leaves_nothing_attached(libc::SIGKILL)
+    ("sigkill_leaves_the_redirect_pinned", || {
+        stop_fails_closed(libc::SIGKILL)
+    }),
+    ("fail_open_sigterm_leaves_nothing_attached", || {
+        fail_open_leaves_nothing(libc::SIGTERM)
+    }),
+    ("fail_open_sigkill_leaves_nothing_attached", || {
+        fail_open_leaves_nothing(libc::SIGKILL)
     }),
     (
         "sighup_reloads_the_mock_and_never_kills",
@@ -26,15 +32,106 @@ pub const TESTS: &[(&str, TestFn)] = &[
     ),
 ];
 
-fn stop_leaves_nothing_attached(signal: libc::c_int) -> Result<()> {
-    let mut s = mock_setup(&[])?;
-    let ours = |cg: &Path| -> Result<Vec<String>> {
-        Ok(attached_programs(cg)?
-            .into_iter()
-            .filter(|(_, name)| name.starts_with("redirect_"))
-            .map(|(kind, name)| format!("{kind} {name}"))
-            .collect())
+const ECONNREFUSED: i64 = libc::ECONNREFUSED as i64;
+
+/// Our programs on `cg`, as bpftool lists them.
+fn ours(cg: &Path) -> Result<Vec<String>> {
+    Ok(attached_programs(cg)?
+        .into_iter()
+        .filter(|(_, name)| name.starts_with("redirect_"))
+        .map(|(kind, name)| format!("{kind} {name}"))
+        .collect())
+}
+
+/// However the daemon stops, its programs stay attached through their pins: covered callers
+/// are refused, never sent on to the real service; `redirect status` says so; the next daemon
+/// adopts the pins and serves; `redirect detach` removes them (refused while a daemon
+/// serves them, a no-op when nothing is pinned).
+fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
+    let pins = support::PinDirGuard::new();
+    let pin_args = ["--pin-dir", pins.arg()];
+    let mut s = mock_setup(&pin_args)?;
+    assert_eq!(ours(&s.client)?.len(), 4);
+    let status = s.daemon.stop(signal)?;
+    if signal == libc::SIGKILL {
+        assert!(!status.success());
+    } else {
+        assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
+        assert!(
+            s.daemon.log().contains("left 4 program links pinned in"),
+            "{}",
+            s.daemon.log()
+        );
+    }
+    assert_eq!(ours(&s.client)?.len(), 4, "still attached: fail closed");
+    let r = child_role(&s.client, &s.ns, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ECONNREFUSED, "refused, never sent on: {r}");
+    let status = s.daemon.cli(&s.ns, &["status", "--pin-dir", pins.arg()])?;
+    let said = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        !status.status.success() && said.contains("no daemon serves the 4 program links pinned"),
+        "{said}"
+    );
+    // The next daemon adopts them, and serves from its first request.
+    let args = [
+        "--mock",
+        "--cgroup",
+        s.client.to_str().unwrap(),
+        "--pin-dir",
+        pins.arg(),
+    ];
+    let again = Daemon::start(&args, &s.ns, None)?;
+    assert!(
+        again.log().contains("adopted 4 program links pinned in"),
+        "{}",
+        again.log()
+    );
+    assert_eq!(
+        ours(&s.client)?.len(),
+        4,
+        "adopted in place, not attached twice"
+    );
+    let (code, body) = curl(&s.client, &s.ns, &[], &url("/latest/meta-data/instance-id"))?;
+    assert_eq!((code, body.as_str()), (200, INSTANCE_ID));
+    let detach = || -> Result<std::process::Output> {
+        Ok(command_in(DAEMON, None, Some(&s.ns))?
+            .args(["detach", "--pin-dir", pins.arg()])
+            .output()?)
     };
+    let busy = detach()?;
+    let said = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        !busy.status.success() && said.contains("another redirect daemon serves"),
+        "{said}"
+    );
+    let mut again = again;
+    again.stop(libc::SIGTERM)?;
+    let detached = detach()?;
+    let said = String::from_utf8_lossy(&detached.stdout);
+    assert!(
+        detached.status.success() && said.contains("detached 4 pinned program links"),
+        "{said}"
+    );
+    assert_eq!(
+        ours(&s.client)?,
+        Vec::<String>::new(),
+        "bpftool still shows our programs"
+    );
+    let r = child_role(&s.client, &s.ns, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ENETUNREACH, "not redirected any more: {r}");
+    let nothing = detach()?;
+    let said = String::from_utf8_lossy(&nothing.stdout);
+    assert!(
+        nothing.status.success() && said.contains("nothing pinned"),
+        "{said}"
+    );
+    Ok(())
+}
+
+/// `--fail-open`: today's behaviour kept for who asks for it: a daemon that stops or dies
+/// takes the redirect with it.
+fn fail_open_leaves_nothing(signal: libc::c_int) -> Result<()> {
+    let mut s = mock_setup(&["--fail-open"])?;
     let before = ours(&s.client)?;
     assert_eq!(before.len(), 4, "{before:?}");
     assert!(before.iter().any(|p| p.contains("connect4")), "{before:?}");

@@ -113,9 +113,12 @@ fn swarm_example_serves_an_app_on_an_overlay_network() -> Result<()> {
                 .env("APP_COMMAND", app_command),
         )
     };
+    // Pinned where the test cleans up (the daemon's container sees the host's bpffs).
+    let pins = support::PinDirGuard::new();
     deploy(format!(
-        "--listen 127.0.0.1:0 --cgroup {}",
-        nobody.display()
+        "--listen 127.0.0.1:0 --cgroup {} --pin-dir {}",
+        nobody.display(),
+        pins.arg()
     ))?;
     let app = task_container(&format!("{}_app", stack.name))?;
     let pid = support::sh(Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", &app]))?;
@@ -126,7 +129,10 @@ fn swarm_example_serves_an_app_on_an_overlay_network() -> Result<()> {
         .find_map(|l| l.strip_prefix("0::"))
         .context("the task's cgroup")?;
     ensure!(cgroup.ends_with(&app), "a task's own cgroup: {cgroup}");
-    deploy(format!("--listen 127.0.0.1:0 --cgroup {cgroup}"))?;
+    deploy(format!(
+        "--listen 127.0.0.1:0 --cgroup {cgroup} --pin-dir {}",
+        pins.arg()
+    ))?;
     let service = format!("{}_app", stack.name);
     for _ in 0..150 {
         let logs = service_logs(&service)?;

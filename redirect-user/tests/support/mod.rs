@@ -40,8 +40,47 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Where tests pin the programs: under bpffs, never the daemon's default (a daemon of the host
+/// may use that), each test directory of its own.
+pub fn test_pin_dir() -> PathBuf {
+    Path::new(BPFFS).join(unique("redirect-test"))
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// A pin directory a test gave a daemon: its pins (and so the links) are removed on drop.
+pub struct PinDirGuard(pub PathBuf);
+
+impl PinDirGuard {
+    /// A new directory's name (the daemon makes it), bpffs mounted at /sys/fs/bpf first: the
+    /// daemon would mount it too, but one in a container must find the host's there.
+    pub fn new() -> Self {
+        let mounted = Command::new("mountpoint")
+            .args(["-q", BPFFS])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            let _ = Command::new("mount")
+                .args(["-t", "bpf", "bpf", BPFFS])
+                .status();
+        }
+        PinDirGuard(test_pin_dir())
+    }
+
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 path")
+    }
+}
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Removes what an earlier test run that was killed (and so never ran its guards) left behind:
-/// namespaces, cgroups and Docker objects whose names carry the pid of a process that is gone.
+/// namespaces, cgroups, pinned programs and Docker objects whose names carry the pid of a
+/// process that is gone.
 pub fn sweep_leftovers() {
     let gone = |name: &str, prefix: &str| {
         name.strip_prefix(prefix)
@@ -71,6 +110,12 @@ pub fn sweep_leftovers() {
         for cg in names(&mount).iter().filter(|n| gone(n, "redirect-test-")) {
             remove_cgroup_tree(&mount.join(cg));
         }
+    }
+    for pins in names(Path::new(BPFFS))
+        .iter()
+        .filter(|n| gone(n, "redirect-test-"))
+    {
+        let _ = std::fs::remove_dir_all(Path::new(BPFFS).join(pins));
     }
     let docker = |args: &[&str]| -> Vec<String> {
         Command::new("docker")
@@ -323,6 +368,8 @@ pub struct Daemon {
     /// Reads the daemon's stderr into `lines` until it closes.
     reader: Option<thread::JoinHandle<()>>,
     pub control_socket: PathBuf,
+    /// The pins of this daemon's own (removed on drop), unless the test gave one.
+    pins: Option<PinDirGuard>,
     _dir: tempfile::TempDir,
 }
 
@@ -373,9 +420,12 @@ impl Daemon {
         let control_socket = dir.path().join("control.sock");
         let mut cmd = command_in(DAEMON, cgroup, netns)?;
         configure(&mut cmd);
-        cmd.arg("run")
-            .args(args)
-            .arg("--control-socket")
+        cmd.arg("run").args(args);
+        let pins = (!args.contains(&"--pin-dir")).then(PinDirGuard::new);
+        if let Some(pins) = &pins {
+            cmd.args(["--pin-dir", pins.arg()]);
+        }
+        cmd.arg("--control-socket")
             .arg(&control_socket)
             .env("REDIRECT_LOG", log_filter)
             .env_remove("RUST_LOG")
@@ -402,6 +452,7 @@ impl Daemon {
             lines,
             reader: Some(reader),
             control_socket,
+            pins,
             _dir: dir,
         };
         // Returns when the ready line arrives or stderr closes (the daemon exited). The
@@ -522,6 +573,8 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Then its pins (fields drop after this).
+        drop(self.pins.take());
     }
 }
 
