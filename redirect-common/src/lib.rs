@@ -53,11 +53,29 @@ pub mod names {
     /// selects. The daemon learns an accepted connection's peer cookie from sock_diag.
     pub const CALLER_PIDS: &str = "CALLER_PIDS";
 
+    /// `HashMap<u32, u8>` and `HashMap<[u32; 4], u8>` of [`crate::MAX_TARGETS`]: the targets'
+    /// addresses (each word in network order, as the packet holds it), which the escape guard
+    /// keeps every packet away from but the proxy's own ([`crate::GUARD_MARK`]).
+    pub const GUARD_ADDRS4: &str = "GUARD_ADDRS4";
+    pub const GUARD_ADDRS6: &str = "GUARD_ADDRS6";
+    /// `HashMap<u64, u64>` of [`crate::MAX_ESCAPE_CGROUPS`]: packets the guard dropped, by the
+    /// cgroup id of their socket.
+    pub const ESCAPES: &str = "ESCAPES";
+
     pub const PROG_CONNECT4: &str = "redirect_connect4";
     pub const PROG_CONNECT6: &str = "redirect_connect6";
     pub const PROG_GETPEERNAME4: &str = "redirect_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "redirect_getpeername6";
+    /// `cgroup_skb/egress`: drops packets to a target that did not go through the redirect.
+    pub const PROG_GUARD: &str = "redirect_guard";
 }
+
+/// `SO_MARK` of the proxy's upstream sockets: the escape guard lets their packets to the
+/// real metadata service pass ("RDIR").
+pub const GUARD_MARK: u32 = 0x5244_4952;
+
+/// Cgroups whose escapes are counted one by one; beyond, they are still dropped.
+pub const MAX_ESCAPE_CGROUPS: u32 = 4_096;
 
 /// Network namespaces the daemon can serve at once (each with its own listeners).
 pub const MAX_SERVED_NETNS: u32 = 65_536;
@@ -325,11 +343,14 @@ pub enum Counter {
     NetnsUnserved = 7,
     /// Namespace events lost because the ring buffer was full.
     NetnsEventsDropped = 8,
+    /// Packets to a target that did not go through the redirect (raw sockets, UDP, sockets
+    /// connected before the programs were attached), dropped by the escape guard.
+    EscapesDropped = 9,
 }
 
 impl Counter {
     /// Number of counters; the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Connect4Passed,
         Counter::Connect4Rewritten,
@@ -340,6 +361,7 @@ impl Counter {
         Counter::StorageFailed,
         Counter::NetnsUnserved,
         Counter::NetnsEventsDropped,
+        Counter::EscapesDropped,
     ];
 
     /// Stable name, used in `redirect status` output and its JSON.
@@ -354,6 +376,7 @@ impl Counter {
             Counter::StorageFailed => "storage_failed",
             Counter::NetnsUnserved => "netns_unserved",
             Counter::NetnsEventsDropped => "netns_events_dropped",
+            Counter::EscapesDropped => "escapes_dropped",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Kernel side of redirect: cgroup socket-address hooks that send connects aimed at a
 //! metadata address to the daemon's proxy, and make getpeername report the address the
-//! application dialled.
+//! application dialled; and an egress guard that drops what reaches a metadata address
+//! another way (raw sockets, UDP, sockets connected before the hooks were attached).
 //!
 //! Every program returns 1 ("proceed"): a program here may rewrite a destination, never refuse a
 //! connect. The daemon fills `TARGETS4`/`TARGETS6`; nothing outside those (address, port) pairs is
@@ -19,16 +20,19 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_MMAPABLE, bpf_sock_addr},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::SockAddrContext,
+    programs::{SkBuffContext, SockAddrContext},
 };
 use aya_log_ebpf::debug;
 use redirect_common::{
-    CALLER_SLOTS, CallerPid, Counter, MAX_EXEMPT_SOCKETS, MAX_PROXIES, MAX_SERVED_NETNS,
-    NETNS_EVENT_BYTES, NetnsEvent, ORIGINAL_SLOTS, OriginalDest, SERVED_RECORD_PIDS, SockAddr4,
-    SockAddr6, TARGET_SLOTS, TargetSlot, TargetSlot4, TargetSlot6, V4_MAPPED_PREFIX,
+    CALLER_SLOTS, CallerPid, Counter, GUARD_MARK, MAX_ESCAPE_CGROUPS, MAX_EXEMPT_SOCKETS,
+    MAX_PROXIES, MAX_SERVED_NETNS, MAX_TARGETS, NETNS_EVENT_BYTES, NetnsEvent, ORIGINAL_SLOTS,
+    OriginalDest, SERVED_RECORD_PIDS, SockAddr4, SockAddr6, TARGET_SLOTS, TargetSlot, TargetSlot4,
+    TargetSlot6, V4_MAPPED_PREFIX,
 };
 
 /// Return value that lets the (possibly rewritten) syscall proceed. 0 would fail it with EPERM.
@@ -90,6 +94,71 @@ static CALLER_PIDS: Array<CallerPid> = Array::with_max_entries(CALLER_SLOTS, BPF
 
 #[map]
 static NETNS_EVENTS: RingBuf = RingBuf::with_byte_size(NETNS_EVENT_BYTES, 0);
+
+#[map]
+static GUARD_ADDRS4: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static GUARD_ADDRS6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+#[map]
+static ESCAPES: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ESCAPE_CGROUPS, 0);
+
+/// `__sk_buff.protocol` values (network order in the field, compared after `from_be`).
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// cgroup_skb verdicts.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+/// Every egress packet of a covered cgroup: one addressed to a target that is not the
+/// proxy's own is dropped (the redirect rewrote every connect it saw; what still goes there
+/// went around it).
+#[cgroup_skb(egress)]
+pub fn redirect_guard(ctx: SkBuffContext) -> i32 {
+    match try_guard(&ctx) {
+        Some(()) => DROP,
+        None => PASS,
+    }
+}
+
+/// `Some(())`: drop.
+fn try_guard(ctx: &SkBuffContext) -> Option<()> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's own `__sk_buff`, which the verifier lets programs read.
+    let protocol = u16::from_be(unsafe { (*skb).protocol } as u16);
+    // The data starts at the IP header. Destination words are kept as the packet has them
+    // (network order), as the daemon stores them.
+    let guarded = match protocol {
+        ETH_P_IP => {
+            let daddr: u32 = ctx.load(16).ok()?;
+            // SAFETY: the value is only tested for presence.
+            unsafe { GUARD_ADDRS4.get(daddr) }.is_some()
+        }
+        ETH_P_IPV6 => {
+            let daddr: [u32; 4] = ctx.load(24).ok()?;
+            // SAFETY: as above.
+            unsafe { GUARD_ADDRS6.get(daddr) }.is_some()
+        }
+        _ => false,
+    };
+    // SAFETY: as above.
+    if !guarded || unsafe { (*skb).mark } == GUARD_MARK {
+        return None;
+    }
+    count(Counter::EscapesDropped);
+    // SAFETY: a helper the cgroup_skb program type may call on its own skb.
+    let cgroup = unsafe { bpf_skb_cgroup_id(skb) };
+    match ESCAPES.get_ptr_mut(cgroup) {
+        // SAFETY: a value of this map, updated in place (a lost increment under a race on
+        // two CPUs is acceptable for a counter of refusals).
+        Some(dropped) => unsafe { *dropped += 1 },
+        None => {
+            let _ = ESCAPES.insert(cgroup, 1, 0);
+        }
+    }
+    Some(())
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {

@@ -255,6 +255,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         let serving = serving.clone();
         let started = Instant::now();
         let max_connections = serves.then_some(limits.max_connections);
+        let mount = mount.clone();
         Box::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
             let mut status = build_status(
@@ -264,6 +265,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
                 max_connections,
                 &listen,
                 started,
+                &mount,
             );
             if let Some(served) = &served {
                 status.namespaces = served.statuses();
@@ -750,6 +752,7 @@ fn build_status(
     max_connections: Option<usize>,
     listen: &[String],
     started: Instant,
+    mount: &Path,
 ) -> Status {
     let mut cgroups: Vec<status::AttachedCgroup> = Vec::new();
     for a in redirector.attachments() {
@@ -807,6 +810,16 @@ fn build_status(
         namespaces: Vec::new(),
         host_requests: 0,
         host_callers: Vec::new(),
+        escapes: redirector
+            .escapes()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(cgroup_id, dropped)| status::Escape {
+                cgroup_id,
+                cgroup: host_callers::find_cgroup(mount, cgroup_id),
+                dropped,
+            })
+            .collect(),
         proxy: {
             let count = |pick: fn(&ProxyStats) -> &AtomicU64| {
                 stats.map_or(0, |s| pick(s).load(Ordering::Relaxed))

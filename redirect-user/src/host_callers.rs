@@ -247,7 +247,7 @@ fn inode(path: &Path) -> Option<u64> {
 /// The cgroup whose directory has inode `id` under the cgroup v2 `mount`, as
 /// `/proc/<pid>/cgroup` prints it (`/` for the root). Directory entries carry their inode, so
 /// the search reads directories only.
-fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
+pub fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
     if inode(mount) == Some(id) {
         return Some("/".to_owned());
     }

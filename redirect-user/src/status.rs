@@ -30,6 +30,17 @@ pub struct Status {
     /// The callers in the daemon's own namespace, by cgroup as the kernel names them.
     #[serde(default)]
     pub host_callers: Vec<crate::host_callers::HostCallerStatus>,
+    /// Packets the escape guard dropped, by cgroup: what went around the redirect.
+    #[serde(default)]
+    pub escapes: Vec<Escape>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Escape {
+    pub cgroup_id: u64,
+    /// As `/proc/<pid>/cgroup` prints it, when the cgroup still exists.
+    pub cgroup: Option<String>,
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +132,18 @@ impl Status {
             c("getpeername_restored"),
             c("storage_failed")
         );
+        let _ = writeln!(
+            s,
+            "escapes:   {} packets to a metadata address that went around the redirect, dropped",
+            c("escapes_dropped")
+        );
+        for e in &self.escapes {
+            let cgroup = e
+                .cgroup
+                .clone()
+                .unwrap_or_else(|| format!("cgroup id {} (gone)", e.cgroup_id));
+            let _ = writeln!(s, "  {:>8} from {cgroup}", e.dropped);
+        }
         let _ = writeln!(s, "programs:");
         for p in &self.programs {
             let stats = if p.run_count > 0 {

@@ -26,7 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
         links::FdLink,
     },
 };
@@ -48,12 +48,22 @@ pub use pids::CallerPids;
 /// The object built by `cargo xtask build-ebpf`, embedded at compile time (see build.rs).
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("REDIRECT_EBPF_OBJECT"));
 
-/// The programs, in the order they are attached.
+/// The socket-address programs.
 pub const PROGRAMS: [&str; 4] = [
     names::PROG_CONNECT4,
     names::PROG_CONNECT6,
     names::PROG_GETPEERNAME4,
     names::PROG_GETPEERNAME6,
+];
+
+/// Every program attached to each cgroup, in the order they are attached: the socket-address
+/// hooks, then the escape guard (`cgroup_skb/egress`).
+pub const ATTACHED: [&str; 5] = [
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_GETPEERNAME4,
+    names::PROG_GETPEERNAME6,
+    names::PROG_GUARD,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +72,7 @@ pub enum EbpfError {
     Object(#[source] aya::EbpfError),
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
-    #[error("`{0}` in the eBPF object is not a cgroup socket-address program")]
+    #[error("`{0}` in the eBPF object is not of the program type expected")]
     WrongProgramType(&'static str, #[source] ProgramError),
     #[error("the kernel rejected eBPF program `{program}` ({io_error}); verifier log:\n{log}")]
     Rejected {
@@ -128,8 +138,8 @@ pub struct Attachment {
 /// How an attachment is held.
 #[derive(Debug)]
 enum Held {
-    /// By aya (no pin directory).
-    Aya(CgroupSockAddrLinkId),
+    /// By our link alone (no pin directory): the kernel detaches it when it closes.
+    Fd(FdLink),
     /// Pinned at `path` (while it is there, the link outlives us), and by our descriptor;
     /// `created`: by us (a `Redirector` dropped without [`Redirector::leave_pinned`], as
     /// when `redirect run` fails, removes those), else adopted.
@@ -225,6 +235,22 @@ impl Redirector {
                     },
                 })?;
         }
+        guard_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| match source {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => EbpfError::Rejected {
+                    program: names::PROG_GUARD,
+                    io_error,
+                    log: verifier_log.to_string(),
+                },
+                source => EbpfError::Load {
+                    program: names::PROG_GUARD,
+                    source,
+                },
+            })?;
         Ok(Redirector {
             ebpf,
             attached: Vec::new(),
@@ -314,7 +340,32 @@ impl Redirector {
             map.insert(proxy, peer.report(), 0)
                 .map_err(map_err(names::PROXIES6))?;
         }
+        // The escape guard keeps every other packet away from the targets' addresses.
+        for route in routes {
+            match route.dialled {
+                SocketAddr::V4(dialled) => {
+                    let mut map: HashMap<_, u32, u8> =
+                        map_mut(&mut self.ebpf, names::GUARD_ADDRS4)?;
+                    map.insert(SockAddr4::from(dialled).addr, 1, 0)
+                        .map_err(map_err(names::GUARD_ADDRS4))?;
+                }
+                SocketAddr::V6(dialled) => {
+                    let mut map: HashMap<_, [u32; 4], u8> =
+                        map_mut(&mut self.ebpf, names::GUARD_ADDRS6)?;
+                    map.insert(SockAddr6::from(dialled).addr, 1, 0)
+                        .map_err(map_err(names::GUARD_ADDRS6))?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Packets the escape guard dropped, by the cgroup id of their socket.
+    pub fn escapes(&self) -> Result<Vec<(u64, u64)>, EbpfError> {
+        let map: HashMap<_, u64, u64> = map_ref(&self.ebpf, names::ESCAPES)?;
+        let mut escapes: Vec<(u64, u64)> = map.iter().filter_map(Result::ok).collect();
+        escapes.sort_unstable();
+        Ok(escapes)
     }
 
     /// The routes as the kernel sees them, read back from the target tables.
@@ -363,14 +414,14 @@ impl Redirector {
         let inode = match &self.pins {
             Some(_) => Some(
                 pins::cgroup_inode(&cgroup.dir).map_err(|source| EbpfError::Pin {
-                    program: PROGRAMS[0],
+                    program: ATTACHED[0],
                     path: cgroup.path.clone(),
                     source,
                 })?,
             ),
             None => None,
         };
-        for name in PROGRAMS {
+        for name in ATTACHED {
             let link = match (&self.pins, inode) {
                 (Some(pins), Some(inode)) => {
                     let path = pins.path_of(inode, name);
@@ -380,35 +431,14 @@ impl Redirector {
                         source,
                     };
                     let created = !path.exists();
-                    if !created {
-                        let program = program_mut(&mut self.ebpf, name)?
-                            .fd()
-                            .map_err(|source| EbpfError::Load {
-                                program: name,
-                                source,
-                            })?
-                            .as_fd();
-                        pins::update_pinned(&path, program).map_err(pin_err)?;
-                        self.report.adopted += 1;
-                    } else {
-                        let program = program_mut(&mut self.ebpf, name)?;
-                        let id = program
-                            .attach(&cgroup.dir, CgroupAttachMode::Single)
-                            .map_err(|source| EbpfError::Attach {
-                                program: name,
-                                cgroup: cgroup.path.clone(),
-                                source,
-                            })?;
-                        let link = program.take_link(id).map_err(|source| EbpfError::Attach {
-                            program: name,
-                            cgroup: cgroup.path.clone(),
-                            source,
-                        })?;
-                        FdLink::try_from(link)
-                            .map_err(|e| pin_err(io::Error::other(e)))?
+                    if created {
+                        self.new_link(name, cgroup)?
                             .pin(&path)
                             .map_err(|e| pin_err(io::Error::other(e)))?;
                         self.report.pinned += 1;
+                    } else {
+                        pins::update_pinned(&path, self.program_fd(name)?).map_err(pin_err)?;
+                        self.report.adopted += 1;
                     }
                     let fd = pins::obj_get(&path).map_err(pin_err)?;
                     Held::Pinned {
@@ -417,15 +447,7 @@ impl Redirector {
                         _fd: fd,
                     }
                 }
-                _ => Held::Aya(
-                    program_mut(&mut self.ebpf, name)?
-                        .attach(&cgroup.dir, CgroupAttachMode::Single)
-                        .map_err(|source| EbpfError::Attach {
-                            program: name,
-                            cgroup: cgroup.path.clone(),
-                            source,
-                        })?,
-                ),
+                _ => Held::Fd(self.new_link(name, cgroup)?),
             };
             self.attached.push(Attachment {
                 cgroup: cgroup.path.clone(),
@@ -434,6 +456,53 @@ impl Redirector {
             });
         }
         Ok(())
+    }
+
+    /// `name` attached to `cgroup` by a new link.
+    fn new_link(&mut self, name: &'static str, cgroup: &Cgroup) -> Result<FdLink, EbpfError> {
+        let attach_err = |source| EbpfError::Attach {
+            program: name,
+            cgroup: cgroup.path.clone(),
+            source,
+        };
+        let link = if name == names::PROG_GUARD {
+            let guard = guard_mut(&mut self.ebpf)?;
+            let id = guard
+                .attach(
+                    &cgroup.dir,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(attach_err)?;
+            FdLink::try_from(guard.take_link(id).map_err(attach_err)?)
+        } else {
+            let program = program_mut(&mut self.ebpf, name)?;
+            let id = program
+                .attach(&cgroup.dir, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            FdLink::try_from(program.take_link(id).map_err(attach_err)?)
+        };
+        // A kernel without BPF links (before 5.7) attached with BPF_PROG_ATTACH instead.
+        link.map_err(|e| {
+            attach_err(ProgramError::IOError(io::Error::other(format!(
+                "{e}: this kernel has no BPF links (5.7 or later needed)"
+            ))))
+        })
+    }
+
+    fn program_fd(&mut self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, EbpfError> {
+        let load_err = |source| EbpfError::Load {
+            program: name,
+            source,
+        };
+        Ok(if name == names::PROG_GUARD {
+            guard_mut(&mut self.ebpf)?.fd().map_err(load_err)?.as_fd()
+        } else {
+            program_mut(&mut self.ebpf, name)?
+                .fd()
+                .map_err(load_err)?
+                .as_fd()
+        })
     }
 
     /// Removes the pins of cgroups no longer covered (their links go with them); how many.
@@ -446,7 +515,7 @@ impl Redirector {
             .iter()
             .filter_map(|a| match &a.link {
                 Held::Pinned { path, .. } => Some(path.as_path()),
-                Held::Aya(_) => None,
+                Held::Fd(_) => None,
             })
             .collect();
         let mut removed = 0;
@@ -491,13 +560,11 @@ impl Redirector {
         } in std::mem::take(&mut self.attached)
         {
             let result = match link {
-                Held::Aya(link) => program_mut(&mut self.ebpf, program).and_then(|p| {
-                    p.detach(link).map_err(|source| EbpfError::Attach {
-                        program,
-                        cgroup: cgroup.clone(),
-                        source,
-                    })
-                }),
+                // Closing the link detaches it.
+                Held::Fd(link) => {
+                    drop(link);
+                    Ok(())
+                }
                 // The link goes with its last reference: the pin and our descriptor.
                 Held::Pinned { path, .. } => match std::fs::remove_file(&path) {
                     Ok(()) => Ok(()),
@@ -576,11 +643,14 @@ impl Redirector {
     }
 
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        PROGRAMS
+        ATTACHED
             .iter()
             .filter_map(|&name| {
-                let program: &CgroupSockAddr = self.ebpf.program(name)?.try_into().ok()?;
-                let info = program.info().ok()?;
+                let program = self.ebpf.program(name)?;
+                let info = match <&CgroupSockAddr>::try_from(program) {
+                    Ok(p) => p.info().ok()?,
+                    Err(_) => <&CgroupSkb>::try_from(program).ok()?.info().ok()?,
+                };
                 Some(ProgramStats {
                     name,
                     id: info.id(),
@@ -674,6 +744,14 @@ fn add_peer<A: std::hash::Hash + Eq + Copy>(
             dialled: route.dialled,
         }),
     }
+}
+
+fn guard_mut(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, EbpfError> {
+    let name = names::PROG_GUARD;
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| EbpfError::WrongProgramType(name, e))
 }
 
 fn program_mut<'a>(

@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::PROGRAMS;
+use super::ATTACHED;
 
 /// The layout version, the directory under the pin dir.
 pub const LAYOUT: &str = "v1";
@@ -130,7 +130,7 @@ pub fn list(dir: &Path) -> Result<Vec<Pin>, PinError> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let parsed = name.split_once('-').and_then(|(inode, program)| {
             let inode = inode.parse().ok()?;
-            let program = PROGRAMS.iter().find(|p| **p == program)?;
+            let program = ATTACHED.iter().find(|p| **p == program)?;
             Some((inode, *program))
         });
         let Some((cgroup_inode, program)) = parsed else {

@@ -187,6 +187,8 @@ impl Upstream {
         if let Some(source) = source {
             socket.bind(source)?;
         }
+        // The escape guard lets this socket's packets reach the metadata address.
+        mark_for_guard(&socket);
         // Exempt until the connect has returned: only the connect is rewritten.
         let _exempt = self
             .exemptions
@@ -206,6 +208,20 @@ impl Upstream {
             })??;
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+}
+
+/// Marks `socket` (`SO_MARK`, which needs CAP_NET_ADMIN or CAP_NET_RAW) so that the escape
+/// guard passes it; without the mark, a daemon inside a covered cgroup cannot reach its
+/// upstream at a target's address (said once).
+fn mark_for_guard(socket: &TcpSocket) {
+    if let Err(e) = socket2::SockRef::from(socket).set_mark(redirect_common::GUARD_MARK) {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::warn!(
+                "cannot mark upstream sockets for the escape guard ({e}); if the daemon runs in a covered cgroup, its upstream at a metadata address is dropped (give it CAP_NET_ADMIN)"
+            )
+        });
     }
 }
 

@@ -51,25 +51,25 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
     let pins = support::PinDirGuard::new();
     let pin_args = ["--pin-dir", pins.arg()];
     let mut s = mock_setup(&pin_args)?;
-    assert_eq!(ours(&s.client)?.len(), 4);
+    assert_eq!(ours(&s.client)?.len(), 5, "four hooks and the escape guard");
     let status = s.daemon.stop(signal)?;
     if signal == libc::SIGKILL {
         assert!(!status.success());
     } else {
         assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
         assert!(
-            s.daemon.log().contains("left 4 program links pinned in"),
+            s.daemon.log().contains("left 5 program links pinned in"),
             "{}",
             s.daemon.log()
         );
     }
-    assert_eq!(ours(&s.client)?.len(), 4, "still attached: fail closed");
+    assert_eq!(ours(&s.client)?.len(), 5, "still attached: fail closed");
     let r = child_role(&s.client, &s.ns, "connect", &["169.254.169.254:80"])?;
     assert_eq!(r["errno"], ECONNREFUSED, "refused, never sent on: {r}");
     let status = s.daemon.cli(&s.ns, &["status", "--pin-dir", pins.arg()])?;
     let said = String::from_utf8_lossy(&status.stderr);
     assert!(
-        !status.status.success() && said.contains("no daemon serves the 4 program links pinned"),
+        !status.status.success() && said.contains("no daemon serves the 5 program links pinned"),
         "{said}"
     );
     // The next daemon adopts them, and serves from its first request.
@@ -82,13 +82,13 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
     ];
     let again = Daemon::start(&args, &s.ns, None)?;
     assert!(
-        again.log().contains("adopted 4 program links pinned in"),
+        again.log().contains("adopted 5 program links pinned in"),
         "{}",
         again.log()
     );
     assert_eq!(
         ours(&s.client)?.len(),
-        4,
+        5,
         "adopted in place, not attached twice"
     );
     let (code, body) = curl(&s.client, &s.ns, &[], &url("/latest/meta-data/instance-id"))?;
@@ -109,7 +109,7 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
     let detached = detach()?;
     let said = String::from_utf8_lossy(&detached.stdout);
     assert!(
-        detached.status.success() && said.contains("detached 4 pinned program links"),
+        detached.status.success() && said.contains("detached 5 pinned program links"),
         "{said}"
     );
     assert_eq!(
@@ -133,7 +133,7 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
 fn fail_open_leaves_nothing(signal: libc::c_int) -> Result<()> {
     let mut s = mock_setup(&["--fail-open"])?;
     let before = ours(&s.client)?;
-    assert_eq!(before.len(), 4, "{before:?}");
+    assert_eq!(before.len(), 5, "{before:?}");
     assert!(before.iter().any(|p| p.contains("connect4")), "{before:?}");
     let status = s.daemon.stop(signal)?;
     if signal == libc::SIGKILL {
@@ -141,7 +141,7 @@ fn fail_open_leaves_nothing(signal: libc::c_int) -> Result<()> {
     } else {
         assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
         assert!(
-            s.daemon.log().contains("detached 4 program links"),
+            s.daemon.log().contains("detached 5 program links"),
             "{}",
             s.daemon.log()
         );

@@ -18,6 +18,7 @@ mod errors;
 mod events;
 mod framing;
 mod gcp;
+mod guard;
 mod identity;
 mod lifecycle;
 mod mock;
@@ -207,6 +208,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         gcp::TESTS,
         stack::TESTS,
         router::TESTS,
+        guard::TESTS,
         cache::TESTS,
         events::TESTS,
         routing::TESTS,

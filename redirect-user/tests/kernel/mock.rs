@@ -60,7 +60,7 @@ fn mock_end_to_end_with_curl_and_status() -> Result<()> {
     assert_eq!(status["cgroups"][0]["path"], s.client.to_str().unwrap());
     assert_eq!(
         status["cgroups"][0]["programs"].as_array().map(Vec::len),
-        Some(4)
+        Some(5)
     );
     let redirects = status["redirects"].as_array().context("redirects")?;
     assert!(

@@ -21,6 +21,8 @@ pub fn run(role: &str) -> i32 {
         "raw" => raw(&args),
         "churn" => churn(&args),
         "hold" => hold(&args),
+        "udp" => udp(&args),
+        "early" => early(&args),
         _ => Err(format!("unknown role {role}")),
     };
     match result {
@@ -210,6 +212,40 @@ fn raw(args: &[String]) -> Result<serde_json::Value, String> {
     // some bytes keeps what came.
     let _ = stream.read_to_end(&mut answer);
     Ok(json!({ "answer": String::from_utf8_lossy(&answer) }))
+}
+
+/// `udp ADDR`: sends one datagram to ADDR; the errno of a refused send.
+fn udp(args: &[String]) -> Result<serde_json::Value, String> {
+    let [addr] = args else {
+        return Err("usage: udp ADDR".into());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    Ok(match socket.send_to(b"escape", addr) {
+        Ok(n) => json!({ "sent": n }),
+        Err(e) => json!({ "sent": 0, "errno": e.raw_os_error() }),
+    })
+}
+
+/// `early ADDR`: connects (before the redirect exists), says so (`{"connected":true}`),
+/// waits for a line on stdin, then sends a request on that connection and says whether the
+/// write was taken (`{"written":true}`): what happens to its packets is the test's to see.
+fn early(args: &[String]) -> Result<serde_json::Value, String> {
+    let [addr] = args else {
+        return Err("usage: early ADDR".into());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    println!("{}", json!({ "connected": true }));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let written = stream
+        .write_all(b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+        .is_ok();
+    Ok(json!({ "written": written }))
 }
 
 /// `hold ADDR`: connects, sends half a request head, says so (`{"sent":true}`), and waits to
