@@ -63,6 +63,9 @@ pub struct FileConfig {
     pub control_socket: Option<PathBuf>,
     /// Where the programs' links are pinned (bpffs), so the redirect outlives the daemon.
     pub pin_dir: Option<PathBuf>,
+    /// A loopback address serving `/metrics`, `/healthz` and `/readyz` over TCP.
+    #[serde(default, deserialize_with = "de_metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Unpin the links: a daemon that dies takes the redirect with it (callers then reach
     /// the real service), as before pinning.
     pub fail_open: Option<bool>,
@@ -525,6 +528,26 @@ fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Erro
     parse_size(&s).map(Some).map_err(de::Error::custom)
 }
 
+/// `--metrics-listen`: a loopback address (metrics name callers: not for the network).
+pub fn parse_metrics_listen(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        format!("invalid metrics address {s:?}: expected ADDRESS:PORT, e.g. 127.0.0.1:9169")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "metrics address {s:?}: only a loopback address (127.0.0.1, ::1): the metrics name every caller"
+        ));
+    }
+    Ok(addr)
+}
+
+fn de_metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_metrics_listen(&s)
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
 /// A connection limit: 1 to 1,000,000.
 pub fn parse_max_connections(s: &str) -> Result<usize, String> {
     parse_count(s, "connection limit", 1_000_000)
@@ -550,6 +573,8 @@ pub struct Settings {
     pub pin_dir: PathBuf,
     /// Links unpinned: the redirect goes when the daemon does.
     pub fail_open: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are also served over TCP (loopback).
+    pub metrics_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     /// Client connections idle this long between requests are closed; zero: never.
     pub idle_timeout: Duration,
@@ -630,6 +655,7 @@ pub struct Overrides {
     pub control_socket: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
     pub fail_open: bool,
+    pub metrics_listen: Option<SocketAddr>,
     pub upstream_connect_timeout: Option<Duration>,
     pub upstream_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
@@ -827,6 +853,7 @@ impl Settings {
                 .or(file.pin_dir)
                 .unwrap_or_else(|| PathBuf::from(paths::PIN_DIR)),
             fail_open: flags.fail_open || file.fail_open.unwrap_or(false),
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             shutdown_grace: flags
                 .shutdown_grace
                 .or(file.shutdown_grace)
@@ -899,6 +926,7 @@ impl Settings {
             ("targets", self.targets == new.targets),
             ("control_socket", self.control_socket == new.control_socket),
             ("pin_dir", self.pin_dir == new.pin_dir),
+            ("metrics_listen", self.metrics_listen == new.metrics_listen),
             ("fail_open", self.fail_open == new.fail_open),
             ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
             ("idle_timeout", self.idle_timeout == new.idle_timeout),

@@ -30,8 +30,62 @@ pub type Simulate = dyn Fn(Option<Event>, Duration) -> Result<String, String> + 
 
 /// What the control API answers with.
 pub struct Handlers {
-    pub status: Box<dyn Fn() -> Status + Send + Sync>,
+    pub status: Arc<dyn Fn() -> Status + Send + Sync>,
     pub simulate: Box<Simulate>,
+    /// `/readyz`: `Ok(what is ready)`, or what is not.
+    pub ready: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
+    /// `/metrics`.
+    pub metrics: prometheus_client::registry::Registry,
+}
+
+/// Serves `handlers` on a TCP listener (`--metrics-listen`: `/metrics`, `/healthz`, `/readyz`
+/// and `/status`; `/simulate` only on the control socket) until `shutdown`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    handlers: Arc<Handlers>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("metrics listener accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handlers = Arc::clone(&handlers);
+        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+            let handlers = Arc::clone(&handlers);
+            async move {
+                let resp = match req.uri().path() {
+                    "/simulate" => {
+                        text(StatusCode::NOT_FOUND, "not here: use the control socket\n")
+                    }
+                    _ => route(&req, &handlers),
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    resp
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +206,20 @@ fn route(req: &Request<hyper::body::Incoming>, handlers: &Handlers) -> Response<
             "text/plain",
             b"use POST\n".to_vec(),
         ),
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            crate::metrics::encode(&handlers.metrics).into_bytes(),
+        ),
+        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+        (&Method::GET, "/readyz") => match (handlers.ready)() {
+            Ok(what) => (StatusCode::OK, "text/plain", format!("ready: {what}\n").into_bytes()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n").into_bytes(),
+            ),
+        },
         (&Method::GET, "/status") => match serde_json::to_vec_pretty(&(handlers.status)()) {
             Ok(json) => (StatusCode::OK, "application/json", json),
             Err(e) => (
@@ -168,7 +236,8 @@ fn route(req: &Request<hyper::body::Incoming>, handlers: &Handlers) -> Response<
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            b"not found; try GET /status or POST /simulate?event=EVENT\n".to_vec(),
+            b"not found; try GET /status, /metrics, /healthz, /readyz or POST /simulate?event=EVENT\n"
+                .to_vec(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

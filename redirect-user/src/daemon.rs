@@ -256,7 +256,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         let started = Instant::now();
         let max_connections = serves.then_some(limits.max_connections);
         let mount = mount.clone();
-        Box::new(move || {
+        Arc::new(move || {
             let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
             let mut status = build_status(
                 &redirector,
@@ -276,10 +276,36 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         })
     };
     let simulate = simulator(mock.clone());
+    let ready = {
+        let redirector = Arc::clone(&redirector);
+        let serving = serves;
+        Box::new(move || -> Result<String, String> {
+            let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+            let attached = redirector.verify().map_err(|missing| missing.join("; "))?;
+            Ok(format!(
+                "{attached} program links attached{}",
+                if serving { ", the proxy serving" } else { "" }
+            ))
+        })
+    };
+    let status_fn: Arc<dyn Fn() -> Status + Send + Sync> = status_fn;
     let handlers = Arc::new(crate::control::Handlers {
+        metrics: crate::metrics::registry(Arc::clone(&status_fn)),
         status: status_fn,
         simulate,
+        ready,
     });
+    if let Some(addr) = settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-listen {addr}: cannot listen there"))?;
+        tracing::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
+        tokio::spawn(crate::control::serve_tcp(
+            listener,
+            Arc::clone(&handlers),
+            stop_proxy.clone(),
+        ));
+    }
     let stop_control = CancellationToken::new();
     let control_path = control.path().to_owned();
     let control_task = tokio::spawn({

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod docker;
 pub mod ebpf;
 pub mod host_callers;
+pub mod metrics;
 pub mod mock;
 pub mod netns;
 pub mod paths;

@@ -144,6 +144,9 @@ struct RunArgs {
     /// reach the real metadata service.
     #[arg(long)]
     fail_open: bool,
+    /// Also serve /metrics (Prometheus), /healthz and /readyz on this loopback address.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_metrics_listen)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Budget for connecting to the upstream. [default: 1s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     upstream_connect_timeout: Option<Duration>,
@@ -278,6 +281,7 @@ fn run(args: RunArgs) -> Result<()> {
             control_socket: args.control_socket,
             pin_dir: args.pin_dir,
             fail_open: args.fail_open,
+            metrics_listen: args.metrics_listen,
             upstream_connect_timeout: args.upstream_connect_timeout,
             upstream_timeout: args.upstream_timeout,
             shutdown_grace: args.shutdown_grace,

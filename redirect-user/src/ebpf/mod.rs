@@ -549,6 +549,35 @@ impl Redirector {
         &self.attached
     }
 
+    /// Whether every attachment is still in place: its cgroup there (the kernel detaches the
+    /// links of a cgroup removed) and its pin, if pinned. What is missing, otherwise.
+    pub fn verify(&self) -> Result<usize, Vec<String>> {
+        let mut missing = Vec::new();
+        for a in &self.attached {
+            if !a.cgroup.is_dir() {
+                missing.push(format!(
+                    "{} on {}: the cgroup is gone",
+                    a.program,
+                    a.cgroup.display()
+                ));
+            } else if let Held::Pinned { path, .. } = &a.link
+                && !path.exists()
+            {
+                missing.push(format!(
+                    "{} on {}: its pin {} was removed",
+                    a.program,
+                    a.cgroup.display(),
+                    path.display()
+                ));
+            }
+        }
+        match (missing.is_empty(), self.attached.is_empty()) {
+            (true, false) => Ok(self.attached.len()),
+            (true, true) => Err(vec!["nothing attached".to_owned()]),
+            (false, _) => Err(missing),
+        }
+    }
+
     /// Detaches every program from every cgroup: pins removed, links closed. Returns how many
     /// links were detached.
     pub fn detach_all(&mut self) -> usize {

@@ -105,10 +105,16 @@ pub struct Served {
 
 impl Served {
     fn fetched(self) -> Self {
+        crate::metrics::global().cache("miss");
         Served {
             from_cache: false,
             ..self
         }
+    }
+
+    fn hit(self) -> Self {
+        crate::metrics::global().cache("hit");
+        self
     }
 }
 
@@ -134,11 +140,11 @@ impl CredentialCache {
         let current = slot.current();
         if let Some(cached) = current.as_ref().filter(|c| usable(c, now)) {
             if now < cached.refresh_at {
-                return Some(self.serve(&key, req, cached));
+                return Some(self.serve(&key, req, cached).hit());
             }
             // Due for a refresh: one request refreshes, the others are served meanwhile.
             let Ok(_flight) = slot.flight.try_lock() else {
-                return Some(self.serve(&key, req, cached));
+                return Some(self.serve(&key, req, cached).hit());
             };
             return Some(match self.fetch(&key, &slot, req, tokenless, fetch).await {
                 Ok(fresh) => self.serve(&key, req, &fresh).fetched(),
@@ -147,6 +153,7 @@ impl CredentialCache {
                         "upstream failed to refresh cached {}; serving the cached one until it expires",
                         key.what()
                     );
+                    crate::metrics::global().cache("stale");
                     self.serve(&key, req, cached)
                 }
             });
@@ -154,7 +161,7 @@ impl CredentialCache {
         let _flight = slot.flight.lock().await;
         // Another request may have fetched it while this one waited.
         if let Some(cached) = slot.current().filter(|c| usable(c, Instant::now())) {
-            return Some(self.serve(&key, req, &cached));
+            return Some(self.serve(&key, req, &cached).hit());
         }
         Some(match self.fetch(&key, &slot, req, tokenless, fetch).await {
             Ok(fresh) => self.serve(&key, req, &fresh).fetched(),

@@ -208,6 +208,7 @@ async fn handle(
         Err(refusal) => Err((refusal, !body.is_end_stream())),
     };
     let permitted = policy.permits(parts.uri.path());
+    let endpoint = crate::metrics::endpoint_class(parts.uri.path());
     // Copied only when the access log is on (`access=off` spares the allocation).
     let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
         .then(|| (parts.method.clone(), parts.uri.path().to_owned()));
@@ -230,6 +231,12 @@ async fn handle(
     if let Some((method, path)) = logged {
         tracing::info!(target: "access", "{peer} {method} {path} {}", resp.status().as_u16());
     }
+    crate::metrics::global().request(
+        shared.backend.cloud_label(&policy),
+        endpoint,
+        resp.status().as_u16(),
+        peer.caller.to_string(),
+    );
     resp
 }
 

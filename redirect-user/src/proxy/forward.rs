@@ -131,8 +131,12 @@ impl Forwarder {
         let (parts, body) = req.into_parts();
         let limit = self.deadline(&parts.uri);
         let exchange = self.exchange(&parts, body, budget);
+        let began = tokio::time::Instant::now();
         let (status, why) = match tokio::time::timeout(limit, exchange).await {
-            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Ok(resp)) => {
+                crate::metrics::global().upstream_latency(began.elapsed());
+                return Ok(resp);
+            }
             Ok(Err(ForwardError::Body(BodyError::Exhausted))) => {
                 let busy = "redirect: too many responses in flight; retry\n";
                 return Err(plain_bytes(

@@ -93,6 +93,14 @@ impl Backend {
         }
     }
 
+    /// The metrics' `cloud` label of a caller with `policy`.
+    fn cloud_label(&self, policy: &Policy) -> &'static str {
+        match self {
+            Backend::Mock(mocks) => mocks.cloud(policy.cloud).kind().name(),
+            Backend::Upstream(_) => "upstream",
+        }
+    }
+
     /// The answer to a request `policy` refuses: as the caller's cloud refuses a forbidden
     /// request (upstream mode: as EC2 does, 403).
     fn forbidden(&self, policy: &Policy) -> Resp {

@@ -21,6 +21,7 @@ mod gcp;
 mod guard;
 mod identity;
 mod lifecycle;
+mod metrics;
 mod mock;
 mod namespaces;
 mod policy;
@@ -209,6 +210,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         stack::TESTS,
         router::TESTS,
         guard::TESTS,
+        metrics::TESTS,
         cache::TESTS,
         events::TESTS,
         routing::TESTS,
