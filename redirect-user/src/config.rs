@@ -66,6 +66,8 @@ pub struct FileConfig {
     /// A loopback address serving `/metrics`, `/healthz` and `/readyz` over TCP.
     #[serde(default, deserialize_with = "de_metrics_listen")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The daemon's state (the IMDSv2 token key), kept over restarts.
+    pub state_dir: Option<PathBuf>,
     /// Unpin the links: a daemon that dies takes the redirect with it (callers then reach
     /// the real service), as before pinning.
     pub fail_open: Option<bool>,
@@ -575,6 +577,7 @@ pub struct Settings {
     pub fail_open: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are also served over TCP (loopback).
     pub metrics_listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
     pub shutdown_grace: Duration,
     /// Client connections idle this long between requests are closed; zero: never.
     pub idle_timeout: Duration,
@@ -656,6 +659,7 @@ pub struct Overrides {
     pub pin_dir: Option<PathBuf>,
     pub fail_open: bool,
     pub metrics_listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
     pub upstream_connect_timeout: Option<Duration>,
     pub upstream_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
@@ -854,6 +858,10 @@ impl Settings {
                 .unwrap_or_else(|| PathBuf::from(paths::PIN_DIR)),
             fail_open: flags.fail_open || file.fail_open.unwrap_or(false),
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+            state_dir: flags
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(paths::STATE_DIR)),
             shutdown_grace: flags
                 .shutdown_grace
                 .or(file.shutdown_grace)
@@ -927,6 +935,7 @@ impl Settings {
             ("control_socket", self.control_socket == new.control_socket),
             ("pin_dir", self.pin_dir == new.pin_dir),
             ("metrics_listen", self.metrics_listen == new.metrics_listen),
+            ("state_dir", self.state_dir == new.state_dir),
             ("fail_open", self.fail_open == new.fail_open),
             ("shutdown_grace", self.shutdown_grace == new.shutdown_grace),
             ("idle_timeout", self.idle_timeout == new.idle_timeout),

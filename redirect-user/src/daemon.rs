@@ -29,8 +29,9 @@ use crate::{
     control::ControlSocket,
     ebpf::{Redirector, Route, pins::PinDir},
     host_callers::{self, HostCallers},
-    mock::{CloudKind, Mocks, ec2::events::Event},
+    mock::{CloudKind, Mocks, ec2::events::Event, token::TokenKey},
     netns::{Planter, Procfs, Scope, Served},
+    paths,
     policy::SharedRules,
     privileges,
     proxy::{
@@ -144,7 +145,14 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     // connections.
     let backend: Option<Box<dyn Fn() -> Backend>> = match &settings.backend {
         BackendSettings::Mock { default, values } => {
-            let mocks = Arc::new(Mocks::new(*default, values));
+            let key_path = settings.state_dir.join(paths::TOKEN_KEY);
+            let key = TokenKey::load_or_create(&key_path).with_context(|| {
+                format!(
+                    "the IMDSv2 token key {} (give another --state-dir?)",
+                    key_path.display()
+                )
+            })?;
+            let mocks = Arc::new(Mocks::with_key(*default, values, &key));
             mock = Some(Arc::clone(&mocks));
             Some(Box::new(move || Backend::Mock(Arc::clone(&mocks))))
         }

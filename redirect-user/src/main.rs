@@ -144,6 +144,10 @@ struct RunArgs {
     /// reach the real metadata service.
     #[arg(long)]
     fail_open: bool,
+    /// The daemon's state directory (the IMDSv2 token key, mode 0600: tokens stay valid over
+    /// a restart). [default: /run/redirect]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Also serve /metrics (Prometheus), /healthz and /readyz on this loopback address.
     #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_metrics_listen)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -282,6 +286,7 @@ fn run(args: RunArgs) -> Result<()> {
             pin_dir: args.pin_dir,
             fail_open: args.fail_open,
             metrics_listen: args.metrics_listen,
+            state_dir: args.state_dir,
             upstream_connect_timeout: args.upstream_connect_timeout,
             upstream_timeout: args.upstream_timeout,
             shutdown_grace: args.shutdown_grace,

@@ -5,6 +5,13 @@ use std::path::PathBuf;
 /// Runtime state directory (tmpfs on systemd hosts; gone after a reboot, as the links are).
 pub const RUN_DIR: &str = "/run/redirect";
 
+/// The daemon's state directory (the IMDSv2 token key): a tmpfs, so state survives a
+/// restart of the daemon, not a reboot.
+pub const STATE_DIR: &str = RUN_DIR;
+
+/// The token key's file in the state directory (mode 0600).
+pub const TOKEN_KEY: &str = "token.key";
+
 /// Where `redirect run` serves its control API and `redirect status` looks for it.
 pub fn default_control_socket() -> PathBuf {
     PathBuf::from(RUN_DIR).join("control.sock")

@@ -10,7 +10,7 @@ pub mod ec2;
 pub mod gcp;
 pub mod openstack;
 mod query;
-mod token;
+pub mod token;
 
 use std::{fmt, future::Future, pin::Pin};
 
@@ -133,9 +133,14 @@ pub struct Mocks {
 
 impl Mocks {
     pub fn new(default: CloudKind, values: &MockValues) -> Self {
+        Self::with_key(default, values, &token::TokenKey::random())
+    }
+
+    /// With IMDSv2 tokens signed by `key` (kept over restarts, see [`token::TokenKey`]).
+    pub fn with_key(default: CloudKind, values: &MockValues, key: &token::TokenKey) -> Self {
         Mocks {
             default,
-            ec2: ec2::Ec2Mock::new(values.ec2.clone()),
+            ec2: ec2::Ec2Mock::with_key(values.ec2.clone(), key),
             azure: azure::AzureMock::new(values.azure.clone()),
             gcp: gcp::GcpMock::new(values.gcp.clone()),
             openstack: openstack::OpenStackMock::new(values.openstack.clone()),

@@ -23,12 +23,59 @@ pub struct TokenIssuer {
     key: [u8; 32],
 }
 
-impl TokenIssuer {
-    /// A fresh random key.
-    pub fn new() -> Self {
+/// The key tokens are signed with. Kept in the daemon's state directory (`token.key`, mode
+/// 0600), so that tokens issued before a restart stay valid after it; the state directory is
+/// a tmpfs (`/run/redirect`), so a reboot invalidates them, as stopping an instance does.
+#[derive(Clone)]
+pub struct TokenKey([u8; 32]);
+
+impl TokenKey {
+    pub fn random() -> Self {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).expect("the kernel's random source is unavailable");
-        TokenIssuer { key }
+        TokenKey(key)
+    }
+
+    /// The key in `path`, or a new one written there (mode 0600). A file that is not a key
+    /// (another size) or that others may read is replaced, and said so.
+    pub fn load_or_create(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::{
+            io::Write as _, os::unix::fs::OpenOptionsExt as _, os::unix::fs::PermissionsExt as _,
+        };
+        if let Ok(meta) = std::fs::metadata(path) {
+            let private = meta.permissions().mode() & 0o077 == 0;
+            match std::fs::read(path) {
+                Ok(bytes) if private && bytes.len() == 32 => {
+                    let mut key = [0u8; 32];
+                    key.copy_from_slice(&bytes);
+                    return Ok(TokenKey(key));
+                }
+                _ => {
+                    tracing::warn!(
+                        "{} is not a private 32-byte token key; replacing it (IMDSv2 tokens issued before are invalid)",
+                        path.display()
+                    );
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let key = TokenKey::random();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        file.write_all(&key.0)?;
+        Ok(key)
+    }
+}
+
+impl TokenIssuer {
+    pub fn with_key(key: &TokenKey) -> Self {
+        TokenIssuer { key: key.0 }
     }
 
     pub fn issue(&self, ttl: Duration, now: SystemTime) -> String {
@@ -89,7 +136,7 @@ mod tests {
 
     #[test]
     fn issued_tokens_validate_until_expiry() {
-        let issuer = TokenIssuer::new();
+        let issuer = TokenIssuer::with_key(&TokenKey::random());
         let now = SystemTime::now();
         let token = issuer.issue(Duration::from_secs(10), now);
         assert_eq!(token.len(), 56);
@@ -100,16 +147,36 @@ mod tests {
 
     #[test]
     fn foreign_and_damaged_tokens_are_rejected() {
-        let issuer = TokenIssuer::new();
+        let issuer = TokenIssuer::with_key(&TokenKey::random());
         let now = SystemTime::now();
         let token = issuer.issue(Duration::from_secs(60), now);
-        assert!(!TokenIssuer::new().is_valid(&token, now), "other key");
+        assert!(!TokenIssuer::with_key(&TokenKey::random()).is_valid(&token, now), "other key");
         let mut bytes = token.clone().into_bytes();
         bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
         assert!(!issuer.is_valid(std::str::from_utf8(&bytes).unwrap(), now));
         for junk in ["", "x", "AAAA", &"A".repeat(56), &"A".repeat(5000), "%%%%"] {
             assert!(!issuer.is_valid(junk, now), "{junk:?}");
         }
+    }
+
+    #[test]
+    fn the_key_survives_a_restart_and_stays_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/token.key");
+        let now = SystemTime::now();
+        let token = TokenIssuer::with_key(&TokenKey::load_or_create(&path).unwrap())
+            .issue(Duration::from_secs(60), now);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = TokenIssuer::with_key(&TokenKey::load_or_create(&path).unwrap());
+        assert!(again.is_valid(&token, now), "the same key after a restart");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let replaced = TokenIssuer::with_key(&TokenKey::load_or_create(&path).unwrap());
+        assert!(
+            !replaced.is_valid(&token, now),
+            "a key others could read is not used"
+        );
     }
 
     #[test]

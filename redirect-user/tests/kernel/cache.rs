@@ -121,6 +121,10 @@ fn ten_thousand_concurrent_requests_cost_one_upstream_request() -> Result<()> {
             "http://169.254.169.254",
             "--listen",
             proxy,
+            // All at once, none closed for room (the default halves the descriptors for
+            // upstream connections).
+            "--max-connections",
+            "12000",
             "--cgroup",
             client.to_str().unwrap(),
         ],

@@ -49,9 +49,14 @@ fn ours(cg: &Path) -> Result<Vec<String>> {
 /// serves them, a no-op when nothing is pinned).
 fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
     let pins = support::PinDirGuard::new();
-    let pin_args = ["--pin-dir", pins.arg()];
+    let state = tempfile::tempdir()?;
+    let state_arg = state.path().to_str().unwrap();
+    let pin_args = ["--pin-dir", pins.arg(), "--state-dir", state_arg];
     let mut s = mock_setup(&pin_args)?;
     assert_eq!(ours(&s.client)?.len(), 5, "four hooks and the escape guard");
+    let put = ["-X", "PUT", "-H", &format!("{TOKEN_TTL}: 600")];
+    let (code, token) = curl(&s.client, &s.ns, &put, &url("/latest/api/token"))?;
+    assert_eq!(code, 200);
     let status = s.daemon.stop(signal)?;
     if signal == libc::SIGKILL {
         assert!(!status.success());
@@ -79,6 +84,8 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
         s.client.to_str().unwrap(),
         "--pin-dir",
         pins.arg(),
+        "--state-dir",
+        state_arg,
     ];
     let again = Daemon::start(&args, &s.ns, None)?;
     assert!(
@@ -91,8 +98,19 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
         5,
         "adopted in place, not attached twice"
     );
-    let (code, body) = curl(&s.client, &s.ns, &[], &url("/latest/meta-data/instance-id"))?;
-    assert_eq!((code, body.as_str()), (200, INSTANCE_ID));
+    // With the token issued before the restart: the key is kept in the state directory.
+    let auth = format!("X-aws-ec2-metadata-token: {token}");
+    let (code, body) = curl(
+        &s.client,
+        &s.ns,
+        &["-H", &auth],
+        &url("/latest/meta-data/instance-id"),
+    )?;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, INSTANCE_ID),
+        "the old token is still valid"
+    );
     let detach = || -> Result<std::process::Output> {
         Ok(command_in(DAEMON, None, Some(&s.ns))?
             .args(["detach", "--pin-dir", pins.arg()])

@@ -425,6 +425,9 @@ impl Daemon {
         if let Some(pins) = &pins {
             cmd.args(["--pin-dir", pins.arg()]);
         }
+        if !args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
         cmd.arg("--control-socket")
             .arg(&control_socket)
             .env("REDIRECT_LOG", log_filter)

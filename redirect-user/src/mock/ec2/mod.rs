@@ -332,9 +332,14 @@ use super::{Answer, Cloud, CloudKind};
 
 impl Ec2Mock {
     pub fn new(values: Ec2Values) -> Self {
+        Self::with_key(values, &super::token::TokenKey::random())
+    }
+
+    /// With tokens signed by `key` (kept over restarts).
+    pub fn with_key(values: Ec2Values, key: &super::token::TokenKey) -> Self {
         let started = SystemTime::now();
         let common = Arc::new(Common {
-            tokens: TokenIssuer::new(),
+            tokens: TokenIssuer::with_key(key),
             started,
             events: Schedule::new(started, &values.delays()),
         });
