@@ -327,10 +327,16 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         join(cgroups.iter().map(|c| c.path.display())),
         control_path.display(),
     );
+    notify_systemd_ready(&stop_control);
 
     let signal_name = loop {
         match signals.recv().await {
-            Signal::Stop(name) => break name,
+            Signal::Stop(name) => {
+                if std::env::var_os("NOTIFY_SOCKET").is_some() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                }
+                break name;
+            }
             Signal::Reload => {
                 let live = Live {
                     mock: mock.as_deref(),
@@ -409,6 +415,31 @@ fn adopt_report(redirector: &mut Redirector, fail_open: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Under systemd (`Type=notify`): READY=1 once serving, and the watchdog's keep-alives at
+/// half its interval while the daemon runs. Nothing without `NOTIFY_SOCKET`.
+fn notify_systemd_ready(stop: &CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd the daemon is ready: {e}");
+    }
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// `redirect simulate`'s handler: the EC2 mock's events, when a mock is served.

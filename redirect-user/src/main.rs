@@ -39,8 +39,23 @@ struct Cli {
         value_name = "FILTER"
     )]
     log_level: String,
+    /// Log lines as text (journald adds its own timestamps) or as JSON objects, one per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +71,13 @@ enum Command {
     /// Remove the pinned programs (the uninstall path): covered callers are no longer
     /// redirected. Refused while a daemon serves them.
     Detach(DetachArgs),
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
 }
 
 #[derive(Args)]
@@ -222,13 +244,24 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ebpf_log = matches!(&cli.command, Command::Run(args) if args.ebpf_log);
-    init_logging(&cli.log_level, ebpf_log);
+    init_logging(&cli.log_level, cli.log_format, ebpf_log);
     exit_on_panic();
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Status(args) => status(args),
         Command::Simulate(args) => simulate(args),
         Command::Detach(args) => detach(args),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "redirect", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .context("writing the man page")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,7 +272,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, ebpf_log: bool) {
+fn init_logging(level: &str, format: LogFormat, ebpf_log: bool) {
     use tracing_subscriber::EnvFilter;
     let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
     if ebpf_log {
@@ -250,12 +283,20 @@ fn init_logging(level: &str, ebpf_log: bool) {
         eprintln!("redirect: ignoring log filter {filter:?}: {e}");
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        // Under systemd, journald stamps each line itself.
+        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            builder.without_time().with_ansi(false).init()
+        }
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 /// A panic anywhere (a proxy task, the control socket, a signal handler) stops the daemon

@@ -59,6 +59,10 @@ enum Task {
         #[arg(long, default_value = "redirect")]
         name: String,
     },
+    /// Build the daemon (release) and a Debian package of it with cargo-deb: the binary, the
+    /// systemd unit, /etc/redirect.toml, the man page and shell completions, and removal
+    /// scripts that run `redirect detach`. Written to target/debian/.
+    Deb,
     /// libFuzzer on the proxy's request path (cargo-fuzz, nightly) for a bounded time; never
     /// part of CI. Findings land in redirect-user/fuzz/artifacts/request/.
     Fuzz {
@@ -132,6 +136,7 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Bench { full, args } => bench(&workspace, full, &args),
         Task::Fuzz { time, args } => fuzz(&workspace, time, &args),
+        Task::Deb => deb(&workspace).map(|deb| println!("{}", deb.display())),
     }
 }
 
@@ -311,6 +316,116 @@ fn build_goproxy(workspace: &Path) -> Result<PathBuf> {
 
 /// `cargo fuzz run request` on the nightly toolchain, from the seeds in `fuzz/seeds/request`,
 /// keeping what it finds interesting in `fuzz/corpus/request` for the next run.
+/// The .deb: the release binary, then its man page and completions generated from the clap
+/// definitions (`redirect man`, `redirect completions`), then cargo-deb with what
+/// `[package.metadata.deb]` lists.
+fn deb(workspace: &Path) -> Result<PathBuf> {
+    let bin = build(workspace, true)?;
+    let assets = workspace.join("target/deb-assets");
+    std::fs::create_dir_all(&assets)?;
+    let generate = |args: &[&str], file: &str| -> Result<()> {
+        let out = Command::new(&bin)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {} {args:?}", bin.display()))?;
+        anyhow::ensure!(out.status.success(), "redirect {args:?} failed");
+        std::fs::write(assets.join(file), out.stdout)?;
+        Ok(())
+    };
+    generate(&["man"], "redirect.1")?;
+    generate(&["completions", "bash"], "redirect.bash")?;
+    generate(&["completions", "zsh"], "_redirect")?;
+    generate(&["completions", "fish"], "redirect.fish")?;
+    let cargo_deb = toolchain::ensure_cargo_deb()?;
+    let out_dir = workspace.join("target/debian");
+    let out = Command::new(&cargo_deb)
+        .current_dir(workspace)
+        .args(["--package", "redirect-user", "--no-build", "--output"])
+        .arg(&out_dir)
+        .output()
+        .context("running cargo-deb")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cargo-deb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    let deb = PathBuf::from(deb);
+    check_deb(&deb)?;
+    Ok(deb)
+}
+
+/// Installs `deb` with dpkg into a scratch root (its maintainer scripts run outside a chroot,
+/// with `DPKG_ROOT` set, as dpkg does for such roots), checks what it installed, then removes
+/// and purges it: the removal script's `redirect detach` runs, and nothing is left.
+fn check_deb(deb: &Path) -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let r = root.path();
+    for dir in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        std::fs::create_dir_all(r.join(dir))?;
+    }
+    std::fs::write(r.join("var/lib/dpkg/status"), "")?;
+    let dpkg = |args: &[&str]| -> Result<String> {
+        let out = Command::new("dpkg")
+            .arg(format!("--root={}", r.display()))
+            .args([
+                "--force-script-chrootless",
+                "--force-depends",
+                "--log=/dev/null",
+            ])
+            .args(args)
+            .output()
+            .context("running dpkg")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "dpkg {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    dpkg(&["--install", deb.to_str().context("path")?])?;
+    for file in [
+        "usr/bin/redirect",
+        "lib/systemd/system/redirect.service",
+        "etc/redirect.toml",
+        "usr/share/man/man1/redirect.1.gz",
+        "usr/share/bash-completion/completions/redirect",
+    ] {
+        anyhow::ensure!(
+            r.join(file).is_file(),
+            "the package did not install /{file}"
+        );
+    }
+    let version = Command::new(r.join("usr/bin/redirect"))
+        .arg("--version")
+        .output()?;
+    anyhow::ensure!(
+        version.status.success(),
+        "the installed redirect does not run"
+    );
+    let removed = dpkg(&["--purge", "redirect"])?;
+    anyhow::ensure!(
+        !r.join("usr/bin/redirect").exists() && !r.join("etc/redirect.toml").exists(),
+        "files left after purge"
+    );
+    eprintln!(
+        "xtask: {} installs, runs and purges cleanly ({})",
+        deb.display(),
+        removed.trim().replace('\n', "; ")
+    );
+    Ok(())
+}
+
 fn fuzz(workspace: &Path, seconds: u64, extra: &[OsString]) -> Result<()> {
     let object = build_ebpf(workspace)?;
     let cargo_fuzz = ensure_cargo_fuzz()?;

@@ -191,6 +191,32 @@ pub fn ensure_bpf_linker(nightly: &Nightly) -> Result<PathBuf> {
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// A `bin` directory holding cargo-fuzz, installed into the cache when missing.
+/// cargo-deb, for `cargo xtask deb`: installed from crates.io into the tool cache once.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
+pub fn ensure_cargo_deb() -> Result<PathBuf> {
+    let root = cache_root().join(format!("cargo-deb-{CARGO_DEB_VERSION}"));
+    let bin = root.join("bin/cargo-deb");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: installing cargo-deb {CARGO_DEB_VERSION} into {}",
+        root.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--root",
+        ])
+        .arg(&root))?;
+    Ok(bin)
+}
+
 pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
     let root = cache_root().join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
     let bin = root.join("bin");

@@ -150,7 +150,10 @@ mod tests {
         let issuer = TokenIssuer::with_key(&TokenKey::random());
         let now = SystemTime::now();
         let token = issuer.issue(Duration::from_secs(60), now);
-        assert!(!TokenIssuer::with_key(&TokenKey::random()).is_valid(&token, now), "other key");
+        assert!(
+            !TokenIssuer::with_key(&TokenKey::random()).is_valid(&token, now),
+            "other key"
+        );
         let mut bytes = token.clone().into_bytes();
         bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
         assert!(!issuer.is_valid(std::str::from_utf8(&bytes).unwrap(), now));

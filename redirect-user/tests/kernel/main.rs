@@ -29,6 +29,7 @@ mod router;
 mod routing;
 mod stack;
 mod swarm;
+mod systemd;
 mod upstream;
 
 use std::{
@@ -211,6 +212,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         router::TESTS,
         guard::TESTS,
         metrics::TESTS,
+        systemd::TESTS,
         cache::TESTS,
         events::TESTS,
         routing::TESTS,
