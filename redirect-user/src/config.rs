@@ -578,6 +578,8 @@ pub struct Settings {
     /// Where `/metrics`, `/healthz` and `/readyz` are also served over TCP (loopback).
     pub metrics_listen: Option<SocketAddr>,
     pub state_dir: PathBuf,
+    /// Take over from the daemon on the same control socket (`--replace`).
+    pub replace: bool,
     pub shutdown_grace: Duration,
     /// Client connections idle this long between requests are closed; zero: never.
     pub idle_timeout: Duration,
@@ -660,6 +662,7 @@ pub struct Overrides {
     pub fail_open: bool,
     pub metrics_listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
+    pub replace: bool,
     pub upstream_connect_timeout: Option<Duration>,
     pub upstream_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
@@ -862,6 +865,7 @@ impl Settings {
                 .state_dir
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from(paths::STATE_DIR)),
+            replace: flags.replace,
             shutdown_grace: flags
                 .shutdown_grace
                 .or(file.shutdown_grace)

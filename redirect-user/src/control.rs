@@ -36,6 +36,8 @@ pub struct Handlers {
     pub ready: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
     /// `/metrics`.
     pub metrics: prometheus_client::registry::Registry,
+    /// `POST /replace/prepare` and `/replace/finish` (`redirect run --replace`).
+    pub replace: Box<dyn Fn(ReplaceStep) -> Result<String, String> + Send + Sync>,
 }
 
 /// Serves `handlers` on a TCP listener (`--metrics-listen`: `/metrics`, `/healthz`, `/readyz`
@@ -62,7 +64,7 @@ pub async fn serve_tcp(
             let handlers = Arc::clone(&handlers);
             async move {
                 let resp = match req.uri().path() {
-                    "/simulate" => {
+                    "/simulate" | "/replace/prepare" | "/replace/finish" => {
                         text(StatusCode::NOT_FOUND, "not here: use the control socket\n")
                     }
                     _ => route(&req, &handlers),
@@ -119,6 +121,9 @@ pub enum ControlError {
 /// The bound control socket; removes its file when dropped.
 pub struct ControlSocket {
     path: PathBuf,
+    /// The socket file's inode: a daemon that replaced this one may have bound the path anew
+    /// by the time this one is dropped, and its file must stay.
+    inode: u64,
     listener: Option<UnixListener>,
 }
 
@@ -149,8 +154,11 @@ impl ControlSocket {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let listener = UnixListener::from_std(listener).map_err(bind_err)?;
+        let inode =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).map_err(bind_err)?);
         Ok(ControlSocket {
             path: path.to_owned(),
+            inode,
             listener: Some(listener),
         })
     }
@@ -191,12 +199,57 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::metadata(&self.path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// `redirect run --replace`'s two steps, asked of the daemon being replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplaceStep {
+    /// Let go of the pin directory's lock (the new daemon adopts the pins), keep serving.
+    Prepare,
+    /// Stop accepting (new connections go to the new daemon's sockets on the same ports),
+    /// close the control socket, finish the requests in flight, exit.
+    Finish,
+}
+
+/// Asks the daemon at `path` for `step` of a replace.
+pub async fn post_replace(path: &Path, step: ReplaceStep) -> Result<String, ControlError> {
+    let target = match step {
+        ReplaceStep::Prepare => "/replace/prepare",
+        ReplaceStep::Finish => "/replace/finish",
+    };
+    let (code, body) = request(path, Method::POST, target).await?;
+    if !code.is_success() {
+        return Err(ControlError::Protocol {
+            path: path.to_owned(),
+            message: body.trim().to_owned(),
+        });
+    }
+    Ok(body.trim().to_owned())
+}
+
+/// Whether a daemon answers on `path`.
+pub async fn answers(path: &Path) -> bool {
+    request(path, Method::GET, "/healthz").await.is_ok()
 }
 
 fn route(req: &Request<hyper::body::Incoming>, handlers: &Handlers) -> Response<Full<Bytes>> {
     let (code, content_type, body) = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/replace/prepare" | "/replace/finish") => {
+            let step = match req.uri().path() {
+                "/replace/prepare" => ReplaceStep::Prepare,
+                _ => ReplaceStep::Finish,
+            };
+            match (handlers.replace)(step) {
+                Ok(done) => (StatusCode::OK, "text/plain", format!("{done}\n").into_bytes()),
+                Err(why) => (StatusCode::CONFLICT, "text/plain", format!("{why}\n").into_bytes()),
+            }
+        }
         (&Method::POST, "/simulate") => {
             let (code, text) = simulate(req.uri().query(), handlers);
             (code, "text/plain", format!("{text}\n").into_bytes())

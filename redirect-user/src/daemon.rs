@@ -26,7 +26,7 @@ use crate::{
     config::{
         Backend as BackendSettings, DockerApi, ProxyAddrs, Settings, Sources, Target, UpstreamUrl,
     },
-    control::ControlSocket,
+    control::{ControlSocket, ReplaceStep},
     ebpf::{Redirector, Route, pins::PinDir},
     host_callers::{self, HostCallers},
     mock::{CloudKind, Mocks, ec2::events::Event, token::TokenKey},
@@ -77,12 +77,32 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     crate::rlimit::raise_nofile();
     let mount = cgroup::cgroup2_mount()?;
     let cgroups = resolve_cgroups(&mount, &settings.cgroups)?;
-    let mut control = ControlSocket::bind(&settings.control_socket)?;
+    // `--replace`: the daemon on this control socket lets go of its pins now, and of its
+    // ports and control socket once this one serves.
+    let replacing = settings.replace && crate::control::answers(&settings.control_socket).await;
+    if settings.replace && !replacing {
+        tracing::info!(
+            "--replace: no daemon answers on {}; starting",
+            settings.control_socket.display()
+        );
+    }
+    if replacing {
+        crate::control::post_replace(&settings.control_socket, ReplaceStep::Prepare)
+            .await
+            .context("--replace: the running daemon did not let go of its pins")?;
+        enable_request_migration();
+    }
+    let control = match replacing {
+        true => None,
+        false => Some(ControlSocket::bind(&settings.control_socket)?),
+    };
     // Only a daemon that serves has listeners, and so ports to dedicate.
     let serves = settings.backend.serves();
     let plan = plan_endpoints(&settings.targets, &settings.proxy, serves)?;
     let (listeners, endpoints) = if serves {
-        bind_listeners(&plan.addrs, settings.workers, |i| plan.purpose(i))?
+        bind_listeners(&plan.addrs, settings.workers, !replacing, |i| {
+            plan.purpose(i)
+        })?
     } else {
         (Vec::new(), plan.addrs.clone())
     };
@@ -297,11 +317,30 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         })
     };
     let status_fn: Arc<dyn Fn() -> Status + Send + Sync> = status_fn;
+    let (replaced_tx, mut replaced) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let replace = {
+        let redirector = Arc::clone(&redirector);
+        Box::new(move |step: ReplaceStep| -> Result<String, String> {
+            match step {
+                ReplaceStep::Prepare => {
+                    let mut r = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+                    r.release_pins();
+                    tracing::info!("--replace: a new daemon takes over; its pins released to it");
+                    Ok("pins released".to_owned())
+                }
+                ReplaceStep::Finish => {
+                    let _ = replaced_tx.send(());
+                    Ok("stopping: no more accepts; finishing the requests in flight".to_owned())
+                }
+            }
+        })
+    };
     let handlers = Arc::new(crate::control::Handlers {
         metrics: crate::metrics::registry(Arc::clone(&status_fn)),
         status: status_fn,
         simulate,
         ready,
+        replace,
     });
     if let Some(addr) = settings.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -315,6 +354,10 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         ));
     }
     let stop_control = CancellationToken::new();
+    let mut control = match control {
+        Some(control) => control,
+        None => take_over(&settings.control_socket).await?,
+    };
     let control_path = control.path().to_owned();
     let control_task = tokio::spawn({
         let stop = stop_control.clone();
@@ -330,7 +373,15 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     notify_systemd_ready(&stop_control);
 
     let signal_name = loop {
-        match signals.recv().await {
+        let signal = tokio::select! {
+            signal = signals.recv() => signal,
+            Some(()) = replaced.recv() => {
+                // The new daemon binds the control socket once this one is gone from it.
+                stop_control.cancel();
+                break "replaced by a new daemon";
+            }
+        };
+        match signal {
             Signal::Stop(name) => {
                 if std::env::var_os("NOTIFY_SOCKET").is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -384,6 +435,41 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     control_task.await.context("control task")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--replace`, last step: the old daemon stops accepting and leaves the control socket, which
+/// this one then binds (retried while the old one still answers on it).
+async fn take_over(path: &Path) -> Result<ControlSocket> {
+    crate::control::post_replace(path, ReplaceStep::Finish)
+        .await
+        .context("--replace: the running daemon did not hand over")?;
+    let mut last = None;
+    for _ in 0..200 {
+        match ControlSocket::bind(path) {
+            Ok(control) => {
+                tracing::info!(
+                    "--replace: took over from the daemon that served {}",
+                    path.display()
+                );
+                return Ok(control);
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(anyhow::Error::new(last.expect("tried"))
+        .context("--replace: the old daemon kept its control socket"))
+}
+
+/// Connections queued on a listener that closes go to another listener of its SO_REUSEPORT
+/// group instead of being reset (`net.ipv4.tcp_migrate_req`, Linux 5.14): what the daemon
+/// being replaced had accepted into its queues is served by this one.
+fn enable_request_migration() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::warn!(
+            "--replace: cannot set net.ipv4.tcp_migrate_req ({e}): connections queued on the old daemon's listeners when it stops are reset"
+        );
+    }
 }
 
 /// Says what attaching did with the pins, drops those of cgroups no longer covered and, with
@@ -617,9 +703,13 @@ fn resolve_cgroups(mount: &Path, given: &[PathBuf]) -> Result<Vec<Cgroup>> {
 /// user) join the port silently, with the kernel splitting callers between the two: each
 /// address is first bound without SO_REUSEPORT, which fails with "Address already in use"
 /// while any other socket holds the port.
+///
+/// `exclusive` false (`--replace`): the daemon being replaced holds the ports, and this one
+/// joins them (both set SO_REUSEPORT) until it goes.
 fn bind_listeners(
     addrs: &[SocketAddr],
     workers: usize,
+    exclusive: bool,
     purpose: impl Fn(usize) -> String,
 ) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
@@ -627,9 +717,14 @@ fn bind_listeners(
     let mut bound = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {
         let failed = |addr| format!("cannot listen on {addr}{}", purpose(i));
-        let probe = bind_one(addr, false).with_context(|| failed(addr))?;
-        let actual = probe.local_addr()?;
-        drop(probe);
+        let actual = if exclusive {
+            let probe = bind_one(addr, false).with_context(|| failed(addr))?;
+            let actual = probe.local_addr()?;
+            drop(probe);
+            actual
+        } else {
+            addr
+        };
         bound.push(actual);
         for sockets in &mut per_worker {
             sockets.push(bind_one(actual, true).with_context(|| failed(actual))?);

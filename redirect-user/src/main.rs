@@ -170,6 +170,11 @@ struct RunArgs {
     /// a restart). [default: /run/redirect]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Take over from the daemon on the same control socket without a failed request: join
+    /// its ports, adopt its pinned programs, then let it finish its requests and exit. With
+    /// no daemon there, just start.
+    #[arg(long)]
+    replace: bool,
     /// Also serve /metrics (Prometheus), /healthz and /readyz on this loopback address.
     #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_metrics_listen)]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -328,6 +333,7 @@ fn run(args: RunArgs) -> Result<()> {
             fail_open: args.fail_open,
             metrics_listen: args.metrics_listen,
             state_dir: args.state_dir,
+            replace: args.replace,
             upstream_connect_timeout: args.upstream_connect_timeout,
             upstream_timeout: args.upstream_timeout,
             shutdown_grace: args.shutdown_grace,

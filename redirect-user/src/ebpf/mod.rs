@@ -398,6 +398,18 @@ impl Redirector {
         self.pins = Some(pins);
     }
 
+    /// Hands the pin directory's lock on (`redirect run --replace`): the new daemon adopts
+    /// the pins while this one still serves.
+    pub fn release_pins(&mut self) -> bool {
+        match &mut self.pins {
+            Some(pins) => {
+                pins.unlock();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pins.as_ref().map(|p| p.path())
     }

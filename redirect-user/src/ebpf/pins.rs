@@ -70,7 +70,8 @@ pub struct Pin {
 /// The version directory, locked for this process while it lives.
 pub struct PinDir {
     dir: PathBuf,
-    _lock: File,
+    /// Held while this process serves the pins; `None` once handed to a replacing daemon.
+    lock: Option<File>,
 }
 
 impl PinDir {
@@ -93,13 +94,21 @@ impl PinDir {
                 _ => io(e),
             });
         }
-        let pins = PinDir { dir, _lock: lock };
+        let pins = PinDir {
+            dir,
+            lock: Some(lock),
+        };
         pins.pins()?;
         Ok(pins)
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Lets go of the lock, for the daemon that replaces this one to take.
+    pub fn unlock(&mut self) {
+        self.lock = None;
     }
 
     /// Where the link of `program` on the cgroup with inode `cgroup_inode` is pinned.

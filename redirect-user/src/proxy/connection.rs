@@ -64,7 +64,17 @@ pub(super) async fn serve<S>(
                             return close(parked, false).await;
                         }
                     }
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => {
+                        // Parked before its first request (a slow client): that request is
+                        // still served, as in `serve_requests`.
+                        if activity.finished() > 0 {
+                            return;
+                        }
+                        let next = tokio::time::timeout(FRESH_GRACE, parked.next_request()).await;
+                        if !matches!(next, Ok(Ok(true))) {
+                            return close(parked, false).await;
+                        }
+                    }
                     () = activity.evicted() => return,
                 }
                 io = parked;
@@ -108,7 +118,23 @@ where
     let stopped = tokio::select! {
         result = poll_fn(|cx| conn.poll_without_shutdown(cx)) => Err(result),
         () = idle_for(activity, PARK_AFTER) => Ok(true),
-        () = shutdown.cancelled() => Ok(false),
+        () = shutdown.cancelled() => {
+            // A connection accepted just before the stop has its first request on the way
+            // (a replacing daemon took the port meanwhile): it is served, not closed unasked.
+            let fresh = activity.finished() == 0 && !activity.is_busy();
+            if fresh {
+                tokio::select! {
+                    result = poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                        if let Err(e) = result {
+                            tracing::debug!("client connection: {e}");
+                        }
+                        return None;
+                    }
+                    () = first_request(activity, FRESH_GRACE) => {}
+                }
+            }
+            Ok(false)
+        }
         () = activity.evicted() => {
             if !activity.is_busy() {
                 return None; // idle: closed now, as nginx closes a reusable connection
@@ -135,6 +161,20 @@ where
     // A copy: the `Bytes` hyper hands back would keep its whole read buffer alive.
     io.rewind(Bytes::copy_from_slice(&parts.read_buf));
     Some((io, park))
+}
+
+/// How long a connection that has not sent its first request yet is kept after a stop.
+const FRESH_GRACE: Duration = Duration::from_secs(1);
+
+/// Resolves once the connection's first request has begun to arrive, or after `grace`.
+async fn first_request(activity: &Activity, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if activity.is_busy() || activity.is_arriving() || activity.finished() > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Resolves once no request has been handled, begun, or begun to arrive for `period`.

@@ -25,6 +25,7 @@ mod metrics;
 mod mock;
 mod namespaces;
 mod policy;
+mod replace;
 mod router;
 mod routing;
 mod stack;
@@ -213,6 +214,7 @@ fn tests() -> impl Iterator<Item = &'static (&'static str, TestFn)> {
         guard::TESTS,
         metrics::TESTS,
         systemd::TESTS,
+        replace::TESTS,
         cache::TESTS,
         events::TESTS,
         routing::TESTS,

@@ -417,7 +417,12 @@ impl Daemon {
         configure: impl FnOnce(&mut Command),
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let control_socket = dir.path().join("control.sock");
+        // The test's own control socket when it gives one (`--replace` shares it).
+        let given = args
+            .iter()
+            .position(|a| *a == "--control-socket")
+            .and_then(|i| args.get(i + 1));
+        let control_socket = given.map_or_else(|| dir.path().join("control.sock"), PathBuf::from);
         let mut cmd = command_in(DAEMON, cgroup, netns)?;
         configure(&mut cmd);
         cmd.arg("run").args(args);
@@ -428,9 +433,10 @@ impl Daemon {
         if !args.contains(&"--state-dir") {
             cmd.arg("--state-dir").arg(dir.path().join("state"));
         }
-        cmd.arg("--control-socket")
-            .arg(&control_socket)
-            .env("REDIRECT_LOG", log_filter)
+        if given.is_none() {
+            cmd.arg("--control-socket").arg(&control_socket);
+        }
+        cmd.env("REDIRECT_LOG", log_filter)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -443,10 +449,12 @@ impl Daemon {
             let lines = Arc::clone(&lines);
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("redirect ready") {
+                    let ready = line.contains("redirect ready");
+                    // Kept before the start returns: the ready line is in `log()` then.
+                    lines.lock().unwrap().push(line);
+                    if ready {
                         let _ = ready_tx.send(());
                     }
-                    lines.lock().unwrap().push(line);
                 }
             })
         };
