@@ -220,37 +220,11 @@ impl Redirector {
         for name in PROGRAMS {
             program_mut(&mut ebpf, name)?
                 .load()
-                .map_err(|source| match source {
-                    ProgramError::LoadError {
-                        io_error,
-                        verifier_log,
-                    } => EbpfError::Rejected {
-                        program: name,
-                        io_error,
-                        log: verifier_log.to_string(),
-                    },
-                    source => EbpfError::Load {
-                        program: name,
-                        source,
-                    },
-                })?;
+                .map_err(load_error(name))?;
         }
         guard_mut(&mut ebpf)?
             .load()
-            .map_err(|source| match source {
-                ProgramError::LoadError {
-                    io_error,
-                    verifier_log,
-                } => EbpfError::Rejected {
-                    program: names::PROG_GUARD,
-                    io_error,
-                    log: verifier_log.to_string(),
-                },
-                source => EbpfError::Load {
-                    program: names::PROG_GUARD,
-                    source,
-                },
-            })?;
+            .map_err(load_error(names::PROG_GUARD))?;
         Ok(Redirector {
             ebpf,
             attached: Vec::new(),
@@ -784,6 +758,21 @@ fn add_peer<A: std::hash::Hash + Eq + Copy>(
             proxy: route.proxy,
             dialled: route.dialled,
         }),
+    }
+}
+
+/// A program the kernel would not load: the verifier's log when it rejected it.
+fn load_error(program: &'static str) -> impl Fn(ProgramError) -> EbpfError {
+    move |source| match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => EbpfError::Rejected {
+            program,
+            io_error,
+            log: verifier_log.to_string(),
+        },
+        source => EbpfError::Load { program, source },
     }
 }
 

@@ -79,10 +79,7 @@ fn ack_server(packet: &[u8], xid: u32) -> Option<Ipv4Addr> {
     if message.xid() != xid || message.opts().msg_type() != Some(MessageType::Ack) {
         return None;
     }
-    match message.opts().get(OptionCode::ServerIdentifier)? {
-        DhcpOption::ServerIdentifier(server) => Some(*server),
-        _ => None,
-    }
+    super::leases::server_of(&message)
 }
 
 #[cfg(test)]

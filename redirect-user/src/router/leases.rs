@@ -87,7 +87,11 @@ fn dhcpcd(bytes: &[u8]) -> Option<Ipv4Addr> {
     if bytes.len() < 240 {
         return None;
     }
-    let message = Message::decode(&mut Decoder::new(bytes)).ok()?;
+    server_of(&Message::decode(&mut Decoder::new(bytes)).ok()?)
+}
+
+/// A DHCP message's server identifier (option 54).
+pub fn server_of(message: &Message) -> Option<Ipv4Addr> {
     match message.opts().get(OptionCode::ServerIdentifier)? {
         DhcpOption::ServerIdentifier(server) => Some(*server),
         _ => None,
