@@ -715,7 +715,19 @@ fn bind_listeners(
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
         (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
+    let mut activated = activated_listeners();
     for (i, &addr) in addrs.iter().enumerate() {
+        // Socket activation: systemd bound this address already (the first worker serves it).
+        if let Some(at) = activated
+            .iter()
+            .position(|(local, _)| *local == addr || (addr.port() == 0 && local.ip() == addr.ip()))
+        {
+            let (local, listener) = activated.remove(at);
+            listener.set_nonblocking(true)?;
+            bound.push(local);
+            per_worker[0].push(listener);
+            continue;
+        }
         let failed = |addr| format!("cannot listen on {addr}{}", purpose(i));
         let actual = if exclusive {
             let probe = bind_one(addr, false).with_context(|| failed(addr))?;
@@ -730,7 +742,41 @@ fn bind_listeners(
             sockets.push(bind_one(actual, true).with_context(|| failed(actual))?);
         }
     }
+    for (addr, _) in activated {
+        tracing::warn!(
+            "socket activation: {addr} is none of this daemon's endpoints (the listen address and the next port per target); closed"
+        );
+    }
     Ok((per_worker, bound))
+}
+
+/// The listening TCP sockets systemd passed (`LISTEN_FDS`, socket activation), with their
+/// addresses. Anything else passed is said and closed.
+fn activated_listeners() -> Vec<(SocketAddr, std::net::TcpListener)> {
+    use std::os::fd::FromRawFd as _;
+    let Ok(fds) = sd_notify::listen_fds() else {
+        return Vec::new();
+    };
+    let mut listeners = Vec::new();
+    for fd in fds {
+        // SAFETY: systemd hands these descriptors to this process, which owns them from here.
+        let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        let stream = socket2::SockRef::from(&listener)
+            .r#type()
+            .is_ok_and(|t| t == socket2::Type::STREAM);
+        match listener.local_addr() {
+            Ok(addr) if stream => listeners.push((addr, listener)),
+            _ => tracing::warn!("socket activation: descriptor {fd} is not a TCP listener; closed"),
+        }
+    }
+    if !listeners.is_empty() {
+        let addrs: Vec<String> = listeners.iter().map(|(a, _)| a.to_string()).collect();
+        tracing::info!(
+            "socket activation: listening sockets from systemd on {}",
+            addrs.join(", ")
+        );
+    }
+    listeners
 }
 
 fn bind_one(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
