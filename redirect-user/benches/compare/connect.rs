@@ -88,6 +88,11 @@ pub struct ConnectResults {
     pub connect4_rewrite_ns: f64,
     pub connect4_rewrite_shared_ns: f64,
     pub connect4_bystander_ns: f64,
+    /// The escape guard (`cgroup_skb/egress`) per packet, the same way, over the connects of
+    /// row L2 (each a connect, a 1-byte exchange and a close: several packets), and how many
+    /// packets it saw per connect.
+    pub guard_packet_ns: f64,
+    pub guard_packets_per_connect: f64,
     /// The same figure for an empty connect4 program (`r0 = 1; exit`) measured alongside: what
     /// the stats themselves (two clock reads and the call) cost on this machine.
     pub empty_program_ns: f64,
@@ -332,7 +337,17 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
     rewrite_rows.push(own_row);
     let mut rewrites = measure(&rewrite_rows, per_row, 0)?;
     let mut bystanders = measure(&with_references(&l1_l2[0]), per_row, 0)?;
+    let guard_row = PlanRow {
+        key: "guard".to_owned(),
+        program: Some(daemons[0].program(plain, "redirect_guard")?.id()),
+        ..l1_l2[1].clone()
+    };
+    let guarded = measure(&with_references(&guard_row), per_row, 0)?;
     drop(stats);
+    let guard_packets_per_connect = guarded.get("guard").map_or(0.0, |m| {
+        let runs: u64 = m.program_batches.iter().map(|(runs, _)| runs).sum();
+        runs as f64 / m.samples_ns.len().max(1) as f64
+    });
     // The reference programs ran in both halves.
     for (key, m) in &mut rewrites {
         if let Some(more) = bystanders.get_mut(key) {
@@ -354,6 +369,8 @@ pub fn run(mode: &Mode) -> Result<ConnectResults> {
         connect4_rewrite_ns: run_time("L2own", rewrites.get("L2own"), "connect4_rewrite")?,
         connect4_rewrite_shared_ns: run_time("L2", rewrites.get("L2"), "connect4_rewrite_shared")?,
         connect4_bystander_ns: run_time("L1", bystanders.get("L1"), "connect4_bystander")?,
+        guard_packet_ns: run_time("guard", guarded.get("guard"), "guard_per_packet")?,
+        guard_packets_per_connect,
         empty_program_ns: run_time("empty", rewrites.get("empty"), "empty")?,
         helper_call_ns: run_time("helper", rewrites.get("helper"), "helper")?,
         hash_lookup_ns: run_time("hash", rewrites.get("hash"), "hash")?,

@@ -396,6 +396,14 @@ fn run_time_text(connect: &ConnectResults, markdown: bool) -> String {
             above(connect.connect4_bystander_ns)
         ),
         format!(
+            "The escape guard ({}) runs on every egress packet of a covered cgroup: {:.0} ns per packet ({:.0} above the empty program), {:.1} packets per connect of row L2, so about {:.0} ns per connect.",
+            code("cgroup_skb/egress"),
+            connect.guard_packet_ns,
+            above(connect.guard_packet_ns),
+            connect.guard_packets_per_connect,
+            connect.guard_packet_ns * connect.guard_packets_per_connect
+        ),
+        format!(
             "For scale, above the empty program: one helper call ({}) {:.0} ns, one hash-map lookup {:.0} ns.",
             code("bpf_get_socket_cookie"),
             above(connect.helper_call_ns),

@@ -559,13 +559,18 @@ impl Daemon {
 
     /// The kernel's info on this daemon's connect4 program (its id from the status).
     pub fn connect4(&self, netns: &NetNs) -> Result<aya::programs::ProgramInfo> {
+        self.program(netns, "redirect_connect4")
+    }
+
+    /// The kernel's info on this daemon's program `name` (its id from the status).
+    pub fn program(&self, netns: &NetNs, name: &str) -> Result<aya::programs::ProgramInfo> {
         let status = self.status(netns)?;
         let id = status["programs"]
             .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == "redirect_connect4"))
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
             .and_then(|p| p["id"].as_u64())
             .and_then(|id| u32::try_from(id).ok())
-            .context("no connect4 id in the daemon's status")?;
+            .with_context(|| format!("no {name} id in the daemon's status"))?;
         loaded_program(id)
     }
 }
