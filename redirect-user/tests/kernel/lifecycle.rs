@@ -12,6 +12,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     ("sigkill_leaves_the_redirect_pinned", || {
         stop_fails_closed(libc::SIGKILL)
     }),
+    (
+        "sigkill_under_load_never_reaches_the_real_service",
+        sigkill_under_load_never_reaches_the_real_service,
+    ),
     ("fail_open_sigterm_leaves_nothing_attached", || {
         fail_open_leaves_nothing(libc::SIGTERM)
     }),
@@ -143,6 +147,94 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
         nothing.status.success() && said.contains("nothing pinned"),
         "{said}"
     );
+    Ok(())
+}
+
+/// SIGKILL while callers keep asking, with a stand-in for the real service at
+/// 169.254.169.254 in the namespace: from the kill on, every request is refused and none
+/// reaches the stand-in, new connections and a keep-alive client's reconnects alike; the
+/// restarted daemon adopts the pins and serves them all again.
+fn sigkill_under_load_never_reaches_the_real_service() -> Result<()> {
+    let python = test_python()?;
+    let ns = NetNs::new()?;
+    ns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+    let real = upstream::StandIn::start(&ns, "169.254.169.254:80".parse()?, false)?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let pins = support::PinDirGuard::new();
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let args = [
+        "--mock",
+        "--cgroup",
+        client.to_str().unwrap(),
+        "--pin-dir",
+        pins.arg(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let mut daemon = Daemon::start(&args, &ns, None)?;
+    let stop = dir.path().join("stop");
+    // Two callers: one connection per request, and a keep-alive client reconnecting after
+    // any failure. Each answer is tallied by who gave it; the script ends once both callers
+    // have been answered 20 times after the restart.
+    let script = format!(
+        r#"
+import http.client, json, os
+tally = {{"ours": 0, "real": 0, "refused": 0, "other": []}}
+def record(body):
+    if body == b"{INSTANCE_ID}": tally["ours"] += 1
+    elif body.startswith(b"upstream:"): tally["real"] += 1
+    else: tally["other"].append(repr(body))
+kept, again = None, {{"fresh": 0, "kept": 0}}
+while not (again["fresh"] >= 20 and again["kept"] >= 20):
+    restarted = os.path.exists({stop:?})
+    for kind in ("fresh", "kept"):
+        try:
+            if kind == "fresh" or kept is None:
+                conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=10)
+            else:
+                conn = kept
+            conn.request("GET", "/latest/meta-data/instance-id")
+            record(conn.getresponse().read())
+            if restarted: again[kind] += 1
+            if kind == "kept": kept = conn
+            else: conn.close()
+        except ConnectionRefusedError:
+            tally["refused"] += 1
+            if kind == "kept": kept = None
+        except Exception as e:
+            if kind == "kept": kept = None
+            tally["other"].append(repr(e))
+print(json.dumps(tally))
+"#,
+        stop = stop.display().to_string()
+    );
+    let load = command_in(&python, Some(&client), Some(&ns))?
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let load = support::ChildGuard(Some(load));
+    daemon.stop(libc::SIGKILL)?;
+    // Refused from here on (the load sees it too).
+    let r = child_role(&client, &ns, "connect", &["169.254.169.254:80"])?;
+    assert_eq!(r["errno"], ECONNREFUSED, "{r}");
+    let _again = Daemon::start(&args, &ns, None)?;
+    std::fs::write(&stop, "")?;
+    let out = load.wait_with_output()?;
+    let tally: serde_json::Value =
+        serde_json::from_slice(&out).with_context(|| String::from_utf8_lossy(&out).into_owned())?;
+    assert_eq!(tally["real"], 0, "{tally}");
+    assert!(
+        real.heads().is_empty(),
+        "the real service was asked: {:?}",
+        real.heads()
+    );
+    assert!(tally["ours"].as_u64() >= Some(40), "{tally}");
+    // A keep-alive request cut by the kill itself may fail once (RemoteDisconnected):
+    // nothing else.
+    let other = tally["other"].as_array().map_or(0, Vec::len);
+    assert!(other <= 2, "{tally}");
     Ok(())
 }
 
