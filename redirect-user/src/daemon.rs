@@ -443,8 +443,9 @@ async fn take_over(path: &Path) -> Result<ControlSocket> {
     crate::control::post_replace(path, ReplaceStep::Finish)
         .await
         .context("--replace: the running daemon did not hand over")?;
-    let mut last = None;
-    for _ in 0..200 {
+    // The old daemon leaves it within milliseconds; 5 s is for a loaded machine.
+    let mut tries = 200;
+    loop {
         match ControlSocket::bind(path) {
             Ok(control) => {
                 tracing::info!(
@@ -453,12 +454,14 @@ async fn take_over(path: &Path) -> Result<ControlSocket> {
                 );
                 return Ok(control);
             }
-            Err(e) => last = Some(e),
+            Err(e) if tries == 0 => {
+                return Err(anyhow::Error::new(e)
+                    .context("--replace: the old daemon kept its control socket"));
+            }
+            Err(_) => tries -= 1,
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    Err(anyhow::Error::new(last.expect("tried"))
-        .context("--replace: the old daemon kept its control socket"))
 }
 
 /// Connections queued on a listener that closes go to another listener of its SO_REUSEPORT
