@@ -41,19 +41,63 @@ pub struct Handlers {
 }
 
 /// Serves `handlers` on a TCP listener (`--metrics-listen`: `/metrics`, `/healthz`, `/readyz`
-/// and `/status`; `/simulate` only on the control socket) until `shutdown`.
+/// and `/status`; `/simulate` and `/replace` only on the control socket) until `shutdown`.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     handlers: Arc<Handlers>,
     shutdown: CancellationToken,
 ) {
+    serve_on(listener, handlers, shutdown, Reach::Tcp).await;
+}
+
+/// Where a request came in: what may be asked there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The control socket (root only): everything.
+    Control,
+    /// A loopback TCP address: reading only.
+    Tcp,
+}
+
+/// A listener whose connections the control API is served on.
+trait Accept {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_one(&self) -> io::Result<UnixStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> io::Result<tokio::net::TcpStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts on `listener` until `shutdown`, each connection served by hyper on a task of its
+/// own; a failed accept (descriptors exhausted) is said and retried after a pause.
+async fn serve_on<L: Accept + Sync>(
+    listener: L,
+    handlers: Arc<Handlers>,
+    shutdown: CancellationToken,
+    reach: Reach,
+) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = listener.accept_one() => match accepted {
+                Ok(stream) => stream,
                 Err(e) => {
-                    tracing::warn!("metrics listener accept: {e}");
+                    let what = match reach {
+                        Reach::Control => "control socket",
+                        Reach::Tcp => "metrics listener",
+                    };
+                    tracing::warn!("{what} accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -62,15 +106,7 @@ pub async fn serve_tcp(
         let handlers = Arc::clone(&handlers);
         let service = service_fn(move |req: Request<hyper::body::Incoming>| {
             let handlers = Arc::clone(&handlers);
-            async move {
-                let resp = match req.uri().path() {
-                    "/simulate" | "/replace/prepare" | "/replace/finish" => {
-                        text(StatusCode::NOT_FOUND, "not here: use the control socket\n")
-                    }
-                    _ => route(&req, &handlers),
-                };
-                Ok::<_, std::convert::Infallible>(resp)
-            }
+            async move { Ok::<_, std::convert::Infallible>(route(&req, &handlers, reach)) }
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()
@@ -172,28 +208,7 @@ impl ControlSocket {
         let Some(listener) = self.listener.take() else {
             return;
         };
-        loop {
-            let stream = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!("control socket accept: {e}");
-                        continue;
-                    }
-                },
-            };
-            let handlers = Arc::clone(&handlers);
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let handlers = Arc::clone(&handlers);
-                async move { Ok::<_, std::convert::Infallible>(route(&req, &handlers)) }
-            });
-            tokio::spawn(async move {
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        serve_on(listener, handlers, shutdown, Reach::Control).await;
     }
 }
 
@@ -238,7 +253,18 @@ pub async fn answers(path: &Path) -> bool {
     request(path, Method::GET, "/healthz").await.is_ok()
 }
 
-fn route(req: &Request<hyper::body::Incoming>, handlers: &Handlers) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<hyper::body::Incoming>,
+    handlers: &Handlers,
+    reach: Reach,
+) -> Response<Full<Bytes>> {
+    let control_only = matches!(
+        req.uri().path(),
+        "/simulate" | "/replace/prepare" | "/replace/finish"
+    );
+    if control_only && reach == Reach::Tcp {
+        return text(StatusCode::NOT_FOUND, "not here: use the control socket\n");
+    }
     let (code, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::POST, "/replace/prepare" | "/replace/finish") => {
             let step = match req.uri().path() {

@@ -628,22 +628,10 @@ impl Ec2 {
 /// Percent-decodes a path as the WSGI server does (a malformed escape stays as it is); None
 /// when the result is not UTF-8, which webob cannot decode.
 fn decode_path(path: &str) -> Option<String> {
-    let raw = path.as_bytes();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'%' && i + 2 < raw.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(raw[i]);
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .ok()
+        .map(|p| p.into_owned())
 }
 
 /// Python's `posixpath.normpath`: drops empty and `.` segments, resolves `..` (never above
