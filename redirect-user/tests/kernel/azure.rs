@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, Result};
 
-use super::{MODES, MockSetup, Mode, cloud_setup, command_in, curl, sh, test_python, url};
+use super::{MODES, MockSetup, Mode, cloud_setup, curl, python_with_hosts, url};
 
 pub const TESTS: &[(&str, super::TestFn)] = &[
     (
@@ -27,20 +27,7 @@ const SYSTEM_CLIENT_ID: &str = "9a2ab0b7-2d9f-4f4e-a3a6-2f1a8b0e5c11";
 /// Runs `script` with the test Python in the client cgroup, with no Azure settings of the
 /// host's; its last line is JSON.
 fn python_json(s: &MockSetup, script: &str, path: Option<&str>) -> Result<serde_json::Value> {
-    let python = test_python()?;
-    let home = tempfile::tempdir()?;
-    let mut cmd = command_in(&python, Some(&s.client), Some(&s.ns))?;
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AZURE_") || key.starts_with("IDENTITY_") || key.starts_with("MSI_") {
-            cmd.env_remove(key);
-        }
-    }
-    if let Some(path) = path {
-        cmd.env("PYTHONPATH", path);
-    }
-    let out = sh(cmd.env("HOME", home.path()).args(["-c", script]))?;
-    let last = out.lines().last().unwrap_or_default();
-    serde_json::from_str(last).with_context(|| out.clone())
+    python_with_hosts(s, "", &["AZURE_", "IDENTITY_", "MSI_"], script, path)
 }
 
 fn azure_identity_gets_tokens_for_system_and_user_assigned_identities() -> Result<()> {

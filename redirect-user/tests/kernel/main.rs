@@ -165,9 +165,9 @@ fn cloud_setup(cloud: &str, mode: Mode, mock_args: &[&str]) -> Result<MockSetup>
     })
 }
 
-/// Runs `script` with the test Python in `s.client`, with `hosts` added to its `/etc/hosts`
-/// (a private copy, bind-mounted in a mount namespace of its own) and none of the host's
-/// environment variables starting with one of `unset`; its last line is JSON.
+/// Runs `script` with the test Python in `s.client`, with `hosts` (if any) added to its
+/// `/etc/hosts` (a private copy, bind-mounted in a mount namespace of its own) and none of the
+/// host's settings of the SDKs (`unset`, see [`isolated`]); its last line is JSON.
 fn python_with_hosts(
     s: &MockSetup,
     hosts: &str,
@@ -177,29 +177,47 @@ fn python_with_hosts(
 ) -> Result<serde_json::Value> {
     let python = test_python()?;
     let home = tempfile::tempdir()?;
-    let hosts_file = home.path().join("hosts");
-    std::fs::write(&hosts_file, format!("127.0.0.1 localhost\n{hosts}"))?;
     let script_file = home.path().join("script.py");
     std::fs::write(&script_file, script)?;
-    let mut cmd = command_in("unshare", Some(&s.client), Some(&s.ns))?;
+    let mut cmd = if hosts.is_empty() {
+        command_in(&python, Some(&s.client), Some(&s.ns))?
+    } else {
+        let hosts_file = home.path().join("hosts");
+        std::fs::write(&hosts_file, format!("127.0.0.1 localhost\n{hosts}"))?;
+        let mut cmd = command_in("unshare", Some(&s.client), Some(&s.ns))?;
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" "$3""#)
+            .arg("sh")
+            .arg(&hosts_file)
+            .arg(&python);
+        cmd
+    };
+    isolated(&mut cmd, home.path(), unset);
+    if let Some(path) = pythonpath {
+        cmd.env("PYTHONPATH", path);
+    }
+    let out = sh(cmd.arg(&script_file))?;
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| out.clone())
+}
+
+/// `cmd` without the host's settings of the SDKs: no environment variable starting with one
+/// of `unset`, and `home` as HOME (no config files of the host's user).
+fn isolated<'a>(cmd: &'a mut Command, home: &Path, unset: &[&str]) -> &'a mut Command {
     for (key, _) in std::env::vars() {
         if unset.iter().any(|prefix| key.starts_with(prefix)) {
             cmd.env_remove(key);
         }
     }
-    if let Some(path) = pythonpath {
-        cmd.env("PYTHONPATH", path);
-    }
-    let out = sh(cmd
-        .env("HOME", home.path())
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" "$3""#)
-        .arg("sh")
-        .arg(&hosts_file)
-        .arg(&python)
-        .arg(&script_file))?;
-    let last = out.lines().last().unwrap_or_default();
-    serde_json::from_str(last).with_context(|| out.clone())
+    cmd.env("HOME", home)
+}
+
+/// [`isolated`] for the AWS SDKs and CLI: none of `AWS_*`, and config and credentials files
+/// that do not exist.
+fn aws_isolated<'a>(cmd: &'a mut Command, home: &Path) -> &'a mut Command {
+    isolated(cmd, home, &["AWS_"])
+        .env("AWS_CONFIG_FILE", home.join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("none"))
 }
 
 /// Every test, one module per feature.

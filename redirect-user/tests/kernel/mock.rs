@@ -233,16 +233,7 @@ print(json.dumps({"method": creds.method, "access_key": frozen.access_key,
                   "secret_key": frozen.secret_key, "region": region}))
 "#;
     let mut cmd = command_in(&python, Some(&s.client), Some(&s.ns))?;
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    let out = sh(cmd
-        .env("HOME", home.path())
-        .env("AWS_CONFIG_FILE", home.path().join("none"))
-        .env("AWS_SHARED_CREDENTIALS_FILE", home.path().join("none"))
-        .args(["-c", script]))?;
+    let out = sh(aws_isolated(&mut cmd, home.path()).args(["-c", script]))?;
     let got: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
     assert_eq!(got["method"], "iam-role", "{got}");
     assert_eq!(got["access_key"], "ASIAIOSFODNN7EXAMPLE");
@@ -263,17 +254,8 @@ fn awscli_finds_the_instance_role_credentials() -> Result<()> {
         let s = cloud_setup("ec2", mode, &["--http-tokens", "required"])?;
         let home = tempfile::tempdir()?;
         let mut cmd = command_in(&aws, Some(&s.client), Some(&s.ns))?;
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AWS_") {
-                cmd.env_remove(key);
-            }
-        }
-        let out = sh(cmd
-            .env("HOME", home.path())
-            .env("AWS_CONFIG_FILE", home.path().join("none"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", home.path().join("none"))
-            .args(["configure", "list"]))
-        .with_context(|| format!("{mode:?} mode"))?;
+        let out = sh(aws_isolated(&mut cmd, home.path()).args(["configure", "list"]))
+            .with_context(|| format!("{mode:?} mode"))?;
         let access = out
             .lines()
             .find(|l| l.trim_start().starts_with("access_key"))
