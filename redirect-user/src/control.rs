@@ -36,7 +36,7 @@ pub struct Handlers {
     pub ready: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
     /// `/metrics`.
     pub metrics: prometheus_client::registry::Registry,
-    /// `POST /replace/prepare` and `/replace/finish` (`redirect run --replace`).
+    /// `POST /replace/prepare`, `/replace/finish` and `/replace/abort` (`redirect run --replace`).
     pub replace: Box<dyn Fn(ReplaceStep) -> Result<String, String> + Send + Sync>,
 }
 
@@ -222,7 +222,7 @@ impl Drop for ControlSocket {
     }
 }
 
-/// `redirect run --replace`'s two steps, asked of the daemon being replaced.
+/// `redirect run --replace`'s steps, asked of the daemon being replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplaceStep {
     /// Let go of the pin directory's lock (the new daemon adopts the pins), keep serving.
@@ -230,15 +230,36 @@ pub enum ReplaceStep {
     /// Stop accepting (new connections go to the new daemon's sockets on the same ports),
     /// close the control socket, finish the requests in flight, exit.
     Finish,
+    /// The new daemon failed between `Prepare` and `Finish`: take the pins back (lock, and
+    /// our programs in their links again) and serve on as before.
+    Abort,
+}
+
+impl ReplaceStep {
+    const PATHS: [(ReplaceStep, &'static str); 3] = [
+        (ReplaceStep::Prepare, "/replace/prepare"),
+        (ReplaceStep::Finish, "/replace/finish"),
+        (ReplaceStep::Abort, "/replace/abort"),
+    ];
+
+    fn path(self) -> &'static str {
+        Self::PATHS
+            .iter()
+            .find(|(step, _)| *step == self)
+            .map_or("/replace/prepare", |(_, path)| path)
+    }
+
+    fn from_path(path: &str) -> Option<ReplaceStep> {
+        Self::PATHS
+            .iter()
+            .find(|(_, p)| *p == path)
+            .map(|(step, _)| *step)
+    }
 }
 
 /// Asks the daemon at `path` for `step` of a replace.
 pub async fn post_replace(path: &Path, step: ReplaceStep) -> Result<String, ControlError> {
-    let target = match step {
-        ReplaceStep::Prepare => "/replace/prepare",
-        ReplaceStep::Finish => "/replace/finish",
-    };
-    let (code, body) = request(path, Method::POST, target).await?;
+    let (code, body) = request(path, Method::POST, step.path()).await?;
     if !code.is_success() {
         return Err(ControlError::Protocol {
             path: path.to_owned(),
@@ -258,19 +279,14 @@ fn route(
     handlers: &Handlers,
     reach: Reach,
 ) -> Response<Full<Bytes>> {
-    let control_only = matches!(
-        req.uri().path(),
-        "/simulate" | "/replace/prepare" | "/replace/finish"
-    );
+    let replace_step = ReplaceStep::from_path(req.uri().path());
+    let control_only = req.uri().path() == "/simulate" || replace_step.is_some();
     if control_only && reach == Reach::Tcp {
         return text(StatusCode::NOT_FOUND, "not here: use the control socket\n");
     }
     let (code, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::POST, "/replace/prepare" | "/replace/finish") => {
-            let step = match req.uri().path() {
-                "/replace/prepare" => ReplaceStep::Prepare,
-                _ => ReplaceStep::Finish,
-            };
+        (&Method::POST, _) if replace_step.is_some() => {
+            let step = replace_step.unwrap_or(ReplaceStep::Prepare);
             match (handlers.replace)(step) {
                 Ok(done) => (StatusCode::OK, "text/plain", format!("{done}\n").into_bytes()),
                 Err(why) => (StatusCode::CONFLICT, "text/plain", format!("{why}\n").into_bytes()),

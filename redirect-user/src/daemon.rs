@@ -70,7 +70,53 @@ fn host_kernel(
 /// Backlog of the proxy's listening sockets (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: i32 = 4096;
 
+/// How far a `--replace` got with the daemon it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    None,
+    /// The old daemon released its pins: this one may have put its programs in them.
+    Prepared,
+    /// The old daemon was told to stop.
+    Finished,
+}
+
 pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
+    let control_socket = settings.control_socket.clone();
+    let mut handover = Handover::None;
+    // Everything of this daemon (its pins' lock, its links) is dropped when `serve` returns.
+    let result = serve(settings, sources, &mut handover).await;
+    if let (Err(e), Handover::Prepared) = (&result, handover) {
+        match crate::control::post_replace(&control_socket, ReplaceStep::Abort).await {
+            Ok(said) => tracing::warn!(
+                "--replace failed ({e:#}); the running daemon serves on as before: {said}"
+            ),
+            Err(abort) => tracing::error!(
+                "--replace failed ({e:#}), and the running daemon did not take its pins back ({abort}): restart it"
+            ),
+        }
+    }
+    result
+}
+
+/// Takes the pin lock back (after a failed replace) once the daemon that gave up exits.
+fn relock_when_free(redirector: &Mutex<Redirector>) {
+    for _ in 0..6000 {
+        let mut r = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+        match r.relock_pins() {
+            Ok(()) => return,
+            Err(crate::ebpf::pins::PinError::Busy(_)) => {}
+            Err(e) => {
+                tracing::error!("taking the pin lock back: {e}");
+                return;
+            }
+        }
+        drop(r);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::error!("the pin lock stayed taken for 10 minutes after a failed --replace");
+}
+
+async fn serve(settings: Settings, sources: Sources, handover: &mut Handover) -> Result<()> {
     // Installed first: from the ready line on, no signal may kill the daemon unannounced.
     let mut signals = Signals::install()?;
     let privileges = privileges::check().map_err(anyhow::Error::msg)?;
@@ -90,6 +136,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         crate::control::post_replace(&settings.control_socket, ReplaceStep::Prepare)
             .await
             .context("--replace: the running daemon did not let go of its pins")?;
+        *handover = Handover::Prepared;
         enable_request_migration();
     }
     let control = match replacing {
@@ -124,6 +171,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         }
     }
     for cgroup in &cgroups {
+        crate::selftest::remove_stale(&cgroup.path);
         redirector.attach(cgroup)?;
     }
     adopt_report(&mut redirector, settings.fail_open)?;
@@ -307,11 +355,18 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     let ready = {
         let redirector = Arc::clone(&redirector);
         let serving = serves;
+        let self_test = crate::selftest::SelfTest::new(crate::selftest::Probe::choose(&routes));
+        let covered: Vec<PathBuf> = cgroups.iter().map(|c| c.path.clone()).collect();
         Box::new(move || -> Result<String, String> {
-            let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
-            let attached = redirector.verify().map_err(|missing| missing.join("; "))?;
+            let attached = {
+                let redirector = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+                redirector.verify().map_err(|missing| missing.join("; "))?
+            };
+            // Links in place is not enough: a connect from each covered cgroup must be
+            // rewritten (the probe runs without the redirector's lock).
+            let shown = self_test.check(&covered)?;
             Ok(format!(
-                "{attached} program links attached{}",
+                "{attached} program links attached{}; {shown}",
                 if serving { ", the proxy serving" } else { "" }
             ))
         })
@@ -332,6 +387,19 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
                     let _ = replaced_tx.send(());
                     Ok("stopping: no more accepts; finishing the requests in flight".to_owned())
                 }
+                ReplaceStep::Abort => {
+                    let mut r = redirector.lock().unwrap_or_else(PoisonError::into_inner);
+                    let links = r.reclaim_pins().map_err(|e| e.to_string())?;
+                    if r.relock_pins().is_err() {
+                        // The failed daemon still holds the lock: it lets go when it exits.
+                        let redirector = Arc::clone(&redirector);
+                        std::thread::spawn(move || relock_when_free(&redirector));
+                    }
+                    tracing::warn!(
+                        "--replace: the new daemon gave up; {links} pinned links have this daemon's programs again, serving on"
+                    );
+                    Ok(format!("{links} pinned links taken back; serving on"))
+                }
             }
         })
     };
@@ -343,9 +411,14 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
         replace,
     });
     if let Some(addr) = settings.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--metrics-listen {addr}: cannot listen there"))?;
+        // Shared with the daemon being replaced, as the proxy's ports are, until it stops.
+        let listener = (|| {
+            if !replacing {
+                drop(bind_one(addr, false)?); // nobody else holds it
+            }
+            tokio::net::TcpListener::from_std(bind_one(addr, true)?)
+        })()
+        .with_context(|| format!("--metrics-listen {addr}: cannot listen there"))?;
         tracing::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
         tokio::spawn(crate::control::serve_tcp(
             listener,
@@ -356,7 +429,7 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
     let stop_control = CancellationToken::new();
     let mut control = match control {
         Some(control) => control,
-        None => take_over(&settings.control_socket).await?,
+        None => take_over(&settings.control_socket, handover).await?,
     };
     let control_path = control.path().to_owned();
     let control_task = tokio::spawn({
@@ -439,10 +512,11 @@ pub async fn run(settings: Settings, sources: Sources) -> Result<()> {
 
 /// `--replace`, last step: the old daemon stops accepting and leaves the control socket, which
 /// this one then binds (retried while the old one still answers on it).
-async fn take_over(path: &Path) -> Result<ControlSocket> {
+async fn take_over(path: &Path, handover: &mut Handover) -> Result<ControlSocket> {
     crate::control::post_replace(path, ReplaceStep::Finish)
         .await
         .context("--replace: the running daemon did not hand over")?;
+    *handover = Handover::Finished;
     // The old daemon leaves it within milliseconds; 5 s is for a loaded machine.
     let mut tries = 200;
     loop {

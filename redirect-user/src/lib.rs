@@ -19,5 +19,6 @@ pub mod privileges;
 pub mod proxy;
 pub mod rlimit;
 pub mod router;
+pub mod selftest;
 pub mod sock_diag;
 pub mod status;

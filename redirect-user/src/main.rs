@@ -78,6 +78,15 @@ enum Command {
     },
     /// Print the man page (roff).
     Man,
+    /// The readiness self-test's probe (run by the daemon): join the cgroup whose
+    /// cgroup.procs is CGROUP_PROCS, enter a network namespace of its own, listen on PROXY
+    /// and dial TARGET. Exits 0 when the connect was redirected, 3 when not.
+    #[command(hide = true)]
+    Probe {
+        cgroup_procs: PathBuf,
+        target: std::net::SocketAddr,
+        proxy: std::net::SocketAddr,
+    },
 }
 
 #[derive(Args)]
@@ -261,6 +270,11 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "redirect", &mut std::io::stdout());
             Ok(())
         }
+        Command::Probe {
+            cgroup_procs,
+            target,
+            proxy,
+        } => return redirect::selftest::run_probe(&cgroup_procs, target, proxy),
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
             clap_mangen::Man::new(command)

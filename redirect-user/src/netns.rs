@@ -121,6 +121,7 @@ pub struct NamespaceStatus {
 struct Entry {
     /// A process in it; the sweep looks for another when it exits.
     pid: u32,
+    /// 0 until known, on kernels before 5.14 (see [`netns_cookie`]).
     cookie: u64,
     listening: Vec<String>,
     caller: Arc<Caller>,
@@ -205,6 +206,8 @@ pub struct Planter {
     watch: NetnsWatch,
     events: Option<NetnsEvents>,
     home: NetnsId,
+    /// The home namespace's cookie; 0 until known (see [`netns_cookie`]).
+    home_cookie: u64,
     /// The served namespaces, shared with `redirect status`.
     served: Served,
     /// At the scope's `max` (said once until below again).
@@ -225,7 +228,14 @@ impl Planter {
     ) -> anyhow::Result<Self> {
         let home = NetnsId::of(Path::new(paths::OWN_NETNS))?;
         let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        watch.serve_recording_pids(netns_cookie(probe.as_fd())?)?;
+        let home_cookie = netns_cookie(probe.as_fd())?;
+        if home_cookie == 0 {
+            tracing::info!(
+                "this kernel (before 5.14) cannot name a network namespace's cookie: each served namespace is learnt from its first connect's report"
+            );
+        } else {
+            watch.serve_recording_pids(home_cookie)?;
+        }
         watch.activate()?;
         Ok(Planter {
             scope,
@@ -234,6 +244,7 @@ impl Planter {
             watch,
             events: Some(events),
             home,
+            home_cookie,
             served: Served::default(),
             full: false,
             host,
@@ -364,7 +375,7 @@ impl Planter {
             let path = self.scope.proc.task_netns(event.pid(), event.tid());
             match NetnsFile::open(&path) {
                 Ok(ns) => {
-                    if !self.is_known(ns.id) {
+                    if !self.learn_cookie(ns.id, event.netns_cookie) && !self.is_known(ns.id) {
                         self.consider(ns, event.pid()).await;
                     }
                 }
@@ -375,6 +386,34 @@ impl Planter {
         if rescan {
             self.scan().await;
         }
+    }
+
+    /// On kernels that cannot name a namespace's cookie (before 5.14), the first report from
+    /// a namespace served already tells it: marked served from then on. Whether it was one.
+    fn learn_cookie(&mut self, id: NetnsId, cookie: u64) -> bool {
+        if id == self.home {
+            if self.home_cookie == 0 {
+                self.home_cookie = cookie;
+                match self.watch.serve_recording_pids(cookie) {
+                    Ok(()) => tracing::info!(
+                        "the daemon's own network namespace has cookie {cookie:#x}: its callers' pids are recorded from now on"
+                    ),
+                    Err(e) => tracing::warn!("the daemon's own network namespace: {e}"),
+                }
+            }
+            return true;
+        }
+        let mut served = self.lock_served();
+        let Some(entry) = served.get_mut(&id) else {
+            return false;
+        };
+        if entry.cookie == 0 {
+            entry.cookie = cookie;
+            if let Err(e) = self.watch.serve(cookie) {
+                tracing::warn!("network namespace {id}: {e}");
+            }
+        }
+        true
     }
 
     fn is_known(&self, id: NetnsId) -> bool {
@@ -432,7 +471,8 @@ impl Planter {
                 }
             }
         };
-        if !self.is_attached(&cgroup) {
+        // The readiness self-test's probe dials from a namespace of its own, briefly.
+        if !self.is_attached(&cgroup) || crate::selftest::is_probe_cgroup(&cgroup) {
             return;
         }
         if self.lock_served().len() >= self.scope.max {
@@ -481,7 +521,9 @@ impl Planter {
             }
         }
         // Marked served even with no listener: a rewrite there is not news any more.
-        if let Err(e) = self.watch.serve(opened.cookie) {
+        if opened.cookie != 0
+            && let Err(e) = self.watch.serve(opened.cookie)
+        {
             tracing::warn!("network namespace {id}: {e}");
         }
         tracing::info!(
@@ -532,7 +574,9 @@ impl Planter {
                 }
             } else if let Some(entry) = served.remove(&id) {
                 entry.stop.cancel();
-                self.watch.unserve(entry.cookie);
+                if entry.cookie != 0 {
+                    self.watch.unserve(entry.cookie);
+                }
                 tracing::info!(
                     "network namespace {id} has no processes left: closed its listeners"
                 );
@@ -629,7 +673,8 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// The cookie of the namespace `socket` belongs to (`SO_NETNS_COOKIE`, Linux 5.14; neither
-/// rustix nor socket2 has it), the key the kernel programs see.
+/// rustix nor socket2 has it), the key the kernel programs see. 0 (no namespace has it) on
+/// older kernels, whose programs still report the cookie (`bpf_get_netns_cookie`, 5.7).
 fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
@@ -644,7 +689,11 @@ fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOPROTOOPT) => Ok(0),
+            _ => Err(e),
+        };
     }
     Ok(cookie)
 }

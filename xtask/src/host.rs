@@ -15,8 +15,8 @@ use crate::cmd::run;
 
 /// A program, and the Debian package that provides it.
 pub struct Tool {
-    bin: &'static str,
-    package: &'static str,
+    pub bin: &'static str,
+    pub package: &'static str,
 }
 
 pub const TEST_TOOLS: &[Tool] = &[

@@ -1,5 +1,6 @@
-//! `cargo xtask image`: the daemon as a local OCI image, without a registry or a base image:
-//! the release binary and the shared libraries it loads, imported with `docker import`.
+//! Local OCI images made of this host's files, without a registry or a base image, imported
+//! with `docker import`: `cargo xtask image` (the daemon: its release binary and the shared
+//! libraries it loads), and the package check's image (dpkg and what it runs).
 
 use std::{
     path::{Path, PathBuf},
@@ -12,41 +13,107 @@ use crate::cmd::{output, run};
 
 /// Imports `binary` as `NAME:VERSION` and `NAME:latest`; returns the first tag.
 pub fn import(binary: &Path, name: &str, version: &str) -> Result<String> {
-    let root = std::env::temp_dir().join(format!("redirect-image-{}", std::process::id()));
-    let _cleanup = RemoveDir(root.clone());
-    std::fs::create_dir_all(root.join("usr/bin"))?;
-    std::fs::copy(binary, root.join("usr/bin/redirect"))
-        .with_context(|| format!("copying {}", binary.display()))?;
-    for lib in libraries(binary)? {
-        let target = root.join(lib.strip_prefix("/")?);
-        std::fs::create_dir_all(target.parent().context("a library path has a parent")?)?;
-        std::fs::copy(&lib, &target).with_context(|| format!("copying {}", lib.display()))?;
-    }
+    let root = Rootfs::new("image")?;
+    root.add_program(binary, Path::new("/usr/bin/redirect"))?;
     // The control socket's directory (bind-mount it to reach the daemon from the host) and a
     // /tmp for anything that wants one.
-    for dir in ["run/redirect", "tmp"] {
-        std::fs::create_dir_all(root.join(dir))?;
-    }
+    root.mkdirs(&["run/redirect", "tmp"])?;
     let tag = format!("{name}:{version}");
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .args(["-c", "."])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start tar")?;
-    run(Command::new("docker")
-        .args(["import", "--change", r#"ENTRYPOINT ["/usr/bin/redirect"]"#])
-        .args(["--change", r#"CMD ["run", "--mock"]"#])
-        .args([
-            "--change",
+    root.import(
+        &tag,
+        &[
+            r#"ENTRYPOINT ["/usr/bin/redirect"]"#,
+            r#"CMD ["run", "--mock"]"#,
             &format!("LABEL org.opencontainers.image.version={version}"),
-        ])
-        .args(["-", &tag])
-        .stdin(tar.stdout.context("tar's stdout")?))
-    .context("docker import (is Docker running?)")?;
+        ],
+    )?;
     run(Command::new("docker").args(["tag", &tag, &format!("{name}:latest")]))?;
     Ok(tag)
+}
+
+/// A directory that becomes an image's root filesystem; removed on drop.
+pub struct Rootfs(PathBuf);
+
+impl Rootfs {
+    pub fn new(what: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("redirect-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Rootfs(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// /bin, /sbin, /lib and /lib64 as this host has them: links into /usr on a merged-/usr
+    /// host (as Debian is since bookworm), so that paths of either form resolve.
+    pub fn like_host_usr(&self) -> Result<()> {
+        for dir in ["bin", "sbin", "lib", "lib64"] {
+            let host = Path::new("/").join(dir);
+            match std::fs::read_link(&host) {
+                Ok(target) => {
+                    // `usr/lib64`, made so that the link leads somewhere, and linked relative to the
+                    // root: an absolute link would lead the copies below out of it.
+                    let inside = target.strip_prefix("/").unwrap_or(&target);
+                    std::fs::create_dir_all(self.0.join(inside))?;
+                    std::os::unix::fs::symlink(inside, self.0.join(dir))?
+                }
+                Err(_) => std::fs::create_dir_all(self.0.join(dir))?,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn mkdirs(&self, dirs: &[&str]) -> Result<()> {
+        for dir in dirs {
+            std::fs::create_dir_all(self.0.join(dir))?;
+        }
+        Ok(())
+    }
+
+    /// Copies `program` to `at` inside the root, with the shared libraries it loads at their
+    /// host paths.
+    pub fn add_program(&self, program: &Path, at: &Path) -> Result<()> {
+        self.copy(program, at)?;
+        for lib in libraries(program)? {
+            self.copy(&lib, &lib)?;
+        }
+        Ok(())
+    }
+
+    fn copy(&self, from: &Path, at: &Path) -> Result<()> {
+        let target = self.0.join(at.strip_prefix("/").unwrap_or(at));
+        std::fs::create_dir_all(target.parent().context("a path has a parent")?)?;
+        std::fs::copy(from, &target).with_context(|| format!("copying {}", from.display()))?;
+        Ok(())
+    }
+
+    /// `docker import` of the root as `tag`, with Dockerfile `changes`.
+    pub fn import(&self, tag: &str, changes: &[&str]) -> Result<()> {
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&self.0)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start tar")?;
+        let mut docker = Command::new("docker");
+        docker.arg("import");
+        for change in changes {
+            docker.args(["--change", change]);
+        }
+        run(docker
+            .args(["-", tag])
+            .stdin(tar.stdout.context("tar's stdout")?))
+        .context("docker import (is Docker running?)")
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The shared libraries `binary` loads, as `ldd` resolves them.
@@ -62,12 +129,4 @@ fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         bail!("ldd {} printed no libraries: {ldd}", binary.display());
     }
     Ok(libs)
-}
-
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -5,6 +5,7 @@ mod cmd;
 mod host;
 mod image;
 mod toolchain;
+mod vm;
 
 use toolchain::ensure_cargo_fuzz;
 
@@ -19,7 +20,7 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 
 use crate::{
-    cmd::run,
+    cmd::{output, run},
     toolchain::{Nightly, ebpf_toolchain, ensure_bpf_linker, ensure_rust_src},
 };
 
@@ -58,6 +59,23 @@ enum Task {
     Image {
         #[arg(long, default_value = "redirect")]
         name: String,
+    },
+    /// The real-kernel tests (all but the Docker ones) under qemu on Debian's packaged kernels:
+    /// bullseye's 5.10, bookworm's 6.1, trixie's 6.12 (root). Arguments after `--` go to the
+    /// test binary, e.g. `-- escapes`.
+    VmTest {
+        /// Only the tests of kind `[kernel]`: one per kernel feature the daemon relies on
+        /// (what CI runs: without KVM a whole run takes most of an hour per kernel).
+        #[arg(long)]
+        quick: bool,
+        /// Debian suites whose kernel to boot, comma-separated (default: all of them).
+        #[arg(long, value_delimiter = ',')]
+        kernel: Vec<String>,
+        /// How qemu runs the guest.
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: vm::Accel,
+        #[arg(last = true)]
+        args: Vec<OsString>,
     },
     /// Build the daemon (release) and a Debian package of it with cargo-deb: the binary, the
     /// systemd unit, /etc/redirect.toml, the man page and shell completions, and removal
@@ -136,6 +154,22 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Bench { full, args } => bench(&workspace, full, &args),
         Task::Fuzz { time, args } => fuzz(&workspace, time, &args),
+        Task::VmTest {
+            quick,
+            kernel,
+            accel,
+            mut args,
+        } => {
+            if quick {
+                // libtest takes one filter: `--quick` is that filter.
+                anyhow::ensure!(
+                    args.iter().all(|a| a.to_string_lossy().starts_with('-')),
+                    "--quick selects the [kernel] tests: give a test filter without it"
+                );
+                args.insert(0, "[kernel]".into());
+            }
+            vm_test(&workspace, &kernel, accel, &args)
+        }
         Task::Deb => deb(&workspace).map(|deb| println!("{}", deb.display())),
     }
 }
@@ -255,6 +289,77 @@ fn test(workspace: &Path, release: bool, args: &[OsString]) -> Result<()> {
     run(&mut cargo)
 }
 
+fn vm_test(workspace: &Path, suites: &[String], accel: vm::Accel, args: &[OsString]) -> Result<()> {
+    anyhow::ensure!(
+        host::is_root(),
+        "vm-test runs the real-kernel tests inside the guest as root, and apt as root: run it as root"
+    );
+    let kernels = if suites.is_empty() {
+        vm::KERNELS.iter().collect::<Vec<_>>()
+    } else {
+        suites
+            .iter()
+            .map(|s| {
+                vm::KERNELS.iter().find(|k| k.suite == s).with_context(|| {
+                    let known: Vec<_> = vm::KERNELS.iter().map(|k| k.suite).collect();
+                    format!("no kernel for {s:?}: known are {}", known.join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    host::ensure_tools(host::TEST_TOOLS)?;
+    let env = [
+        (
+            "REDIRECT_TEST_PYTHON",
+            host::ensure_python(workspace, "test-venv", host::PYTHON_TEST_PACKAGES)?,
+        ),
+        (
+            "REDIRECT_TEST_CLOUD_INIT",
+            host::ensure_cloud_init(workspace)?,
+        ),
+    ];
+    let object = build_ebpf(workspace)?;
+    let binary = test_binary(workspace, &object, "kernel")?;
+    let outcomes = vm::run_all(workspace, &kernels, accel, &binary, &env, args)?;
+    eprintln!();
+    for o in &outcomes {
+        eprintln!(
+            "xtask: {} {}: {}",
+            if o.passed { "ok  " } else { "FAIL" },
+            o.kernel,
+            o.summary
+        );
+    }
+    let failed = outcomes.iter().filter(|o| !o.passed).count();
+    anyhow::ensure!(failed == 0, "{failed} of {} kernels failed", outcomes.len());
+    Ok(())
+}
+
+/// Builds the integration test `name` of redirect-user (and the daemon it runs) and returns the
+/// test executable cargo reports.
+fn test_binary(workspace: &Path, object: &Path, name: &str) -> Result<PathBuf> {
+    let out = host_cargo(workspace, object)
+        .args([
+            "test",
+            "--package",
+            "redirect-user",
+            "--test",
+            name,
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    anyhow::ensure!(out.status.success(), "building the {name} tests failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo named no executable for the {name} tests"))
+}
+
 fn lint(workspace: &Path) -> Result<()> {
     let object = build_ebpf(workspace)?;
     run(host_cargo(workspace, &object).args(["fmt", "--all", "--", "--check"]))?;
@@ -357,7 +462,118 @@ fn deb(workspace: &Path) -> Result<PathBuf> {
         .to_owned();
     let deb = PathBuf::from(deb);
     check_deb(&deb)?;
+    check_deb_in_container(&deb)?;
     Ok(deb)
+}
+
+/// What dpkg runs to install and remove a package (it refuses to start without ldconfig and
+/// start-stop-daemon on PATH), and what the check's script uses.
+const DPKG_TOOLS: &[&str] = &[
+    "dpkg",
+    "dpkg-deb",
+    "dpkg-query",
+    "dpkg-split",
+    "dpkg-divert",
+    "dpkg-trigger",
+    "sh",
+    "rm",
+    "tar",
+    "diff",
+    "ldconfig",
+    "start-stop-daemon",
+    "ls",
+];
+
+/// `dpkg -i` of `deb` in a container of an image holding dpkg alone (host files, no network):
+/// the maintainer scripts run as on a machine, with no systemd and no bpffs there; the
+/// installed daemon runs; `dpkg --purge` leaves nothing.
+fn check_deb_in_container(deb: &Path) -> Result<()> {
+    let root = image::Rootfs::new("deb-check")?;
+    root.like_host_usr()?;
+    for tool in DPKG_TOOLS {
+        let path = host::which(tool).with_context(|| format!("{tool} is needed"))?;
+        let path = std::fs::canonicalize(&path)?;
+        root.add_program(&path, &path)?;
+    }
+    // What the packaged binary loads (libgcc_s too: required on every Debian system, so the
+    // package does not name it).
+    let bin = workspace_root().join("target/release/redirect");
+    root.add_program(&bin, Path::new("/tmp/redirect-libraries"))?;
+    std::fs::remove_file(root.path().join("tmp/redirect-libraries"))?;
+    // `sh` is a link to dash on Debian: the image needs /bin/sh by that name.
+    let sh = std::fs::canonicalize(host::which("sh").context("sh")?)?;
+    if !root.path().join("usr/bin/sh").exists() {
+        std::os::unix::fs::symlink(&sh, root.path().join("usr/bin/sh"))?;
+    }
+    root.mkdirs(&[
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+        "var/lib/dpkg/alternatives",
+        "etc/dpkg/dpkg.cfg.d",
+        "var/log",
+        "tmp",
+        "run",
+        "deb",
+    ])?;
+    // The image holds this host's libraries: its dpkg knows them as this host's dpkg does.
+    let depends = output(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"))?;
+    let mut status = String::new();
+    for package in depends
+        .split(',')
+        .filter_map(|d| d.split_whitespace().next())
+    {
+        status += &output(Command::new("dpkg-query").args(["-s", package]))
+            .with_context(|| format!("the package needs {package}, which this host lacks"))?;
+        status += "\n";
+        let name =
+            output(Command::new("dpkg-query").args(["-f", "${binary:Package}", "-W", package]))?;
+        std::fs::write(
+            root.path()
+                .join(format!("var/lib/dpkg/info/{}.list", name.trim())),
+            "",
+        )?;
+    }
+    std::fs::write(root.path().join("var/lib/dpkg/status"), status)?;
+    let tag = format!("redirect-deb-check:{}", std::process::id());
+    root.import(&tag, &[])?;
+    let _image = RemoveImage(tag.clone());
+    let deb = std::fs::canonicalize(deb)?;
+    let script = "set -e
+dpkg --install /deb/redirect.deb
+redirect --version
+for f in /usr/bin/redirect /lib/systemd/system/redirect.service /etc/redirect.toml \
+         /usr/share/man/man1/redirect.1.gz; do test -f $f || { echo missing $f; exit 1; }; done
+dpkg --purge redirect
+for f in /usr/bin/redirect /etc/redirect.toml; do ! test -e $f || { echo left $f; exit 1; }; done
+echo installed, ran and purged";
+    let out = Command::new("docker")
+        .args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{}:/deb/redirect.deb:ro", deb.display()))
+        .args([&tag, "/bin/sh", "-c", script])
+        .output()
+        .context("docker run")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(
+        out.status.success() && said.contains("installed, ran and purged"),
+        "the package in a container: {said}"
+    );
+    eprintln!("xtask: in a container: {}", said.trim().replace('\n', "; "));
+    Ok(())
+}
+
+struct RemoveImage(String);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["image", "rm", "-f", &self.0])
+            .output();
+    }
 }
 
 /// Installs `deb` with dpkg into a scratch root (its maintainer scripts run outside a chroot,

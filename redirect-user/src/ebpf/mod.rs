@@ -384,6 +384,40 @@ impl Redirector {
         }
     }
 
+    /// Puts this daemon's own programs (its maps, its exemptions) back in every pinned link,
+    /// after [`Redirector::release_pins`], when the daemon that was to replace this one gave
+    /// up after adopting some. How many links were updated; [`Redirector::relock_pins`] takes
+    /// the lock back once the other daemon has let go of it.
+    pub fn reclaim_pins(&mut self) -> Result<usize, EbpfError> {
+        let pinned: Vec<(&'static str, PathBuf)> = self
+            .attached
+            .iter()
+            .filter_map(|a| match &a.link {
+                Held::Pinned { path, .. } => Some((a.program, path.clone())),
+                Held::Fd(_) => None,
+            })
+            .collect();
+        for (program, path) in &pinned {
+            pins::update_pinned(path, self.program_fd(program)?).map_err(|source| {
+                EbpfError::Pin {
+                    program,
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(pinned.len())
+    }
+
+    /// Takes the pin directory's lock again; [`pins::PinError::Busy`] while another daemon
+    /// still holds it.
+    pub fn relock_pins(&mut self) -> Result<(), pins::PinError> {
+        match &mut self.pins {
+            Some(pins) => pins.relock(),
+            None => Ok(()),
+        }
+    }
+
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pins.as_ref().map(|p| p.path())
     }

@@ -85,15 +85,7 @@ impl PinDir {
         };
         ensure_bpffs(base)?;
         std::fs::create_dir_all(&dir).map_err(io)?;
-        let lock = File::open(&dir).map_err(io)?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EWOULDBLOCK) => PinError::Busy(dir),
-                _ => io(e),
-            });
-        }
+        let lock = lock(&dir)?;
         let pins = PinDir {
             dir,
             lock: Some(lock),
@@ -109,6 +101,14 @@ impl PinDir {
     /// Lets go of the lock, for the daemon that replaces this one to take.
     pub fn unlock(&mut self) {
         self.lock = None;
+    }
+
+    /// Takes the lock again after [`PinDir::unlock`] (the replacing daemon gave up).
+    pub fn relock(&mut self) -> Result<(), PinError> {
+        if self.lock.is_none() {
+            self.lock = Some(lock(&self.dir)?);
+        }
+        Ok(())
     }
 
     /// Where the link of `program` on the cgroup with inode `cgroup_inode` is pinned.
@@ -178,6 +178,24 @@ pub fn detach(base: &Path) -> Result<usize, PinError> {
     // The base too, when nothing else is in it (it was made for the pins).
     let _ = std::fs::remove_dir(base);
     Ok(all.len())
+}
+
+/// An exclusive flock on `dir`, or [`PinError::Busy`] when another daemon holds it.
+fn lock(dir: &Path) -> Result<File, PinError> {
+    let io = |source| PinError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let lock = File::open(dir).map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => PinError::Busy(dir.to_owned()),
+            _ => io(e),
+        });
+    }
+    Ok(lock)
 }
 
 /// The inode of a cgroup directory (open), which names its pins (stable while the cgroup

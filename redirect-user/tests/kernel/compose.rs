@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result, ensure};
 
 use super::{TestCgroup, support, test_python};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[(
+/// Every test here drives Docker: kind `[docker]`.
+pub const DOCKER: &[(&str, super::TestFn)] = &[(
     "compose_example_serves_every_service_unchanged",
     compose_example_serves_every_service_unchanged,
 )];

@@ -2,13 +2,13 @@
 
 use super::*;
 
-pub const TESTS: &[(&str, TestFn)] = &[
-    (
-        "container_in_its_own_netns_behind_a_veth",
-        container_in_its_own_netns_behind_a_veth,
-    ),
-    ("docker_container_unchanged", docker_container_unchanged),
-];
+pub const TESTS: &[(&str, TestFn)] = &[(
+    "container_in_its_own_netns_behind_a_veth",
+    container_in_its_own_netns_behind_a_veth,
+)];
+
+/// The tests that drive Docker: kind `[docker]` (`--skip '[docker]'` leaves them out).
+pub const DOCKER: &[(&str, TestFn)] = &[("docker_container_unchanged", docker_container_unchanged)];
 
 fn container_in_its_own_netns_behind_a_veth() -> Result<()> {
     let host = NetNs::new()?;

@@ -7,16 +7,16 @@ use anyhow::{Context as _, Result};
 
 use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, command_in, support, url};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[
-    (
-        "host_processes_are_named_by_cgroup_and_pid_and_ruled_by_cgroup",
-        host_processes_are_named_by_cgroup_and_pid_and_ruled_by_cgroup,
-    ),
-    (
-        "host_network_containers_are_named_and_ruled_by_their_labels",
-        host_network_containers_are_named_and_ruled_by_their_labels,
-    ),
-];
+pub const TESTS: &[(&str, super::TestFn)] = &[(
+    "host_processes_are_named_by_cgroup_and_pid_and_ruled_by_cgroup",
+    host_processes_are_named_by_cgroup_and_pid_and_ruled_by_cgroup,
+)];
+
+/// The tests that drive Docker: kind `[docker]` (`--skip '[docker]'` leaves them out).
+pub const DOCKER: &[(&str, super::TestFn)] = &[(
+    "host_network_containers_are_named_and_ruled_by_their_labels",
+    host_network_containers_are_named_and_ruled_by_their_labels,
+)];
 
 /// Runs curl in `cgroup` inside `ns`; returns its pid and what it printed: the body, then
 /// the status.
@@ -62,6 +62,13 @@ fn host_processes_are_named_by_cgroup_and_pid_and_ruled_by_cgroup() -> Result<()
         None,
     )?;
     let id = url("/latest/meta-data/instance-id");
+    let warm_up = u64::from(!support::netns_cookies_known());
+    if warm_up == 1 {
+        // Before 5.14 the daemon learns its own namespace's cookie from the first rewrite
+        // there, which it names without a pid: the pids are checked from the next one on.
+        assert_eq!(super::curl(&web, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+        daemon.wait_for_log("its callers' pids are recorded from now on")?;
+    }
     let (web_pid, answer) = curl_with_pid(&web, &ns, &id)?;
     assert_eq!(answer, format!("{INSTANCE_ID} 200"));
     // IPv6 (the socket is AF_INET6, connected to the proxy's IPv4-mapped address).
@@ -111,17 +118,21 @@ fn host_processes_are_named_by_cgroup_and_pid_and_ruled_by_cgroup() -> Result<()
             .find(|c| c["cgroup"] == cgroup)
             .and_then(|c| c["requests"].as_u64())
     };
-    assert_eq!(requests(&name(&web)), Some(2), "{callers:?}");
+    assert_eq!(requests(&name(&web)), Some(2 + warm_up), "{callers:?}");
     assert_eq!(requests(&name(&batch)), Some(1), "{callers:?}");
     assert_eq!(requests(&name(&outside)), Some(1), "{callers:?}");
-    assert_eq!(status["host_requests"], 4);
+    assert_eq!(status["host_requests"], 4 + warm_up);
     let text = support::sh(
         command_in(super::DAEMON, None, Some(&ns))?
             .args(["status", "--control-socket"])
             .arg(&daemon.control_socket),
     )?;
     assert!(
-        text.contains(&format!("host  2 requests  host {}", name(&web))),
+        text.contains(&format!(
+            "host  {} requests  host {}",
+            2 + warm_up,
+            name(&web)
+        )),
         "{text}"
     );
     Ok(())

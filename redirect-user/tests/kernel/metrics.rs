@@ -5,10 +5,16 @@ use anyhow::{Context as _, Result};
 
 use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, command_in, curl, sh, url};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[(
-    "metrics_count_known_traffic_and_readiness_follows_the_attachments",
-    metrics_count_known_traffic_and_readiness_follows_the_attachments,
-)];
+pub const TESTS: &[(&str, super::TestFn)] = &[
+    (
+        "metrics_count_known_traffic_and_readiness_follows_the_attachments",
+        metrics_count_known_traffic_and_readiness_follows_the_attachments,
+    ),
+    (
+        "readiness_self_test_catches_a_link_detached_behind_the_daemons_back",
+        readiness_self_test_catches_a_link_detached_behind_the_daemons_back,
+    ),
+];
 
 const METRICS: &str = "127.0.0.1:9169";
 
@@ -102,10 +108,87 @@ fn metrics_count_known_traffic_and_readiness_follows_the_attachments() -> Result
         body.starts_with("ready: 10 program links attached"),
         "{body}"
     );
+    assert!(
+        body.contains("a connect to 169.254.169.254:80 from each of 2 cgroup(s) was redirected"),
+        "{body}"
+    );
     // A covered cgroup goes (its links with it): not ready, and it says which.
     std::fs::remove_dir(&client)?;
     let (status, body) = curl(&other, &ns, &[], &format!("http://{METRICS}/readyz"))?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("the cgroup is gone"), "{body}");
     Ok(())
+}
+
+/// The links stay held and pinned, but one is detached in the kernel (`bpftool link detach`):
+/// only the self-test's connect can tell, and /readyz turns 503 naming the cgroup.
+fn readiness_self_test_catches_a_link_detached_behind_the_daemons_back() -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let outside = cg.child("outside")?;
+    let _daemon = Daemon::start(
+        &[
+            "--mock",
+            "--cgroup",
+            client.to_str().unwrap(),
+            "--metrics-listen",
+            METRICS,
+        ],
+        &ns,
+        None,
+    )?;
+    let readyz = format!("http://{METRICS}/readyz");
+    let (status, body) = curl(&outside, &ns, &[], &readyz)?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("was redirected"), "{body}");
+    let left: Vec<_> = std::fs::read_dir(&client)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "the probe's cgroup stays: {left:?}");
+    // Detach the connect4 link of this cgroup (its id is the cgroup directory's inode).
+    let cgroup_id = std::fs::metadata(&client)?.ino();
+    let links: serde_json::Value = serde_json::from_str(&sh(std::process::Command::new(
+        "bpftool",
+    )
+    .args(["-j", "link", "show"]))?)?;
+    let connect4: Vec<u64> = links
+        .as_array()
+        .context("bpftool link show")?
+        .iter()
+        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
+        .filter(|l| {
+            l["attach_type"]
+                .as_str()
+                .is_some_and(|t| t.contains("inet4_connect"))
+        })
+        .filter_map(|l| l["id"].as_u64())
+        .collect();
+    assert_eq!(connect4.len(), 1, "cgroup {cgroup_id}: {links}");
+    sh(std::process::Command::new("bpftool").args([
+        "link",
+        "detach",
+        "id",
+        &connect4[0].to_string(),
+    ]))?;
+    // A verdict stands a few seconds (a poller cannot make the daemon probe in a loop).
+    for _ in 0..40 {
+        let (status, body) = curl(&outside, &ns, &[], &readyz)?;
+        if status == 503 {
+            assert!(
+                body.contains(&format!(
+                    "a connect to 169.254.169.254:80 from {} was not redirected",
+                    client.display()
+                )),
+                "{body}"
+            );
+            return Ok(());
+        }
+        assert!(body.contains("was redirected"), "{body}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    anyhow::bail!("/readyz stayed ready with connect4 detached")
 }

@@ -44,16 +44,20 @@ pub const TESTS: &[(&str, super::TestFn)] = &[
         one_namespace_cannot_take_the_connections_of_the_others,
     ),
     (
-        "macvlan_containers_are_served",
-        macvlan_containers_are_served,
-    ),
-    (
         "a_caller_gone_mid_request_is_a_closed_connection",
         a_caller_gone_mid_request_is_a_closed_connection,
     ),
     (
         "ten_thousand_namespaces_come_and_go_without_a_leak",
         ten_thousand_namespaces_come_and_go_without_a_leak,
+    ),
+];
+
+/// The tests that drive Docker: kind `[docker]` (`--skip '[docker]'` leaves them out).
+pub const DOCKER: &[(&str, super::TestFn)] = &[
+    (
+        "macvlan_containers_are_served",
+        macvlan_containers_are_served,
     ),
     (
         "docker_going_away_and_back_keeps_serving_and_fails_closed",

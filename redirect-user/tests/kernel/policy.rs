@@ -6,16 +6,16 @@ use anyhow::Result;
 
 use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, support};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[
-    (
-        "container_labels_and_config_rules_deny_limit_and_name_roles",
-        container_labels_and_config_rules_deny_limit_and_name_roles,
-    ),
-    (
-        "config_rules_apply_to_every_caller_after_sighup",
-        config_rules_apply_to_every_caller_after_sighup,
-    ),
-];
+pub const TESTS: &[(&str, super::TestFn)] = &[(
+    "config_rules_apply_to_every_caller_after_sighup",
+    config_rules_apply_to_every_caller_after_sighup,
+)];
+
+/// The tests that drive Docker: kind `[docker]` (`--skip '[docker]'` leaves them out).
+pub const DOCKER: &[(&str, super::TestFn)] = &[(
+    "container_labels_and_config_rules_deny_limit_and_name_roles",
+    container_labels_and_config_rules_deny_limit_and_name_roles,
+)];
 
 fn container_labels_and_config_rules_deny_limit_and_name_roles() -> Result<()> {
     use support::docker::{CgroupParent, Image, run_once};

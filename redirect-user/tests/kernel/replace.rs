@@ -8,13 +8,20 @@ use std::process::Stdio;
 use anyhow::{Context as _, Result};
 
 use super::{
-    Daemon, INSTANCE_ID, NetNs, TOKEN_TTL, TestCgroup, command_in, curl, support, test_python, url,
+    DAEMON, Daemon, INSTANCE_ID, NetNs, TOKEN_TTL, TestCgroup, command_in, curl,
+    run_daemon_expecting_failure, support, test_python, url,
 };
 
-pub const TESTS: &[(&str, super::TestFn)] = &[(
-    "replace_under_load_fails_no_request",
-    replace_under_load_fails_no_request,
-)];
+pub const TESTS: &[(&str, super::TestFn)] = &[
+    (
+        "replace_under_load_fails_no_request",
+        replace_under_load_fails_no_request,
+    ),
+    (
+        "a_replace_that_fails_midway_leaves_the_old_daemon_serving",
+        a_replace_that_fails_midway_leaves_the_old_daemon_serving,
+    ),
+];
 
 fn replace_under_load_fails_no_request() -> Result<()> {
     let python = test_python()?;
@@ -104,5 +111,93 @@ print(json.dumps({{"ok": ok, "failed": failed}}))
     );
     let pid = new.status(&ns)?["pid"].as_u64();
     assert_eq!(pid, Some(u64::from(new.pid())));
+    Ok(())
+}
+
+/// The new daemon adopts the pins, then fails (its --metrics-listen port is taken by someone
+/// else): it hands them back, and the old daemon serves on with its own programs in them (its
+/// counters move again), its pin lock retaken, so that a later replace still works.
+fn a_replace_that_fails_midway_leaves_the_old_daemon_serving() -> Result<()> {
+    let python = test_python()?;
+    let ns = NetNs::new()?;
+    let cg = TestCgroup::new()?;
+    let client = cg.child("client")?;
+    let dir = tempfile::tempdir()?;
+    let pins = support::PinDirGuard::new();
+    let control = dir.path().join("control.sock");
+    let state = dir.path().join("state");
+    let args = |metrics: &'static str| {
+        vec![
+            "--mock".to_owned(),
+            "--cgroup".to_owned(),
+            client.display().to_string(),
+            "--control-socket".to_owned(),
+            control.display().to_string(),
+            "--pin-dir".to_owned(),
+            pins.arg().to_owned(),
+            "--state-dir".to_owned(),
+            state.display().to_string(),
+            "--metrics-listen".to_owned(),
+            metrics.to_owned(),
+            "--replace".to_owned(),
+        ]
+    };
+    let old_args = args("127.0.0.1:9180");
+    let old_args: Vec<&str> = old_args.iter().map(String::as_str).collect();
+    let mut old = Daemon::start(&old_args, &ns, None)?;
+    // Someone else's listener on the port the new daemon wants for its metrics.
+    let squatter = command_in(&python, None, Some(&ns))?
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket()\ns.bind(('127.0.0.1', 9181))\ns.listen()\nprint('listening', flush=True)\nsys.stdin.read()",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (_squatter, said) = support::ChildGuard::first_line(squatter)?;
+    assert_eq!(said.trim(), "listening");
+    let id = url("/latest/meta-data/instance-id");
+    assert_eq!(curl(&client, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+    let rewritten = |d: &Daemon| -> Result<u64> {
+        d.status(&ns)?["counters"]["connect4_rewritten"]
+            .as_u64()
+            .context("connect4_rewritten")
+    };
+    let before = rewritten(&old)?;
+    let failing = args("127.0.0.1:9181");
+    let stderr = run_daemon_expecting_failure({
+        let mut cmd = command_in(DAEMON, None, Some(&ns))?;
+        cmd.arg("run").args(&failing);
+        cmd
+    })?;
+    assert!(
+        stderr.contains("adopted 5 program links"),
+        "it got as far as the pins: {stderr}"
+    );
+    assert!(
+        stderr.contains("--metrics-listen 127.0.0.1:9181: cannot listen there"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the running daemon serves on as before"),
+        "{stderr}"
+    );
+    old.wait_for_log("the new daemon gave up")?;
+    // The old daemon, with its own programs: its counters count the rewrites again.
+    for _ in 0..3 {
+        assert_eq!(curl(&client, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+    }
+    assert!(rewritten(&old)? >= before + 3, "{}", old.log());
+    assert_eq!(old.status(&ns)?["pid"].as_u64(), Some(u64::from(old.pid())));
+    // And a replace that works still can: the lock is the old daemon's again to hand over.
+    let new = Daemon::start(&old_args, &ns, None)?;
+    assert!(
+        new.log().contains("took over from the daemon"),
+        "{}",
+        new.log()
+    );
+    assert_eq!(old.wait()?.code(), Some(0), "{}", old.log());
+    assert_eq!(curl(&client, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+    assert!(rewritten(&new)? >= 1, "{}", new.log());
     Ok(())
 }

@@ -7,11 +7,12 @@
 
 use std::{path::Path, process::Command, thread, time::Duration};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 
 use super::{INSTANCE_ID, TestCgroup, support};
 
-pub const TESTS: &[(&str, super::TestFn)] = &[(
+/// Every test here drives Docker: kind `[docker]`.
+pub const DOCKER: &[(&str, super::TestFn)] = &[(
     "swarm_example_serves_an_app_on_an_overlay_network",
     swarm_example_serves_an_app_on_an_overlay_network,
 )];
@@ -120,14 +121,8 @@ fn swarm_example_serves_an_app_on_an_overlay_network() -> Result<()> {
         nobody.display(),
         pins.arg()
     ))?;
-    let app = task_container(&format!("{}_app", stack.name))?;
-    let pid = support::sh(Command::new("docker").args(["inspect", "-f", "{{.State.Pid}}", &app]))?;
-    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pid.trim()))
-        .with_context(|| format!("the app task {app} (pid {}) is gone", pid.trim()))?;
-    let cgroup = cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("the task's cgroup")?;
+    let (app, cgroup) = task_cgroup(&format!("{}_app", stack.name))?;
+    let cgroup = cgroup.as_str();
     ensure!(cgroup.ends_with(&app), "a task's own cgroup: {cgroup}");
     deploy(format!(
         "--listen 127.0.0.1:0 --cgroup {cgroup} --pin-dir {}",
@@ -154,8 +149,11 @@ fn swarm_example_serves_an_app_on_an_overlay_network() -> Result<()> {
     )
 }
 
-/// The id of the running container of `service`'s task, once there is one.
-fn task_container(service: &str) -> Result<String> {
+/// The id and cgroup of the running container of `service`'s task, once there is one. A
+/// container `docker ps` lists may have stopped by the time it is inspected (Swarm replaces a
+/// task that fails, for one on a network not ready yet): the next one is looked for then.
+fn task_cgroup(service: &str) -> Result<(String, String)> {
+    let mut seen = Vec::new();
     for _ in 0..150 {
         let out = support::sh(Command::new("docker").args([
             "ps",
@@ -164,12 +162,34 @@ fn task_container(service: &str) -> Result<String> {
             "--filter",
             &format!("label=com.docker.swarm.service.name={service}"),
         ]))?;
-        if let Some(id) = out.lines().next() {
-            return Ok(id.trim().to_owned());
+        if let Some(id) = out.lines().next().map(str::trim) {
+            // Removed already, it is an error here: an empty state, and the next is looked for.
+            let state = Command::new("docker")
+                .args([
+                    "inspect",
+                    "-f",
+                    "{{.State.Pid}} {{.State.Status}} {{.State.ExitCode}}",
+                    id,
+                ])
+                .output()?;
+            let state = String::from_utf8_lossy(&state.stdout).into_owned();
+            let pid = state.split_whitespace().next().unwrap_or("0");
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .ok()
+                .filter(|_| pid != "0")
+                .and_then(|c| {
+                    c.lines()
+                        .find_map(|l| l.strip_prefix("0::"))
+                        .map(str::to_owned)
+                });
+            match cgroup {
+                Some(cgroup) => return Ok((id.to_owned(), cgroup)),
+                None => seen.push(format!("{id}: {}", state.trim())),
+            }
         }
         thread::sleep(Duration::from_millis(200));
     }
-    bail!("no task of {service} started")
+    bail!("no task of {service} kept running: {seen:?}")
 }
 
 fn service_logs(service: &str) -> Result<String> {

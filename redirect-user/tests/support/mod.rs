@@ -713,11 +713,19 @@ pub fn curl(cgroup: &Path, netns: &NetNs, args: &[&str], url: &str) -> Result<(u
 
 /// Programs attached to `cgroup` according to `bpftool cgroup show`, as (attach type, name).
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<(String, String)>> {
-    let out = sh(Command::new("bpftool")
+    let out = Command::new("bpftool")
         .arg("-j")
         .arg("cgroup")
         .arg("show")
-        .arg(cgroup))?;
+        .arg(cgroup)
+        .output()
+        .context("starting bpftool")?;
+    if !out.status.success() {
+        // bpftool 7 queries attach types that kernels before 5.15 do not know, and gives up
+        // (exit 255): the links (ours are all links) tell the same.
+        return attached_links(cgroup);
+    }
+    let out = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = if out.trim().is_empty() {
         serde_json::Value::Array(vec![])
     } else {
@@ -736,6 +744,49 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<(String, String)>> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// Whether this kernel names a socket's network namespace cookie (`SO_NETNS_COOKIE`, 5.14).
+pub fn netns_cookies_known() -> bool {
+    use std::os::fd::AsRawFd as _;
+    let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the length given.
+    unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        ) == 0
+    }
+}
+
+/// The links on `cgroup` (its id is its directory's inode), as (attach type, program name).
+fn attached_links(cgroup: &Path) -> Result<Vec<(String, String)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(cgroup)?.ino();
+    let links: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("bpftool").args(["-j", "link", "show"]))?)?;
+    let mut found = Vec::new();
+    for link in links.as_array().context("bpftool link show")? {
+        if link["type"] != "cgroup" || link["cgroup_id"].as_u64() != Some(id) {
+            continue;
+        }
+        let prog = link["prog_id"].as_u64().context("prog_id")?.to_string();
+        let prog: serde_json::Value = serde_json::from_str(&sh(
+            Command::new("bpftool").args(["-j", "prog", "show", "id", &prog])
+        )?)?;
+        found.push((
+            link["attach_type"].as_str().unwrap_or_default().to_owned(),
+            prog["name"].as_str().unwrap_or_default().to_owned(),
+        ));
+    }
+    Ok(found)
 }
 
 /// Runs a role of this test binary (see `child`) inside `cgroup` and `netns`; returns its
