@@ -236,24 +236,22 @@ pub enum ReplaceStep {
 }
 
 impl ReplaceStep {
-    const PATHS: [(ReplaceStep, &'static str); 3] = [
-        (ReplaceStep::Prepare, "/replace/prepare"),
-        (ReplaceStep::Finish, "/replace/finish"),
-        (ReplaceStep::Abort, "/replace/abort"),
-    ];
-
     fn path(self) -> &'static str {
-        Self::PATHS
-            .iter()
-            .find(|(step, _)| *step == self)
-            .map_or("/replace/prepare", |(_, path)| path)
+        match self {
+            ReplaceStep::Prepare => "/replace/prepare",
+            ReplaceStep::Finish => "/replace/finish",
+            ReplaceStep::Abort => "/replace/abort",
+        }
     }
 
     fn from_path(path: &str) -> Option<ReplaceStep> {
-        Self::PATHS
-            .iter()
-            .find(|(_, p)| *p == path)
-            .map(|(step, _)| *step)
+        [
+            ReplaceStep::Prepare,
+            ReplaceStep::Finish,
+            ReplaceStep::Abort,
+        ]
+        .into_iter()
+        .find(|step| step.path() == path)
     }
 }
 
@@ -284,14 +282,15 @@ fn route(
     if control_only && reach == Reach::Tcp {
         return text(StatusCode::NOT_FOUND, "not here: use the control socket\n");
     }
+    if let Some(step) = replace_step
+        && req.method() == Method::POST
+    {
+        return match (handlers.replace)(step) {
+            Ok(done) => text(StatusCode::OK, &format!("{done}\n")),
+            Err(why) => text(StatusCode::CONFLICT, &format!("{why}\n")),
+        };
+    }
     let (code, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::POST, _) if replace_step.is_some() => {
-            let step = replace_step.unwrap_or(ReplaceStep::Prepare);
-            match (handlers.replace)(step) {
-                Ok(done) => (StatusCode::OK, "text/plain", format!("{done}\n").into_bytes()),
-                Err(why) => (StatusCode::CONFLICT, "text/plain", format!("{why}\n").into_bytes()),
-            }
-        }
         (&Method::POST, "/simulate") => {
             let (code, text) = simulate(req.uri().query(), handlers);
             (code, "text/plain", format!("{text}\n").into_bytes())
@@ -461,4 +460,22 @@ pub async fn fetch_status(path: &Path) -> Result<Status, ControlError> {
         return Err(protocol(format!("{code}: {}", body.trim())));
     }
     serde_json::from_str(&body).map_err(|e| protocol(format!("unreadable status: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_steps_are_known_by_their_paths() {
+        for step in [
+            ReplaceStep::Prepare,
+            ReplaceStep::Finish,
+            ReplaceStep::Abort,
+        ] {
+            assert_eq!(ReplaceStep::from_path(step.path()), Some(step));
+        }
+        assert_eq!(ReplaceStep::from_path("/replace/"), None);
+        assert_eq!(ReplaceStep::from_path("/replace/abort/"), None);
+    }
 }

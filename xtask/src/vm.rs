@@ -129,6 +129,12 @@ pub fn run_all(
     args: &[std::ffi::OsString],
 ) -> Result<Vec<Outcome>> {
     host::ensure_tools(VM_TOOLS)?;
+    // Both go on the kernel command line, which splits at spaces.
+    ensure!(
+        !workspace.to_string_lossy().contains(char::is_whitespace),
+        "vm-test needs a workspace path without spaces, not {}",
+        workspace.display()
+    );
     let dir = workspace.join("target/vm");
     std::fs::create_dir_all(&dir)?;
     let script = dir.join("run-tests.sh");
@@ -153,7 +159,7 @@ pub fn run_all(
             unpacked.package,
             log.display()
         );
-        let boot = |accel| boot(&unpacked, &initrd, &script, accel, &log);
+        let boot = |accel| boot(&unpacked, &initrd, (&script, workspace), accel, &log);
         let console = match accel {
             Accel::Auto => match boot(Accel::Kvm)? {
                 Some(console) => {
@@ -464,15 +470,21 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules/order); do insmod /modules/$m || echo "redirect-vm-test: insmod $m failed"; done
 script=$(sed -n 's/.*redirect.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+workspace=$(sed -n 's/.*redirect.workspace=\([^ ]*\).*/\1/p' /proc/cmdline)
 fail() {{ echo "redirect-vm-test: $1"; poweroff -f; }}
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroot /host || fail "cannot mount the host's root"
 mount -t tmpfs -o size=60% rw /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /new || fail "cannot make the overlay"
+# Kept aside: the workspace may be under /tmp or /run, which get tmpfs of their own below.
+mkdir -p /workspace
+mount --bind /new$workspace /workspace || fail "no workspace at $workspace"
 for d in proc sys dev; do mount --move /$d /new/$d; done
 mount -t cgroup2 cgroup2 /new/sys/fs/cgroup
 mount -t tmpfs tmpfs /new/tmp
 mount -t tmpfs tmpfs /new/run
+mkdir -p /new$workspace
+mount --bind /workspace /new$workspace
 mkdir -p /new/dev/pts /new/dev/shm /new/lib/modules/{release}
 mount -t devpts devpts /new/dev/pts
 mount -t tmpfs shm /new/dev/shm
@@ -495,7 +507,7 @@ poweroff -f
 fn boot(
     kernel: &Unpacked,
     initrd: &Path,
-    script: &Path,
+    (script, workspace): (&Path, &Path),
     accel: Accel,
     log: &Path,
 ) -> Result<Option<String>> {
@@ -512,8 +524,9 @@ fn boot(
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 oops=panic redirect.script={}",
-            script.display()
+            "console=ttyS0 quiet panic=-1 oops=panic redirect.script={} redirect.workspace={}",
+            script.display(),
+            workspace.display()
         ))
         // The host's root, read-only; multidevs=remap because it spans several filesystems.
         .args([

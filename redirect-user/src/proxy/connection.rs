@@ -65,12 +65,9 @@ pub(super) async fn serve<S>(
                         }
                     }
                     () = shutdown.cancelled() => {
-                        // Parked before its first request (a slow client): that request is
-                        // still served, as in `serve_requests`.
-                        if activity.finished() > 0 {
-                            return;
-                        }
-                        let next = tokio::time::timeout(FRESH_GRACE, parked.next_request()).await;
+                        // Its next request may be on its way: it is still served, with
+                        // `Connection: close`, as in `serve_requests`.
+                        let next = tokio::time::timeout(STOP_GRACE, parked.next_request()).await;
                         if !matches!(next, Ok(Ok(true))) {
                             return close(parked, false).await;
                         }
@@ -101,15 +98,23 @@ where
 {
     let service = {
         let (shared, activity, peer) = (Arc::clone(shared), Arc::clone(activity), Arc::clone(peer));
+        let stopping = shutdown.clone();
         service_fn(move |req| {
             let (shared, activity) = (Arc::clone(&shared), Arc::clone(&activity));
             let peer = Arc::clone(&peer);
+            let stopping = stopping.clone();
             // Boxed: hyper keeps a slot of the future's size per connection.
             Box::pin(async move {
-                let resp = match over_budget {
+                let mut resp = match over_budget {
                     Some(limit) => over(req, &shared, &peer, limit),
                     None => handle(req, &shared, &activity, &peer).await,
                 };
+                // Stopping: the client learns from this answer that the connection ends
+                // (hyper closes it once written), rather than from its next request failing.
+                if stopping.is_cancelled() {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 Ok::<_, Infallible>(resp)
             })
         })
@@ -119,10 +124,12 @@ where
         result = poll_fn(|cx| conn.poll_without_shutdown(cx)) => Err(result),
         () = idle_for(activity, PARK_AFTER) => Ok(true),
         () = shutdown.cancelled() => {
-            // A connection accepted just before the stop has its first request on the way
-            // (a replacing daemon took the port meanwhile): it is served, not closed unasked.
-            let fresh = activity.finished() == 0 && !activity.is_busy();
-            if fresh {
+            // Between requests, the next may be on its way: on a kept-alive connection the
+            // client reuses at this moment, or the first of a connection accepted just before
+            // the stop (a replacing daemon took the port meanwhile). It is served, its answer
+            // saying `Connection: close`, rather than the connection closed under the client.
+            // A request in progress is answered first either way.
+            if !activity.is_busy() {
                 tokio::select! {
                     result = poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                         if let Err(e) = result {
@@ -130,7 +137,7 @@ where
                         }
                         return None;
                     }
-                    () = first_request(activity, FRESH_GRACE) => {}
+                    () = tokio::time::sleep(STOP_GRACE) => {}
                 }
             }
             Ok(false)
@@ -163,19 +170,8 @@ where
     Some((io, park))
 }
 
-/// How long a connection that has not sent its first request yet is kept after a stop.
-const FRESH_GRACE: Duration = Duration::from_secs(1);
-
-/// Resolves once the connection's first request has begun to arrive, or after `grace`.
-async fn first_request(activity: &Activity, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
-    while tokio::time::Instant::now() < deadline {
-        if activity.is_busy() || activity.is_arriving() || activity.finished() > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+/// How long a connection between requests is kept after a stop, for a request on its way.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Resolves once no request has been handled, begun, or begun to arrive for `period`.
 async fn idle_for(activity: &Activity, period: Duration) {

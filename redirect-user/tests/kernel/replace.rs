@@ -74,6 +74,36 @@ print(json.dumps({{"ok": ok, "failed": failed}}))
         .stdout(Stdio::piped())
         .spawn()?;
     let load = support::ChildGuard(Some(load));
+    // And a client that keeps its connection, as the SDKs do: a new one only when told
+    // `Connection: close` (or on a failure, which counts).
+    let keep_alive = format!(
+        r#"
+import http.client, json, os
+ok, failed, conns = 0, [], 1
+conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=10)
+while not os.path.exists({stop:?}) or ok < 50:
+    try:
+        conn.request("GET", "/latest/meta-data/instance-id")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert body == b"{INSTANCE_ID}", body
+        ok += 1
+        if resp.will_close:
+            conn.close(); conns += 1
+            conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=10)
+    except Exception as e:
+        failed.append(repr(e))
+        conn.close(); conns += 1
+        conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=10)
+print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
+"#,
+        stop = stop.display().to_string()
+    );
+    let kept = command_in(&python, Some(&client), Some(&ns))?
+        .args(["-c", &keep_alive])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let kept = support::ChildGuard(Some(kept));
     let new = Daemon::start(&args, &ns, None)?;
     assert!(
         new.log().contains("took over from the daemon"),
@@ -98,6 +128,11 @@ print(json.dumps({{"ok": ok, "failed": failed}}))
         serde_json::from_slice(&out).with_context(|| String::from_utf8_lossy(&out).into_owned())?;
     assert_eq!(got["failed"], serde_json::json!([]), "{got}");
     assert!(got["ok"].as_u64() >= Some(50), "{got}");
+    let out = kept.wait_with_output()?;
+    let got: serde_json::Value =
+        serde_json::from_slice(&out).with_context(|| String::from_utf8_lossy(&out).into_owned())?;
+    assert_eq!(got["failed"], serde_json::json!([]), "keep-alive: {got}");
+    assert!(got["ok"].as_u64() >= Some(50), "keep-alive: {got}");
     // The old daemon's token, served by the new one; and the new one is the daemon here now.
     let auth = format!("X-aws-ec2-metadata-token: {token}");
     assert_eq!(
