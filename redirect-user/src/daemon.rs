@@ -55,6 +55,13 @@ fn host_kernel(
             tracing::warn!("{e}: the host's callers are not told apart (one caller, \"host\")");
         })
         .ok();
+    // The first query makes the kernel load its TCP sock_diag modules (inet_diag, tcp_diag):
+    // asked now, so that the first caller does not wait for them (over a second seen in a
+    // slow VM, past botocore's 1 s metadata timeout).
+    if let Some(diag) = &diag {
+        let nowhere = SocketAddr::from(([127, 0, 0, 1], 1));
+        let _ = diag.find(nowhere, nowhere);
+    }
     let pids = redirector
         .caller_pids()
         .inspect_err(|e| tracing::warn!("{e}: the host's callers are named without their pids"))

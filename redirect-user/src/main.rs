@@ -78,15 +78,6 @@ enum Command {
     },
     /// Print the man page (roff).
     Man,
-    /// The readiness self-test's probe (run by the daemon): join the cgroup whose
-    /// cgroup.procs is CGROUP_PROCS, enter a network namespace of its own, listen on PROXY
-    /// and dial TARGET. Exits 0 when the connect was redirected, 3 when not.
-    #[command(hide = true)]
-    Probe {
-        cgroup_procs: PathBuf,
-        target: std::net::SocketAddr,
-        proxy: std::net::SocketAddr,
-    },
 }
 
 #[derive(Args)]
@@ -256,6 +247,11 @@ struct StatusArgs {
 }
 
 fn main() -> ExitCode {
+    // The readiness self-test's probe: this binary again, told so by the daemon (not a
+    // subcommand: nothing a user runs, so not in --help, the man page or the completions).
+    if let Some(probe) = std::env::var_os(redirect::selftest::PROBE_ENV) {
+        return redirect::selftest::run_probe(&probe);
+    }
     let cli = Cli::parse();
     let ebpf_log = matches!(&cli.command, Command::Run(args) if args.ebpf_log);
     init_logging(&cli.log_level, cli.log_format, ebpf_log);
@@ -270,11 +266,6 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "redirect", &mut std::io::stdout());
             Ok(())
         }
-        Command::Probe {
-            cgroup_procs,
-            target,
-            proxy,
-        } => return redirect::selftest::run_probe(&cgroup_procs, target, proxy),
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
             clap_mangen::Man::new(command)

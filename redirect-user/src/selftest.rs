@@ -3,7 +3,7 @@
 //! the daemon's back, `bpftool link detach`, and still be held and pinned). gke-metadata-server
 //! checks its own program the same way.
 //!
-//! The probe is this binary again (`redirect probe`, hidden), run in a child cgroup of the
+//! The probe is this binary again (run with [`PROBE_ENV`] set), in a child cgroup of the
 //! covered one and in a network namespace of its own that has nothing but loopback, so that no
 //! packet can leave whatever happens. There it listens on the proxy's loopback endpoint and
 //! dials a metadata target: rewritten, the connect reaches that listener; left alone, it finds
@@ -20,6 +20,9 @@ use std::{
 };
 
 use crate::ebpf::Route;
+
+/// Set for the probe process: `CGROUP_PROCS TARGET PROXY`, what it joins, dials and listens on.
+pub const PROBE_ENV: &str = "REDIRECT_SELFTEST_PROBE";
 
 /// The probe cgroups' names start with this, followed by the daemon's pid.
 pub const PROBE_CGROUP_PREFIX: &str = "redirect-probe-";
@@ -180,11 +183,10 @@ fn probe_cgroup(cgroup: &Path, probe: Probe) -> Result<(), SelfTestError> {
         }
     }
     // /proc/self/exe: still this program after a package upgrade replaced the file.
+    let mut what = std::ffi::OsString::from(child.join("cgroup.procs"));
+    what.push(format!(" {} {}", probe.target, probe.proxy));
     let out = Command::new("/proc/self/exe")
-        .arg("probe")
-        .arg(child.join("cgroup.procs"))
-        .arg(probe.target.to_string())
-        .arg(probe.proxy.to_string())
+        .env(PROBE_ENV, what)
         .stdin(Stdio::null())
         .output();
     // The probe has exited and been reaped, so its cgroup is empty.
@@ -205,8 +207,14 @@ fn probe_cgroup(cgroup: &Path, probe: Probe) -> Result<(), SelfTestError> {
     }
 }
 
-/// `redirect probe CGROUP_PROCS TARGET PROXY`: the probe process itself.
-pub fn run_probe(cgroup_procs: &Path, target: SocketAddr, proxy: SocketAddr) -> ExitCode {
+/// The probe process itself, given [`PROBE_ENV`]'s value.
+pub fn run_probe(what: &std::ffi::OsStr) -> ExitCode {
+    let what = what.to_string_lossy();
+    let Some((cgroup_procs, target, proxy)) = parse_probe(&what) else {
+        eprintln!("{PROBE_ENV}={what:?}: want CGROUP_PROCS TARGET PROXY");
+        return ExitCode::from(CANNOT_SET_UP);
+    };
+    let cgroup_procs = Path::new(cgroup_procs);
     let listener = match set_up(cgroup_procs, proxy) {
         Ok(listener) => listener,
         Err(e) => {
@@ -234,6 +242,14 @@ pub fn run_probe(cgroup_procs: &Path, target: SocketAddr, proxy: SocketAddr) -> 
             ExitCode::from(DIAL_FAILED)
         }
     }
+}
+
+/// `CGROUP_PROCS TARGET PROXY`, split from the right: a cgroup path may hold spaces.
+fn parse_probe(what: &str) -> Option<(&str, SocketAddr, SocketAddr)> {
+    let mut parts = what.rsplitn(3, ' ');
+    let proxy = parts.next()?.parse().ok()?;
+    let target = parts.next()?.parse().ok()?;
+    Some((parts.next().filter(|p| !p.is_empty())?, target, proxy))
 }
 
 /// Joins the probe cgroup, enters a network namespace of its own and listens on `proxy` there.
@@ -282,6 +298,23 @@ mod tests {
         assert!(is_probe_cgroup("redirect-probe-1"));
         assert!(!is_probe_cgroup("/redirect-probe-1/app"));
         assert!(!is_probe_cgroup("/system.slice/redirect.service"));
+    }
+
+    #[test]
+    fn the_probe_is_told_what_to_do_in_one_variable() {
+        assert_eq!(
+            parse_probe(
+                "/sys/fs/cgroup/a b/redirect-probe-1/cgroup.procs 169.254.169.254:80 127.0.0.1:8169"
+            ),
+            Some((
+                "/sys/fs/cgroup/a b/redirect-probe-1/cgroup.procs",
+                "169.254.169.254:80".parse().unwrap(),
+                "127.0.0.1:8169".parse().unwrap()
+            ))
+        );
+        assert_eq!(parse_probe("169.254.169.254:80 127.0.0.1:8169"), None);
+        assert_eq!(parse_probe("/x 169.254.169.254 127.0.0.1:8169"), None);
+        assert_eq!(parse_probe(""), None);
     }
 
     #[test]

@@ -128,12 +128,9 @@ fn a_namespace_that_exists_at_start_is_served_first_try() -> Result<()> {
     assert_eq!(entry["requests"], 1, "{entry}");
     assert_eq!(entry["listening"][0], "127.0.0.1:8170", "{entry}");
     assert_eq!(status["counters"]["netns_unserved"], 0, "{status}");
-    let log = daemon.log();
-    ensure!(
-        log.contains(&format!("{name} (cgroup /"))
-            && log.contains("GET /latest/meta-data/instance-id 200"),
-        "the access log names the caller's namespace: {log}"
-    );
+    // The access log names the caller's namespace (its line may still be on its way).
+    daemon.wait_for_log(&format!("{name} (cgroup /"))?;
+    daemon.wait_for_log("GET /latest/meta-data/instance-id 200")?;
     Ok(())
 }
 
@@ -410,11 +407,7 @@ fn docker_containers_are_served_from_their_first_command() -> Result<()> {
     let caller = format!("container demo/app ({})", before.name);
     assert_eq!(entry["caller"], caller.as_str(), "{entry}");
     assert_eq!(entry["requests"], 1, "{entry}");
-    let log = daemon.log();
-    ensure!(
-        log.contains(&format!("{caller} GET /latest/meta-data/instance-id 200")),
-        "{log}"
-    );
+    daemon.wait_for_log(&format!("{caller} GET /latest/meta-data/instance-id 200"))?;
     drop(before);
     Ok(())
 }

@@ -290,7 +290,6 @@ fn upstream_failures_become_gateway_errors() -> Result<()> {
     // The log names who asked, by the cgroup the kernel gives (the upstream is told nothing).
     let mount = support::cgroup2_mount()?;
     let asker = format!("(asked by host /{}", client.strip_prefix(&mount)?.display());
-    let log = daemon.log();
-    assert!(log.contains(&asker), "{asker} not in\n{log}");
+    daemon.wait_for_log(&asker)?;
     Ok(())
 }
