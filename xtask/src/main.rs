@@ -28,7 +28,8 @@ use crate::{
 #[command(name = "cargo xtask", about = "Build, run and test redirect")]
 enum Task {
     /// Install everything the build and the tests need: rust-src and bpf-linker for the eBPF
-    /// crate, bpftool, curl, iproute2, util-linux and the Python SDKs used by the tests.
+    /// crate, bpftool, curl, iproute2, util-linux, qemu and busybox (vm-test) and the Python
+    /// SDKs used by the tests.
     Setup,
     /// Build the eBPF object (installs rust-src and a matching bpf-linker when missing).
     BuildEbpf,
@@ -120,6 +121,7 @@ fn run_task(task: Task) -> Result<()> {
             build_ebpf(&workspace)?;
             host::ensure_tools(host::TEST_TOOLS)?;
             host::ensure_tools(host::BENCH_TOOLS)?;
+            host::ensure_tools(vm::VM_TOOLS)?;
             host::ensure_python(&workspace, "test-venv", host::PYTHON_TEST_PACKAGES)?;
             host::ensure_python(&workspace, "bench-venv", host::PYTHON_BENCH_PACKAGES)?;
             host::ensure_cloud_init(&workspace)?;
