@@ -76,6 +76,11 @@ impl Rootfs {
     /// host paths.
     pub fn add_program(&self, program: &Path, at: &Path) -> Result<()> {
         self.copy(program, at)?;
+        self.add_libraries(program)
+    }
+
+    /// The shared libraries `program` loads, at their host paths.
+    pub fn add_libraries(&self, program: &Path) -> Result<()> {
         for lib in libraries(program)? {
             self.copy(&lib, &lib)?;
         }

@@ -499,9 +499,7 @@ fn check_deb_in_container(deb: &Path) -> Result<()> {
     }
     // What the packaged binary loads (libgcc_s too: required on every Debian system, so the
     // package does not name it).
-    let bin = workspace_root().join("target/release/redirect");
-    root.add_program(&bin, Path::new("/tmp/redirect-libraries"))?;
-    std::fs::remove_file(root.path().join("tmp/redirect-libraries"))?;
+    root.add_libraries(&workspace_root().join("target/release/redirect"))?;
     // `sh` is a link to dash on Debian: the image needs /bin/sh by that name.
     let sh = std::fs::canonicalize(host::which("sh").context("sh")?)?;
     if !root.path().join("usr/bin/sh").exists() {

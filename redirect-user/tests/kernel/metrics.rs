@@ -3,7 +3,7 @@
 
 use anyhow::{Context as _, Result};
 
-use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, command_in, curl, sh, url};
+use super::{Daemon, INSTANCE_ID, NetNs, TestCgroup, command_in, curl, sh, support, url};
 
 pub const TESTS: &[(&str, super::TestFn)] = &[
     (
@@ -123,7 +123,6 @@ fn metrics_count_known_traffic_and_readiness_follows_the_attachments() -> Result
 /// The links stay held and pinned, but one is detached in the kernel (`bpftool link detach`):
 /// only the self-test's connect can tell, and /readyz turns 503 naming the cgroup.
 fn readiness_self_test_catches_a_link_detached_behind_the_daemons_back() -> Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
     let ns = NetNs::new()?;
     let cg = TestCgroup::new()?;
     let client = cg.child("client")?;
@@ -149,17 +148,10 @@ fn readiness_self_test_catches_a_link_detached_behind_the_daemons_back() -> Resu
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "the probe's cgroup stays: {left:?}");
-    // Detach the connect4 link of this cgroup (its id is the cgroup directory's inode).
-    let cgroup_id = std::fs::metadata(&client)?.ino();
-    let links: serde_json::Value = serde_json::from_str(&sh(std::process::Command::new(
-        "bpftool",
-    )
-    .args(["-j", "link", "show"]))?)?;
+    // Detach the connect4 link of this cgroup.
+    let links = support::cgroup_links(&client)?;
     let connect4: Vec<u64> = links
-        .as_array()
-        .context("bpftool link show")?
         .iter()
-        .filter(|l| l["cgroup_id"].as_u64() == Some(cgroup_id))
         .filter(|l| {
             l["attach_type"]
                 .as_str()
@@ -167,7 +159,7 @@ fn readiness_self_test_catches_a_link_detached_behind_the_daemons_back() -> Resu
         })
         .filter_map(|l| l["id"].as_u64())
         .collect();
-    assert_eq!(connect4.len(), 1, "cgroup {cgroup_id}: {links}");
+    assert_eq!(connect4.len(), 1, "{links:?}");
     sh(std::process::Command::new("bpftool").args([
         "link",
         "detach",

@@ -3,7 +3,7 @@
 //! fails, and IMDSv2 tokens issued by the old one stay valid. With no daemon running,
 //! `--replace` just starts.
 
-use std::process::Stdio;
+use std::{path::PathBuf, process::Stdio};
 
 use anyhow::{Context as _, Result};
 
@@ -23,35 +23,70 @@ pub const TESTS: &[(&str, super::TestFn)] = &[
     ),
 ];
 
+/// What a daemon and the one replacing it share: the namespace and the client's cgroup, the
+/// control socket, the pin and state directories. Fields drop in this order.
+struct Handover {
+    pins: support::PinDirGuard,
+    dir: tempfile::TempDir,
+    client: PathBuf,
+    _cg: TestCgroup,
+    ns: NetNs,
+}
+
+impl Handover {
+    fn new() -> Result<Self> {
+        let cg = TestCgroup::new()?;
+        Ok(Handover {
+            pins: support::PinDirGuard::new(),
+            dir: tempfile::tempdir()?,
+            client: cg.child("client")?,
+            _cg: cg,
+            ns: NetNs::new()?,
+        })
+    }
+
+    /// `redirect run` arguments of a daemon serving the mock here with `--replace`, then `extra`.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let dir = self.dir.path();
+        let mut args: Vec<String> = [
+            "--mock",
+            "--cgroup",
+            &self.client.display().to_string(),
+            "--control-socket",
+            &dir.join("control.sock").display().to_string(),
+            "--pin-dir",
+            self.pins.arg(),
+            "--state-dir",
+            &dir.join("state").display().to_string(),
+            "--replace",
+        ]
+        .map(str::to_owned)
+        .into();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    }
+
+    fn start(&self, extra: &[&str]) -> Result<Daemon> {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(&args, &self.ns, None)
+    }
+}
+
 fn replace_under_load_fails_no_request() -> Result<()> {
     let python = test_python()?;
-    let ns = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let dir = tempfile::tempdir()?;
-    let pins = support::PinDirGuard::new();
-    let control = dir.path().join("control.sock");
-    let state = dir.path().join("state");
-    let args = [
-        "--mock",
-        "--cgroup",
-        client.to_str().unwrap(),
-        "--control-socket",
-        control.to_str().unwrap(),
-        "--pin-dir",
-        pins.arg(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--replace",
-    ];
-    let mut old = Daemon::start(&args, &ns, None)?;
+    let here = Handover::new()?;
+    let Handover {
+        ns, client, dir, ..
+    } = &here;
+    let mut old = here.start(&[])?;
     assert!(
         old.log().contains("--replace: no daemon answers"),
         "{}",
         old.log()
     );
     let put = ["-X", "PUT", "-H", &format!("{TOKEN_TTL}: 600")];
-    let (_, token) = curl(&client, &ns, &put, &url("/latest/api/token"))?;
+    let (_, token) = curl(client, ns, &put, &url("/latest/api/token"))?;
     // The load: requests one after another, each on a new connection, until told to stop.
     let stop = dir.path().join("stop");
     let script = format!(
@@ -69,7 +104,7 @@ print(json.dumps({{"ok": ok, "failed": failed}}))
 "#,
         stop = stop.display().to_string()
     );
-    let load = command_in(&python, Some(&client), Some(&ns))?
+    let load = command_in(&python, Some(client), Some(ns))?
         .args(["-c", &script])
         .stdout(Stdio::piped())
         .spawn()?;
@@ -99,12 +134,12 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
 "#,
         stop = stop.display().to_string()
     );
-    let kept = command_in(&python, Some(&client), Some(&ns))?
+    let kept = command_in(&python, Some(client), Some(ns))?
         .args(["-c", &keep_alive])
         .stdout(Stdio::piped())
         .spawn()?;
     let kept = support::ChildGuard(Some(kept));
-    let new = Daemon::start(&args, &ns, None)?;
+    let new = here.start(&[])?;
     assert!(
         new.log().contains("took over from the daemon"),
         "{}",
@@ -137,14 +172,14 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
     let auth = format!("X-aws-ec2-metadata-token: {token}");
     assert_eq!(
         curl(
-            &client,
-            &ns,
+            client,
+            ns,
             &["-H", &auth],
             &url("/latest/meta-data/instance-id")
         )?,
         (200, INSTANCE_ID.into())
     );
-    let pid = new.status(&ns)?["pid"].as_u64();
+    let pid = new.status(ns)?["pid"].as_u64();
     assert_eq!(pid, Some(u64::from(new.pid())));
     Ok(())
 }
@@ -154,34 +189,11 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
 /// counters move again), its pin lock retaken, so that a later replace still works.
 fn a_replace_that_fails_midway_leaves_the_old_daemon_serving() -> Result<()> {
     let python = test_python()?;
-    let ns = NetNs::new()?;
-    let cg = TestCgroup::new()?;
-    let client = cg.child("client")?;
-    let dir = tempfile::tempdir()?;
-    let pins = support::PinDirGuard::new();
-    let control = dir.path().join("control.sock");
-    let state = dir.path().join("state");
-    let args = |metrics: &'static str| {
-        vec![
-            "--mock".to_owned(),
-            "--cgroup".to_owned(),
-            client.display().to_string(),
-            "--control-socket".to_owned(),
-            control.display().to_string(),
-            "--pin-dir".to_owned(),
-            pins.arg().to_owned(),
-            "--state-dir".to_owned(),
-            state.display().to_string(),
-            "--metrics-listen".to_owned(),
-            metrics.to_owned(),
-            "--replace".to_owned(),
-        ]
-    };
-    let old_args = args("127.0.0.1:9180");
-    let old_args: Vec<&str> = old_args.iter().map(String::as_str).collect();
-    let mut old = Daemon::start(&old_args, &ns, None)?;
+    let here = Handover::new()?;
+    let Handover { ns, client, .. } = &here;
+    let mut old = here.start(&["--metrics-listen", "127.0.0.1:9180"])?;
     // Someone else's listener on the port the new daemon wants for its metrics.
-    let squatter = command_in(&python, None, Some(&ns))?
+    let squatter = command_in(&python, None, Some(ns))?
         .args([
             "-c",
             "import socket, sys\ns = socket.socket()\ns.bind(('127.0.0.1', 9181))\ns.listen()\nprint('listening', flush=True)\nsys.stdin.read()",
@@ -192,17 +204,17 @@ fn a_replace_that_fails_midway_leaves_the_old_daemon_serving() -> Result<()> {
     let (_squatter, said) = support::ChildGuard::first_line(squatter)?;
     assert_eq!(said.trim(), "listening");
     let id = url("/latest/meta-data/instance-id");
-    assert_eq!(curl(&client, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+    assert_eq!(curl(client, ns, &[], &id)?, (200, INSTANCE_ID.into()));
     let rewritten = |d: &Daemon| -> Result<u64> {
-        d.status(&ns)?["counters"]["connect4_rewritten"]
+        d.status(ns)?["counters"]["connect4_rewritten"]
             .as_u64()
             .context("connect4_rewritten")
     };
     let before = rewritten(&old)?;
-    let failing = args("127.0.0.1:9181");
     let stderr = run_daemon_expecting_failure({
-        let mut cmd = command_in(DAEMON, None, Some(&ns))?;
-        cmd.arg("run").args(&failing);
+        let mut cmd = command_in(DAEMON, None, Some(ns))?;
+        cmd.arg("run")
+            .args(here.args(&["--metrics-listen", "127.0.0.1:9181"]));
         cmd
     })?;
     assert!(
@@ -220,19 +232,19 @@ fn a_replace_that_fails_midway_leaves_the_old_daemon_serving() -> Result<()> {
     old.wait_for_log("the new daemon gave up")?;
     // The old daemon, with its own programs: its counters count the rewrites again.
     for _ in 0..3 {
-        assert_eq!(curl(&client, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+        assert_eq!(curl(client, ns, &[], &id)?, (200, INSTANCE_ID.into()));
     }
     assert!(rewritten(&old)? >= before + 3, "{}", old.log());
-    assert_eq!(old.status(&ns)?["pid"].as_u64(), Some(u64::from(old.pid())));
+    assert_eq!(old.status(ns)?["pid"].as_u64(), Some(u64::from(old.pid())));
     // And a replace that works still can: the lock is the old daemon's again to hand over.
-    let new = Daemon::start(&old_args, &ns, None)?;
+    let new = here.start(&["--metrics-listen", "127.0.0.1:9180"])?;
     assert!(
         new.log().contains("took over from the daemon"),
         "{}",
         new.log()
     );
     assert_eq!(old.wait()?.code(), Some(0), "{}", old.log());
-    assert_eq!(curl(&client, &ns, &[], &id)?, (200, INSTANCE_ID.into()));
+    assert_eq!(curl(client, ns, &[], &id)?, (200, INSTANCE_ID.into()));
     assert!(rewritten(&new)? >= 1, "{}", new.log());
     Ok(())
 }

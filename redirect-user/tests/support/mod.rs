@@ -746,37 +746,26 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<(String, String)>> {
         .unwrap_or_default())
 }
 
-/// Whether this kernel names a socket's network namespace cookie (`SO_NETNS_COOKIE`, 5.14).
-pub fn netns_cookies_known() -> bool {
-    use std::os::fd::AsRawFd as _;
-    let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else {
-        return false;
-    };
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket, and a buffer of the length given.
-    unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        ) == 0
-    }
-}
-
-/// The links on `cgroup` (its id is its directory's inode), as (attach type, program name).
-fn attached_links(cgroup: &Path) -> Result<Vec<(String, String)>> {
+/// The BPF links on `cgroup` (its id is its directory's inode), as `bpftool -j link show`
+/// gives them (`id`, `prog_id`, `attach_type`, ...).
+pub fn cgroup_links(cgroup: &Path) -> Result<Vec<serde_json::Value>> {
     use std::os::unix::fs::MetadataExt as _;
     let id = std::fs::metadata(cgroup)?.ino();
     let links: serde_json::Value =
         serde_json::from_str(&sh(Command::new("bpftool").args(["-j", "link", "show"]))?)?;
+    Ok(links
+        .as_array()
+        .context("bpftool link show")?
+        .iter()
+        .filter(|l| l["type"] == "cgroup" && l["cgroup_id"].as_u64() == Some(id))
+        .cloned()
+        .collect())
+}
+
+/// The links on `cgroup`, as (attach type, program name).
+fn attached_links(cgroup: &Path) -> Result<Vec<(String, String)>> {
     let mut found = Vec::new();
-    for link in links.as_array().context("bpftool link show")? {
-        if link["type"] != "cgroup" || link["cgroup_id"].as_u64() != Some(id) {
-            continue;
-        }
+    for link in cgroup_links(cgroup)? {
         let prog = link["prog_id"].as_u64().context("prog_id")?.to_string();
         let prog: serde_json::Value = serde_json::from_str(&sh(
             Command::new("bpftool").args(["-j", "prog", "show", "id", &prog])
