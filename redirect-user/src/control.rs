@@ -22,7 +22,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::{mock::ec2::events::Event, status::Status};
+use crate::{
+    handover::{self, Listening, Role},
+    mock::ec2::events::Event,
+    status::Status,
+};
 
 /// Simulates an EC2 instance event (`None`: clears them) after a delay; says what it did, or
 /// why it cannot (no mock served).
@@ -38,12 +42,14 @@ pub struct Handlers {
     pub metrics: prometheus_client::registry::Registry,
     /// `POST /replace/prepare`, `/replace/finish` and `/replace/abort` (`redirect run --replace`).
     pub replace: Box<dyn Fn(ReplaceStep) -> Result<String, String> + Send + Sync>,
+    /// The listening sockets handed to a daemon replacing this one.
+    pub listening: Arc<Listening>,
 }
 
 /// Serves `handlers` on a TCP listener (`--metrics-listen`: `/metrics`, `/healthz`, `/readyz`
 /// and `/status`; `/simulate` and `/replace` only on the control socket) until `shutdown`.
 pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
+    listener: Arc<tokio::net::TcpListener>,
     handlers: Arc<Handlers>,
     shutdown: CancellationToken,
 ) {
@@ -72,7 +78,8 @@ impl Accept for UnixListener {
     }
 }
 
-impl Accept for tokio::net::TcpListener {
+/// Shared with the registry of sockets to hand over (`crate::handover`).
+impl Accept for Arc<tokio::net::TcpListener> {
     type Stream = tokio::net::TcpStream;
     async fn accept_one(&self) -> io::Result<tokio::net::TcpStream> {
         self.accept().await.map(|(stream, _)| stream)
@@ -104,13 +111,20 @@ async fn serve_on<L: Accept + Sync>(
             },
         };
         let handlers = Arc::clone(&handlers);
-        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let service = service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let handlers = Arc::clone(&handlers);
-            async move { Ok::<_, std::convert::Infallible>(route(&req, &handlers, reach)) }
+            async move {
+                let resp = match reach == Reach::Control && asks_for_listeners(&req) {
+                    true => prepare_with_listeners(&mut req, &handlers),
+                    false => route(&req, &handlers, reach),
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -225,10 +239,12 @@ impl Drop for ControlSocket {
 /// `redirect run --replace`'s steps, asked of the daemon being replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplaceStep {
-    /// Let go of the pin directory's lock (the new daemon adopts the pins), keep serving.
+    /// Let go of the pin directory's lock (the new daemon adopts the pins), hand the
+    /// listening sockets over (asked with `Upgrade: redirect-listeners`, see
+    /// `crate::handover`), keep serving.
     Prepare,
-    /// Stop accepting (new connections go to the new daemon's sockets on the same ports),
-    /// close the control socket, finish the requests in flight, exit.
+    /// Stop accepting (the new daemon accepts on the same sockets, or on its own on the same
+    /// ports), close the control socket, finish the requests in flight, exit.
     Finish,
     /// The new daemon failed between `Prepare` and `Finish`: take the pins back (lock, and
     /// our programs in their links again) and serve on as before.
@@ -253,6 +269,169 @@ impl ReplaceStep {
         .into_iter()
         .find(|step| step.path() == path)
     }
+}
+
+/// `POST /replace/prepare` with `Upgrade: redirect-listeners`: a new daemon that takes the
+/// listening sockets too.
+fn asks_for_listeners(req: &Request<hyper::body::Incoming>) -> bool {
+    req.method() == Method::POST
+        && ReplaceStep::from_path(req.uri().path()) == Some(ReplaceStep::Prepare)
+        && req.headers().get(header::UPGRADE).is_some_and(|p| {
+            p.as_bytes()
+                .eq_ignore_ascii_case(handover::PROTOCOL.as_bytes())
+        })
+}
+
+/// Releases the pins, answers 101, and hands the listening sockets over the connection once
+/// hyper lets go of it.
+fn prepare_with_listeners(
+    req: &mut Request<hyper::body::Incoming>,
+    handlers: &Arc<Handlers>,
+) -> Response<Full<Bytes>> {
+    if let Err(why) = (handlers.replace)(ReplaceStep::Prepare) {
+        return text(StatusCode::CONFLICT, &format!("{why}\n"));
+    }
+    let upgrade = hyper::upgrade::on(req);
+    let listening = Arc::clone(&handlers.listening);
+    tokio::spawn(async move {
+        let sent = async {
+            let upgraded = upgrade.await.map_err(io::Error::other)?;
+            let parts = upgraded
+                .downcast::<TokioIo<UnixStream>>()
+                .map_err(|_| io::Error::other("not the control socket"))?;
+            let stream = parts.io.into_inner().into_std()?;
+            stream.set_nonblocking(false)?;
+            let ready = parts.read_buf.first().copied();
+            let sockets = listening.live();
+            tokio::task::spawn_blocking(move || {
+                // The new daemon's byte says it reads with room for descriptors from now on.
+                if ready.is_none() {
+                    io::Read::read_exact(&mut &stream, &mut [0u8])?;
+                }
+                handover::send(&stream, &sockets).map(|()| describe(&sockets))
+            })
+            .await
+            .map_err(io::Error::other)?
+        };
+        match sent.await {
+            Ok(what) => tracing::info!("--replace: handed over {what}"),
+            Err(e) => tracing::warn!(
+                "--replace: the listening sockets were not handed over ({e}); the new daemon joins the ports instead"
+            ),
+        }
+    });
+    let mut resp = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static(handover::PROTOCOL),
+    );
+    resp
+}
+
+/// How many sockets of which role, for the log.
+fn describe(sockets: &[(Role, Arc<tokio::net::TcpListener>)]) -> String {
+    let count = |f: fn(&Role) -> bool| sockets.iter().filter(|(r, _)| f(r)).count();
+    format!(
+        "{} listening sockets: {} of the proxy, {} metrics, {} in other network namespaces",
+        sockets.len(),
+        count(|r| *r == Role::Proxy),
+        count(|r| *r == Role::Metrics),
+        count(|r| matches!(r, Role::Namespace { .. })),
+    )
+}
+
+/// What the daemon being replaced answered to `POST /replace/prepare`.
+pub struct Prepared {
+    pub said: String,
+    /// Its listening sockets; `None` from a daemon that does not hand them over (an earlier
+    /// version), or when they did not arrive.
+    pub sockets: Option<Vec<(Role, std::os::fd::OwnedFd)>>,
+}
+
+/// `--replace`'s first step: the daemon at `path` releases its pins and hands over its
+/// listening sockets.
+pub async fn prepare_replace(path: &Path) -> Result<Prepared, ControlError> {
+    let protocol = |message: String| ControlError::Protocol {
+        path: path.to_owned(),
+        message,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::NotRunning {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(ReplaceStep::Prepare.path())
+        .header(header::HOST, "redirect")
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, handover::PROTOCOL)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| protocol(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| protocol(e.to_string()))?;
+    let code = resp.status();
+    if code != StatusCode::SWITCHING_PROTOCOLS {
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| protocol(e.to_string()))?
+            .to_bytes();
+        let said = String::from_utf8_lossy(&body).trim().to_owned();
+        if !code.is_success() {
+            return Err(protocol(said));
+        }
+        return Ok(Prepared {
+            said,
+            sockets: None,
+        });
+    }
+    // The pins are released from here on: a failure to receive is not the replace's end.
+    let received = async {
+        let upgraded = hyper::upgrade::on(resp).await.map_err(io::Error::other)?;
+        let parts = upgraded
+            .downcast::<TokioIo<UnixStream>>()
+            .map_err(|_| io::Error::other("not a unix socket"))?;
+        let stream = parts.io.into_inner().into_std()?;
+        stream.set_nonblocking(false)?;
+        tokio::task::spawn_blocking(move || {
+            io::Write::write_all(&mut &stream, b"R")?;
+            handover::receive(&stream).map_err(io::Error::other)
+        })
+        .await
+        .map_err(io::Error::other)?
+    };
+    Ok(match received.await {
+        Ok(sockets) => Prepared {
+            said: format!(
+                "pins released, {} listening sockets handed over",
+                sockets.len()
+            ),
+            sockets: Some(sockets),
+        },
+        Err(e) => {
+            tracing::warn!(
+                "--replace: the running daemon's listening sockets did not arrive ({e}); joining its ports instead"
+            );
+            Prepared {
+                said: "pins released".to_owned(),
+                sockets: None,
+            }
+        }
+    })
 }
 
 /// Asks the daemon at `path` for `step` of a replace.

@@ -28,6 +28,7 @@ use crate::{
     },
     control::{ControlSocket, ReplaceStep},
     ebpf::{Redirector, Route, pins::PinDir},
+    handover::Inherited,
     host_callers::{self, HostCallers},
     mock::{CloudKind, Mocks, ec2::events::Event, token::TokenKey},
     netns::{Planter, Procfs, Scope, Served},
@@ -139,13 +140,33 @@ async fn serve(settings: Settings, sources: Sources, handover: &mut Handover) ->
             settings.control_socket.display()
         );
     }
+    let mut inherited = None;
     if replacing {
-        crate::control::post_replace(&settings.control_socket, ReplaceStep::Prepare)
+        let prepared = crate::control::prepare_replace(&settings.control_socket)
             .await
             .context("--replace: the running daemon did not let go of its pins")?;
         *handover = Handover::Prepared;
+        match prepared.sockets {
+            Some(sockets) => {
+                let sorted = Inherited::sort(sockets);
+                tracing::info!(
+                    "--replace: the running daemon released its pins and handed over its listening sockets: {}",
+                    sorted.summary()
+                );
+                inherited = Some(sorted);
+            }
+            None => tracing::info!(
+                "--replace: {}; its ports are joined (SO_REUSEPORT) as it handed over no sockets",
+                prepared.said
+            ),
+        }
+        // For what the old daemon listens on without handing it over (namespaces it finds
+        // from now on, or all of an earlier version's): connections queued there when it
+        // stops move to this daemon's sockets on the same port.
         enable_request_migration();
     }
+    // Ports shared with the old daemon rather than taken from it.
+    let joins = replacing && inherited.is_none();
     let control = match replacing {
         true => None,
         false => Some(ControlSocket::bind(&settings.control_socket)?),
@@ -154,9 +175,13 @@ async fn serve(settings: Settings, sources: Sources, handover: &mut Handover) ->
     let serves = settings.backend.serves();
     let plan = plan_endpoints(&settings.targets, &settings.proxy, serves)?;
     let (listeners, endpoints) = if serves {
-        bind_listeners(&plan.addrs, settings.workers, !replacing, |i| {
-            plan.purpose(i)
-        })?
+        bind_listeners(
+            &plan.addrs,
+            settings.workers,
+            !joins,
+            inherited.as_mut(),
+            |i| plan.purpose(i),
+        )?
     } else {
         (Vec::new(), plan.addrs.clone())
     };
@@ -284,6 +309,9 @@ async fn serve(settings: Settings, sources: Sources, handover: &mut Handover) ->
             )
         })
         .transpose()?;
+    let listening = proxy
+        .as_ref()
+        .map_or_else(Default::default, Proxy::listening);
     // Listeners in the callers' namespaces, wherever a route leads to loopback.
     let endpoints = namespace_endpoints(&routes);
     let stop_planter = CancellationToken::new();
@@ -311,6 +339,9 @@ async fn serve(settings: Settings, sources: Sources, handover: &mut Handover) ->
             Arc::clone(&host),
         )
         .context("watching network namespaces")?;
+        if let Some(inherited) = &mut inherited {
+            planter.inherit(inherited.take_namespaces());
+        }
         planter.serve_existing().await;
         served = Some(planter.status());
         let (found, containers) = tokio::sync::mpsc::channel(256);
@@ -416,22 +447,33 @@ async fn serve(settings: Settings, sources: Sources, handover: &mut Handover) ->
         simulate,
         ready,
         replace,
+        listening: Arc::clone(&listening),
     });
     if let Some(addr) = settings.metrics_listen {
-        // Shared with the daemon being replaced, as the proxy's ports are, until it stops.
-        let listener = (|| {
-            if !replacing {
-                drop(bind_one(addr, false)?); // nobody else holds it
+        let handed = inherited.as_mut().and_then(|i| i.take_metrics(addr));
+        let listener = (|| match handed {
+            Some(listener) => tokio::net::TcpListener::from_std(listener),
+            None => {
+                // Shared with a daemon being replaced that hands nothing over, as the proxy's
+                // ports are, until it stops.
+                if !joins {
+                    drop(bind_one(addr, false)?); // nobody else holds it
+                }
+                tokio::net::TcpListener::from_std(bind_one(addr, true)?)
             }
-            tokio::net::TcpListener::from_std(bind_one(addr, true)?)
         })()
         .with_context(|| format!("--metrics-listen {addr}: cannot listen there"))?;
+        let listener = Arc::new(listener);
+        listening.add(crate::handover::Role::Metrics, &listener);
         tracing::info!("metrics, health and readiness on http://{addr}/metrics, /healthz, /readyz");
         tokio::spawn(crate::control::serve_tcp(
             listener,
             Arc::clone(&handlers),
             stop_proxy.clone(),
         ));
+    }
+    if let Some(inherited) = inherited {
+        inherited.close_rest();
     }
     let stop_control = CancellationToken::new();
     let mut control = match control {
@@ -788,12 +830,15 @@ fn resolve_cgroups(mount: &Path, given: &[PathBuf]) -> Result<Vec<Cgroup>> {
 /// address is first bound without SO_REUSEPORT, which fails with "Address already in use"
 /// while any other socket holds the port.
 ///
-/// `exclusive` false (`--replace`): the daemon being replaced holds the ports, and this one
-/// joins them (both set SO_REUSEPORT) until it goes.
+/// `--replace`: the sockets the daemon being replaced handed over (`inherited`) serve their
+/// endpoints again, each worker's with a worker. With `exclusive` false, that daemon handed
+/// nothing over, holds the ports, and this one joins them (both set SO_REUSEPORT) until it
+/// goes.
 fn bind_listeners(
     addrs: &[SocketAddr],
     workers: usize,
     exclusive: bool,
+    mut inherited: Option<&mut Inherited>,
     purpose: impl Fn(usize) -> String,
 ) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
@@ -813,6 +858,19 @@ fn bind_listeners(
             continue;
         }
         let failed = |addr| format!("cannot listen on {addr}{}", purpose(i));
+        if let Some((actual, handed)) = inherited.as_deref_mut().and_then(|h| h.take_proxy(addr)) {
+            // A worker more than the old daemon had gets a socket of its own in the port's
+            // group; a worker fewer leaves a worker two.
+            let count = handed.len();
+            for (k, listener) in handed.into_iter().enumerate() {
+                per_worker[k % workers].push(listener);
+            }
+            for sockets in per_worker.iter_mut().skip(count) {
+                sockets.push(bind_one(actual, true).with_context(|| failed(actual))?);
+            }
+            bound.push(actual);
+            continue;
+        }
         let actual = if exclusive {
             let probe = bind_one(addr, false).with_context(|| failed(addr))?;
             let actual = probe.local_addr()?;
@@ -1264,6 +1322,42 @@ mod tests {
                 dedicated: true
             }],
             "the other listener still dedicates"
+        );
+    }
+
+    /// `--replace`: the sockets handed over serve their endpoints (each worker's with a
+    /// worker; a worker more joins the port), a port 0 endpoint takes the old daemon's port,
+    /// and an endpoint not handed over is bound exclusively.
+    #[test]
+    fn handed_over_sockets_serve_their_endpoints() {
+        use std::os::fd::OwnedFd;
+
+        use crate::handover::Role;
+        let old = bind_one(addr("127.0.0.1:0"), true).unwrap();
+        let at = old.local_addr().unwrap();
+        let mut inherited = Inherited::sort(vec![(Role::Proxy, OwnedFd::from(old))]);
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let (per_worker, bound) = bind_listeners(
+            &[addr("127.0.0.1:0"), addr("127.0.0.1:0")],
+            2,
+            true,
+            Some(&mut inherited),
+            |_| String::new(),
+        )
+        .unwrap();
+        assert_eq!(bound[0], at, "the old daemon's port");
+        assert_ne!(bound[1], at);
+        assert_eq!(per_worker.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2]);
+        for sockets in &per_worker {
+            assert_eq!(sockets[0].local_addr().unwrap(), at);
+        }
+        // Not handed over, and held by another socket: refused, not joined.
+        let e =
+            bind_listeners(&[busy], 1, true, Some(&mut inherited), |_| String::new()).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("cannot listen on {busy}")),
+            "{e:#}"
         );
     }
 

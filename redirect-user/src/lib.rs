@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod docker;
 pub mod ebpf;
+pub mod handover;
 pub mod host_callers;
 pub mod metrics;
 pub mod mock;

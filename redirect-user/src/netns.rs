@@ -41,6 +41,7 @@ use crate::{
     caller::Caller,
     docker::{Container, Found, Started},
     ebpf::{NetnsEvents, NetnsWatch},
+    handover::{Inherit, Role},
     host_callers::HostCallers,
     paths,
     policy::SharedRules,
@@ -59,7 +60,7 @@ pub const MAX_NAMESPACES: usize = 8192;
 const BACKLOG: i32 = 1024;
 
 /// A network namespace, as `stat` of its `/proc/<pid>/ns/net` file names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NetnsId {
     dev: u64,
     ino: u64,
@@ -75,6 +76,11 @@ impl NetnsId {
             dev: meta.dev(),
             ino: meta.ino(),
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(dev: u64, ino: u64) -> Self {
+        NetnsId { dev, ino }
     }
 }
 
@@ -214,6 +220,9 @@ pub struct Planter {
     full: bool,
     /// The callers in the daemon's own namespace, told of host-network containers.
     host: Arc<HostCallers>,
+    /// Listeners the daemon this one replaces handed over, by namespace, until the scan at
+    /// start takes them (see `crate::handover`).
+    inherited: BTreeMap<NetnsId, Vec<Inherit>>,
 }
 
 impl Planter {
@@ -248,7 +257,14 @@ impl Planter {
             served: Served::default(),
             full: false,
             host,
+            inherited: BTreeMap::new(),
         })
+    }
+
+    /// Listeners handed over by the daemon this one replaces: served again in the namespaces
+    /// that [`Planter::serve_existing`] finds still to be served.
+    pub fn inherit(&mut self, listeners: BTreeMap<NetnsId, Vec<Inherit>>) {
+        self.inherited = listeners;
     }
 
     pub fn status(&self) -> Served {
@@ -258,6 +274,14 @@ impl Planter {
     /// Serves the namespaces that exist now: call before saying the daemon is ready.
     pub async fn serve_existing(&mut self) {
         self.scan().await;
+        // Namespaces gone, or no longer covered, since the old daemon listened there.
+        let left = std::mem::take(&mut self.inherited);
+        if !left.is_empty() {
+            tracing::info!(
+                "--replace: the listeners of {} network namespaces no longer served were closed",
+                left.len()
+            );
+        }
     }
 
     /// Serves the namespaces of containers Docker starts and those the kernel reports,
@@ -486,8 +510,20 @@ impl Planter {
             return;
         }
         self.full = false;
-        let endpoints = self.scope.endpoints.clone();
-        let opened = tokio::task::spawn_blocking(move || open_listeners(&ns, &endpoints)).await;
+        // The old daemon's listeners on endpoints still ours; the others opened here.
+        let mut inherited = self.inherited.remove(&id).unwrap_or_default();
+        inherited.retain(|(addr, _)| self.scope.endpoints.contains(addr));
+        let endpoints: Vec<SocketAddr> = (self.scope.endpoints.iter())
+            .filter(|e| !inherited.iter().any(|(addr, _)| addr == *e))
+            .copied()
+            .collect();
+        let handed = inherited.len();
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut opened = open_listeners(&ns, &endpoints)?;
+            opened.listeners.splice(0..0, inherited);
+            Ok::<_, io::Error>(opened)
+        })
+        .await;
         let opened = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) => {
@@ -509,7 +545,9 @@ impl Planter {
         let mut listening = Vec::new();
         for (addr, listener) in opened.listeners {
             listening.push(addr.to_string());
-            self.sink.add(listener, stop.clone(), Arc::clone(&caller));
+            let role = Role::Namespace { netns: id };
+            self.sink
+                .add(listener, stop.clone(), Arc::clone(&caller), role);
         }
         for (addr, e) in &opened.failed {
             if e.kind() == io::ErrorKind::AddrInUse {
@@ -527,7 +565,7 @@ impl Planter {
             tracing::warn!("network namespace {id}: {e}");
         }
         tracing::info!(
-            "listening in network namespace {id} (pid {pid}, cgroup {cgroup}{}) on {}",
+            "listening in network namespace {id} (pid {pid}, cgroup {cgroup}{}) on {}{}",
             if caller.docker_id.is_some() {
                 ", a Docker container"
             } else {
@@ -537,6 +575,10 @@ impl Planter {
                 "nothing".to_owned()
             } else {
                 listening.join(", ")
+            },
+            match handed {
+                0 => String::new(),
+                n => format!(" ({n} handed over by the daemon replaced)"),
             }
         );
         self.lock_served().insert(

@@ -12,8 +12,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{ProxyStats, Shared, connection};
 use crate::caller::Callers;
 
+/// `listener` is shared only with the registry of sockets to hand over (`crate::handover`),
+/// which holds it weakly: it closes when this loop ends.
 pub(super) async fn accept_loop(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     callers: Callers,
     shared: Arc<Shared>,
     connections: TaskTracker,
@@ -21,7 +23,7 @@ pub(super) async fn accept_loop(
 ) {
     // Accepted sockets inherit TCP_NODELAY from the listener (one setsockopt, not one per
     // connection): a response must not wait for the client's ACK of the last one.
-    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+    if let Err(e) = socket2::SockRef::from(&*listener).set_tcp_nodelay(true) {
         tracing::warn!("TCP_NODELAY on the listener: {e}");
     }
     let mut failures = AcceptFailures::default();

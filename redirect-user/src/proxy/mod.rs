@@ -46,6 +46,7 @@ use idle::IdleList;
 
 use crate::{
     caller::{Caller, Callers, Peer},
+    handover::{Listening, Role},
     host_callers::HostCallers,
     mock::{Mocks, Resp},
     policy::Policy,
@@ -219,11 +220,12 @@ pub struct Proxy {
     stats: Arc<ProxyStats>,
     workers: Vec<std::thread::JoinHandle<()>>,
     sink: ListenerSink,
+    listening: Arc<Listening>,
 }
 
-/// A listening socket handed to the running proxy, served until `stop` is cancelled, and who
-/// connects to it.
-type Added = (std::net::TcpListener, CancellationToken, Callers);
+/// A listening socket handed to the running proxy, served until `stop` is cancelled, who
+/// connects to it, and what it is for (in a `--replace`).
+type Added = (std::net::TcpListener, CancellationToken, Callers, Role);
 
 /// Hands listening sockets opened after the start (in other network namespaces, see
 /// `crate::netns`) to the workers, in turn.
@@ -241,11 +243,12 @@ impl ListenerSink {
         listener: std::net::TcpListener,
         stop: CancellationToken,
         caller: Arc<Caller>,
+        role: Role,
     ) {
         let caller = Callers::Namespace(caller);
         let next = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.workers.len();
         // A worker only stops at shutdown, when the listener is not wanted any more.
-        let _ = self.workers[next].send((listener, stop, caller));
+        let _ = self.workers[next].send((listener, stop, caller, role));
     }
 }
 
@@ -265,6 +268,7 @@ impl Proxy {
     ) -> std::io::Result<Self> {
         let first = Shared::new(backend(), names, limits, BODY_BUDGET);
         let stats = Arc::clone(&first.stats);
+        let listening = Arc::new(Listening::default());
         let mut threads = Vec::new();
         let mut senders = Vec::new();
         for (i, listeners) in listeners.into_iter().enumerate() {
@@ -280,12 +284,28 @@ impl Proxy {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            // Registered here, with the worker's runtime, so that they are listed in order
+            // (worker by worker, endpoint by endpoint) for a daemon replacing this one.
+            let listeners = {
+                let _runtime = runtime.enter();
+                let listeners = listeners
+                    .into_iter()
+                    .map(|l| TcpListener::from_std(l).map(Arc::new))
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                for listener in &listeners {
+                    listening.add(Role::Proxy, listener);
+                }
+                listeners
+            };
             let (shutdown, host) = (shutdown.clone(), Callers::Host(Arc::clone(host)));
+            let listening = Arc::clone(&listening);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("proxy-{i}"))
                     .spawn(move || {
-                        runtime.block_on(work(listeners, host, added, shared, shutdown, grace))
+                        runtime.block_on(work(
+                            listeners, host, added, shared, listening, shutdown, grace,
+                        ))
                     })?,
             );
         }
@@ -296,7 +316,13 @@ impl Proxy {
                 workers: senders,
                 next: Arc::default(),
             },
+            listening,
         })
+    }
+
+    /// The listening sockets the workers accept on, for a daemon replacing this one.
+    pub fn listening(&self) -> Arc<Listening> {
+        Arc::clone(&self.listening)
     }
 
     /// Where to hand listening sockets opened later.
@@ -320,32 +346,28 @@ impl Proxy {
     }
 }
 
-/// One worker: accepts on its listeners and on those added later until shutdown, then
-/// drains.
+/// One worker: accepts on its listeners and on those added later (listed in `listening`)
+/// until shutdown, then drains.
 async fn work(
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<Arc<TcpListener>>,
     host: Callers,
     mut added: tokio::sync::mpsc::UnboundedReceiver<Added>,
     shared: Arc<Shared>,
+    listening: Arc<Listening>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
     let connections = TaskTracker::new();
     let mut accepting = tokio::task::JoinSet::new();
     let accept = |accepting: &mut tokio::task::JoinSet<()>, listener, stop, caller| {
-        match TcpListener::from_std(listener) {
-            Ok(listener) => {
-                let (shared, connections) = (Arc::clone(&shared), connections.clone());
-                accepting.spawn(listener::accept_loop(
-                    listener,
-                    caller,
-                    shared,
-                    connections,
-                    stop,
-                ));
-            }
-            Err(e) => tracing::error!("proxy worker: cannot use a listening socket: {e}"),
-        }
+        let (shared, connections) = (Arc::clone(&shared), connections.clone());
+        accepting.spawn(listener::accept_loop(
+            listener,
+            caller,
+            shared,
+            connections,
+            stop,
+        ));
     };
     for listener in listeners {
         accept(&mut accepting, listener, shutdown.clone(), host.clone());
@@ -353,8 +375,15 @@ async fn work(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some((listener, stop, caller)) = added.recv() => {
-                accept(&mut accepting, listener, stop, caller);
+            Some((listener, stop, caller, role)) = added.recv() => {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        let listener = Arc::new(listener);
+                        listening.add(role, &listener);
+                        accept(&mut accepting, listener, stop, caller);
+                    }
+                    Err(e) => tracing::error!("proxy worker: cannot use a listening socket: {e}"),
+                }
             }
             // Reaps the accept loops of listeners stopped before shutdown.
             Some(_) = accepting.join_next() => {}

@@ -1,15 +1,15 @@
-//! `redirect run --replace` under a steady load: the new daemon joins the old one's ports,
-//! adopts its pinned programs, and the old one finishes its requests and exits; no request
-//! fails, and IMDSv2 tokens issued by the old one stay valid. With no daemon running,
-//! `--replace` just starts.
+//! `redirect run --replace` under a steady load: the old daemon hands its listening sockets
+//! (its own and those in other namespaces) to the new one, which adopts its pinned programs,
+//! and the old one finishes its requests and exits; no request fails, and IMDSv2 tokens
+//! issued by the old one stay valid. With no daemon running, `--replace` just starts.
 
-use std::{path::PathBuf, process::Stdio};
+use std::{collections::BTreeSet, path::PathBuf, process::Stdio};
 
 use anyhow::{Context as _, Result};
 
 use super::{
     DAEMON, Daemon, INSTANCE_ID, NetNs, TOKEN_TTL, TestCgroup, command_in, curl,
-    run_daemon_expecting_failure, support, test_python, url,
+    namespaces::resident, run_daemon_expecting_failure, support, test_python, url,
 };
 
 pub const TESTS: &[(&str, super::TestFn)] = &[
@@ -73,18 +73,70 @@ impl Handover {
     }
 }
 
+/// The inodes of the TCP sockets listening in the network namespace of `pid`.
+fn listening_inodes(pid: u32) -> Result<BTreeSet<u64>> {
+    let mut inodes = BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `st` 0A is TCP_LISTEN; the inode is the tenth field.
+            if fields.get(3) == Some(&"0A") {
+                inodes.insert(fields.get(9).context("inode")?.parse()?);
+            }
+        }
+    }
+    Ok(inodes)
+}
+
+/// The inodes of the sockets process `pid` holds.
+fn socket_inodes(pid: u32) -> Result<BTreeSet<u64>> {
+    let mut inodes = BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue; // closed meanwhile
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(inode.parse()?);
+        }
+    }
+    Ok(inodes)
+}
+
 fn replace_under_load_fails_no_request() -> Result<()> {
     let python = test_python()?;
     let here = Handover::new()?;
     let Handover {
         ns, client, dir, ..
     } = &here;
+    // A container-like namespace of the client's, served by listeners planted there.
+    let app = NetNs::new()?;
+    let resident = resident(client, &app)?;
+    let resident_pid = resident.0.as_ref().context("resident")?.id();
     let mut old = here.start(&[])?;
     assert!(
         old.log().contains("--replace: no daemon answers"),
         "{}",
         old.log()
     );
+    let id = url("/latest/meta-data/instance-id");
+    assert_eq!(curl(client, &app, &[], &id)?, (200, INSTANCE_ID.into()));
+    // The old daemon's listening sockets, here and in `app`.
+    let held = socket_inodes(old.pid())?;
+    let own: BTreeSet<u64> = listening_inodes(old.pid())?
+        .intersection(&held)
+        .copied()
+        .collect();
+    let planted: BTreeSet<u64> = listening_inodes(resident_pid)?
+        .intersection(&held)
+        .copied()
+        .collect();
+    // 127.0.0.1:8169 and a port per target; in `app`, a port per target.
+    assert_eq!((own.len(), planted.len()), (3, 2), "{own:?} {planted:?}");
     let put = ["-X", "PUT", "-H", &format!("{TOKEN_TTL}: 600")];
     let (_, token) = curl(client, ns, &put, &url("/latest/api/token"))?;
     // The load: requests one after another, each on a new connection, until told to stop.
@@ -140,6 +192,15 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
         .spawn()?;
     let kept = support::ChildGuard(Some(kept));
     let new = here.start(&[])?;
+    // The very sockets the old daemon listened on, not new ones on the same ports.
+    let held = socket_inodes(new.pid())?;
+    for (what, inodes) in [("its own", &own), ("app's", &planted)] {
+        assert!(
+            inodes.is_subset(&held),
+            "{what} listening sockets {inodes:?} not handed over: {held:?}\n{}",
+            new.log()
+        );
+    }
     assert!(
         new.log().contains("took over from the daemon"),
         "{}",
@@ -150,6 +211,13 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
         "{}",
         new.log()
     );
+    assert!(
+        new.log().contains(
+            "handed over its listening sockets: 3 of the proxy (on 127.0.0.1:8169, 127.0.0.1:8170, 127.0.0.1:8171), 2 in 1 other network namespace"
+        ),
+        "{}",
+        new.log()
+    );
     let status = old.wait()?;
     assert_eq!(status.code(), Some(0), "{}", old.log());
     assert!(
@@ -157,6 +225,7 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
         "{}",
         old.log()
     );
+    assert_eq!(curl(client, &app, &[], &id)?, (200, INSTANCE_ID.into()));
     std::fs::write(&stop, "")?;
     let out = load.wait_with_output()?;
     let got: serde_json::Value =
