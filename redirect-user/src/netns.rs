@@ -518,9 +518,13 @@ impl Planter {
             .copied()
             .collect();
         let handed = inherited.len();
+        let order = self.scope.endpoints.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let mut opened = open_listeners(&ns, &endpoints)?;
-            opened.listeners.splice(0..0, inherited);
+            opened.listeners.extend(inherited);
+            opened
+                .listeners
+                .sort_by_key(|(addr, _)| order.iter().position(|e| e == addr));
             Ok::<_, io::Error>(opened)
         })
         .await;

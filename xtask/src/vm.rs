@@ -238,6 +238,9 @@ fn write_script(
     for (name, value) in env {
         text += &format!("export {name}={}\n", quote(&value.to_string_lossy()));
     }
+    // The kernel starts init with a hard descriptor limit of 4096; the tests of 10,000
+    // callers need what a host gives root (fs.nr_open's default).
+    text += "ulimit -n 1048576\n";
     text += &format!(
         "cd {}\nuname -r\n{} --color never --test-threads=2 --skip '[docker]'",
         quote(&workspace.join("redirect-user").to_string_lossy()),

@@ -21,6 +21,10 @@ pub const TESTS: &[(&str, super::TestFn)] = &[
         "a_replace_that_fails_midway_leaves_the_old_daemon_serving",
         a_replace_that_fails_midway_leaves_the_old_daemon_serving,
     ),
+    (
+        "a_daemon_that_hands_no_sockets_over_has_its_ports_joined",
+        a_daemon_that_hands_no_sockets_over_has_its_ports_joined,
+    ),
 ];
 
 /// What a daemon and the one replacing it share: the namespace and the client's cgroup, the
@@ -315,5 +319,79 @@ fn a_replace_that_fails_midway_leaves_the_old_daemon_serving() -> Result<()> {
     assert_eq!(old.wait()?.code(), Some(0), "{}", old.log());
     assert_eq!(curl(client, ns, &[], &id)?, (200, INSTANCE_ID.into()));
     assert!(rewritten(&new)? >= 1, "{}", new.log());
+    Ok(())
+}
+
+/// A stand-in for a daemon of an earlier version: it holds the proxy's ports (SO_REUSEPORT)
+/// and answers the replace steps on the control socket without handing anything over, then,
+/// told to finish, closes its ports and socket and exits.
+const EARLIER_DAEMON: &str = r#"
+import http.server, os, socket, socketserver, sys
+ports = []
+for port in (8169, 8170, 8171):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    ports.append(s)
+class Control(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.answer(b"ok\n")
+    def do_POST(self):
+        self.answer(b"pins released\n")
+        if self.path == "/replace/finish":
+            for s in ports:
+                s.close()
+            self.server.done = True
+server = socketserver.UnixStreamServer(sys.argv[1], Control)
+server.done = False
+print("serving", flush=True)
+while not server.done:
+    server.handle_request()
+server.server_close()
+os.unlink(sys.argv[1])
+"#;
+
+/// `--replace` of a daemon that answers `/replace/prepare` without handing its sockets over
+/// (an earlier version): the new daemon joins its ports with SO_REUSEPORT instead, takes over
+/// the control socket, and serves.
+fn a_daemon_that_hands_no_sockets_over_has_its_ports_joined() -> Result<()> {
+    let python = test_python()?;
+    let here = Handover::new()?;
+    let Handover {
+        ns, client, dir, ..
+    } = &here;
+    let earlier = command_in(&python, None, Some(ns))?
+        .args(["-c", EARLIER_DAEMON])
+        .arg(dir.path().join("control.sock"))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (mut earlier, said) = support::ChildGuard::first_line(earlier)?;
+    assert_eq!(said.trim(), "serving");
+    let new = here.start(&[])?;
+    assert!(
+        new.log().contains(
+            "--replace: pins released; its ports are joined (SO_REUSEPORT) as it handed over no sockets"
+        ),
+        "{}",
+        new.log()
+    );
+    assert!(
+        new.log().contains("took over from the daemon"),
+        "{}",
+        new.log()
+    );
+    let status = earlier.0.take().context("stand-in")?.wait()?;
+    assert!(status.success(), "the stand-in exits once told to finish");
+    let id = url("/latest/meta-data/instance-id");
+    assert_eq!(curl(client, ns, &[], &id)?, (200, INSTANCE_ID.into()));
+    assert_eq!(new.status(ns)?["pid"].as_u64(), Some(u64::from(new.pid())));
     Ok(())
 }
