@@ -8,7 +8,7 @@
 //! closing socket's queue), and no third program can slip into the ports meanwhile.
 //!
 //! The exchange, once `POST /replace/prepare` with `Upgrade: redirect-listeners` is answered
-//! `101 Switching Protocols` (`crate::control`): the new daemon writes one byte, from when on
+//! `101 Switching Protocols` (`crate::control`): the new daemon writes one byte, from then on
 //! it reads only with room for descriptors (a descriptor that reaches a plain `read()` is
 //! closed by the kernel, lost); the old daemon writes a JSON line naming each socket's role,
 //! then the sockets, at most [`PER_MESSAGE`] per message with a byte each, and closes.

@@ -174,7 +174,8 @@ fn body_flood_keeps_memory_bounded() -> Result<()> {
     let client_arg = client.to_str().unwrap();
     {
         let daemon = Daemon::start(&["--mock", "--cgroup", client_arg], &ns, None)?;
-        let (statuses, answered) = flood_while_serving(&daemon, &client, &ns, 1000, 1_000_000)?;
+        let (statuses, answered) =
+            flood_while_serving(&daemon, &client, &ns, 1000, 1_000_000).context("the mock")?;
         assert_eq!(answered, (200, INSTANCE_ID.to_owned()));
         // Every body refused; a connection whose client was still sending when the
         // lingering close gave up may end without its answer.
@@ -203,7 +204,8 @@ fn body_flood_keeps_memory_bounded() -> Result<()> {
         &ns,
         None,
     )?;
-    let (statuses, answered) = flood_while_serving(&daemon, &client, &ns, 1000, 1_000_000)?;
+    let (statuses, answered) =
+        flood_while_serving(&daemon, &client, &ns, 1000, 1_000_000).context("forwarding")?;
     assert_eq!(
         answered,
         (200, "upstream:/latest/meta-data/instance-id".to_owned())
