@@ -295,13 +295,8 @@ fn prepare_with_listeners(
     let listening = Arc::clone(&handlers.listening);
     tokio::spawn(async move {
         let sent = async {
-            let upgraded = upgrade.await.map_err(io::Error::other)?;
-            let parts = upgraded
-                .downcast::<TokioIo<UnixStream>>()
-                .map_err(|_| io::Error::other("not the control socket"))?;
-            let stream = parts.io.into_inner().into_std()?;
-            stream.set_nonblocking(false)?;
-            let ready = parts.read_buf.first().copied();
+            let (stream, read) = raw_stream(upgrade.await.map_err(io::Error::other)?)?;
+            let ready = read.first().copied();
             let sockets = listening.live();
             tokio::task::spawn_blocking(move || {
                 // The new daemon's byte says it reads with room for descriptors from now on.
@@ -356,43 +351,16 @@ pub struct Prepared {
 /// `--replace`'s first step: the daemon at `path` releases its pins and hands over its
 /// listening sockets.
 pub async fn prepare_replace(path: &Path) -> Result<Prepared, ControlError> {
-    let protocol = |message: String| ControlError::Protocol {
-        path: path.to_owned(),
-        message,
-    };
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::NotRunning {
-            path: path.to_owned(),
-            source,
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| protocol(e.to_string()))?;
-    tokio::spawn(conn.with_upgrades());
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(ReplaceStep::Prepare.path())
-        .header(header::HOST, "redirect")
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, handover::PROTOCOL)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| protocol(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| protocol(e.to_string()))?;
+    let target = ReplaceStep::Prepare.path();
+    let resp = send(path, Method::POST, target, Some(handover::PROTOCOL)).await?;
     let code = resp.status();
     if code != StatusCode::SWITCHING_PROTOCOLS {
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| protocol(e.to_string()))?
-            .to_bytes();
-        let said = String::from_utf8_lossy(&body).trim().to_owned();
+        let said = body_text(path, resp).await?.trim().to_owned();
         if !code.is_success() {
-            return Err(protocol(said));
+            return Err(ControlError::Protocol {
+                path: path.to_owned(),
+                message: said,
+            });
         }
         return Ok(Prepared {
             said,
@@ -401,12 +369,8 @@ pub async fn prepare_replace(path: &Path) -> Result<Prepared, ControlError> {
     }
     // The pins are released from here on: a failure to receive is not the replace's end.
     let received = async {
-        let upgraded = hyper::upgrade::on(resp).await.map_err(io::Error::other)?;
-        let parts = upgraded
-            .downcast::<TokioIo<UnixStream>>()
-            .map_err(|_| io::Error::other("not a unix socket"))?;
-        let stream = parts.io.into_inner().into_std()?;
-        stream.set_nonblocking(false)?;
+        // The old daemon sends nothing before this daemon's byte: hyper read nothing ahead.
+        let (stream, _) = raw_stream(hyper::upgrade::on(resp).await.map_err(io::Error::other)?)?;
         tokio::task::spawn_blocking(move || {
             io::Write::write_all(&mut &stream, b"R")?;
             handover::receive(&stream).map_err(io::Error::other)
@@ -594,6 +558,19 @@ async fn request(
     method: Method,
     target: &str,
 ) -> Result<(StatusCode, String), ControlError> {
+    let resp = send(path, method, target, None).await?;
+    let code = resp.status();
+    Ok((code, body_text(path, resp).await?))
+}
+
+/// Sends one request without a body to the daemon at `path`, asking to switch to the
+/// `upgrade` protocol if given; its response, the body still to read.
+async fn send(
+    path: &Path,
+    method: Method,
+    target: &str,
+    upgrade: Option<&'static str>,
+) -> Result<Response<hyper::body::Incoming>, ControlError> {
     let protocol = |message: String| ControlError::Protocol {
         path: path.to_owned(),
         message,
@@ -607,25 +584,53 @@ async fn request(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| protocol(e.to_string()))?;
-    tokio::spawn(conn);
-    let req = Request::builder()
+    tokio::spawn(conn.with_upgrades());
+    let mut req = Request::builder()
         .method(method)
         .uri(target)
-        .header(header::HOST, "redirect")
+        .header(header::HOST, "redirect");
+    if let Some(upgrade) = upgrade {
+        req = req
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, upgrade);
+    }
+    let req = req
         .body(Full::new(Bytes::new()))
         .map_err(|e| protocol(e.to_string()))?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .map_err(|e| protocol(e.to_string()))?;
-    let code = resp.status();
+        .map_err(|e| protocol(e.to_string()))
+}
+
+/// The body of a response from the daemon at `path`, as text.
+async fn body_text(
+    path: &Path,
+    resp: Response<hyper::body::Incoming>,
+) -> Result<String, ControlError> {
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| protocol(e.to_string()))?
+        .map_err(|e| ControlError::Protocol {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?
         .to_bytes();
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The control connection hyper let go of after a `101`, blocking, and what hyper had read
+/// of it beyond the HTTP exchange.
+fn raw_stream(
+    upgraded: hyper::upgrade::Upgraded,
+) -> io::Result<(std::os::unix::net::UnixStream, Bytes)> {
+    let parts = upgraded
+        .downcast::<TokioIo<UnixStream>>()
+        .map_err(|_| io::Error::other("not the control socket"))?;
+    let stream = parts.io.into_inner().into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok((stream, parts.read_buf))
 }
 
 /// Asks the daemon listening on `path` for its status.

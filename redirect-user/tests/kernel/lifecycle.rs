@@ -66,11 +66,7 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
         assert!(!status.success());
     } else {
         assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
-        assert!(
-            s.daemon.log().contains("left 5 program links pinned in"),
-            "{}",
-            s.daemon.log()
-        );
+        s.daemon.assert_logged("left 5 program links pinned in");
     }
     assert_eq!(ours(&s.client)?.len(), 5, "still attached: fail closed");
     let r = child_role(&s.client, &s.ns, "connect", &["169.254.169.254:80"])?;
@@ -92,11 +88,7 @@ fn stop_fails_closed(signal: libc::c_int) -> Result<()> {
         state_arg,
     ];
     let again = Daemon::start(&args, &s.ns, None)?;
-    assert!(
-        again.log().contains("adopted 5 program links pinned in"),
-        "{}",
-        again.log()
-    );
+    again.assert_logged("adopted 5 program links pinned in");
     assert_eq!(
         ours(&s.client)?.len(),
         5,
@@ -250,11 +242,7 @@ fn fail_open_leaves_nothing(signal: libc::c_int) -> Result<()> {
         assert!(!status.success());
     } else {
         assert_eq!(status.code(), Some(0), "log:\n{}", s.daemon.log());
-        assert!(
-            s.daemon.log().contains("detached 5 program links"),
-            "{}",
-            s.daemon.log()
-        );
+        s.daemon.assert_logged("detached 5 program links");
         assert!(!s.daemon.control_socket.exists(), "control socket removed");
     }
     assert_eq!(
@@ -305,21 +293,13 @@ fn sighup_reloads_the_mock_and_never_kills() -> Result<()> {
         (200, "i-after".to_owned()),
         "the new value, and the token from before the reload still valid"
     );
-    assert!(
-        daemon.log().contains("SIGHUP: `listen` changed"),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_logged("SIGHUP: `listen` changed");
     assert_eq!(daemon.status(&ns)?["listen"][0], "127.0.0.1:8169", "kept");
 
     std::fs::write(&config, "mock = \"ec2\"\n[ec2]\ninstance_idd = \"x\"\n")?;
     daemon.signal(libc::SIGHUP)?;
     daemon.wait_for_log("line 3, key `ec2.instance_idd`")?;
-    assert!(
-        daemon.log().contains("SIGHUP: not reloaded"),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_logged("SIGHUP: not reloaded");
     for (signal, name) in [(libc::SIGUSR1, "SIGUSR1"), (libc::SIGUSR2, "SIGUSR2")] {
         daemon.signal(signal)?;
         daemon.wait_for_log(&format!("{name} received; redirect has no use for it"))?;
@@ -389,10 +369,7 @@ fn a_panic_stops_the_daemon_with_a_non_zero_exit() -> Result<()> {
     assert!(!out.status.success(), "no answer from a panicking handler");
     let status = daemon.wait()?;
     assert_eq!(status.code(), Some(70), "log:\n{}", daemon.log());
-    assert!(
-        daemon.log().contains("panic in thread") && daemon.log().contains("fault injection"),
-        "{}",
-        daemon.log()
-    );
+    daemon.assert_logged("panic in thread");
+    daemon.assert_logged("fault injection");
     Ok(())
 }

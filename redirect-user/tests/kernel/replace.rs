@@ -122,11 +122,7 @@ fn replace_under_load_fails_no_request() -> Result<()> {
     let resident = resident(client, &app)?;
     let resident_pid = resident.0.as_ref().context("resident")?.id();
     let mut old = here.start(&[])?;
-    assert!(
-        old.log().contains("--replace: no daemon answers"),
-        "{}",
-        old.log()
-    );
+    old.assert_logged("--replace: no daemon answers");
     let id = url("/latest/meta-data/instance-id");
     assert_eq!(curl(client, &app, &[], &id)?, (200, INSTANCE_ID.into()));
     // The old daemon's listening sockets, here and in `app`.
@@ -205,30 +201,12 @@ print(json.dumps({{"ok": ok, "failed": failed, "connections": conns}}))
             new.log()
         );
     }
-    assert!(
-        new.log().contains("took over from the daemon"),
-        "{}",
-        new.log()
-    );
-    assert!(
-        new.log().contains("adopted 5 program links"),
-        "{}",
-        new.log()
-    );
-    assert!(
-        new.log().contains(
-            "handed over its listening sockets: 3 of the proxy (on 127.0.0.1:8169, 127.0.0.1:8170, 127.0.0.1:8171), 2 in 1 other network namespace"
-        ),
-        "{}",
-        new.log()
-    );
+    new.assert_logged("took over from the daemon");
+    new.assert_logged("adopted 5 program links");
+    new.assert_logged("handed over its listening sockets: 3 of the proxy (on 127.0.0.1:8169, 127.0.0.1:8170, 127.0.0.1:8171), 2 in 1 other network namespace");
     let status = old.wait()?;
     assert_eq!(status.code(), Some(0), "{}", old.log());
-    assert!(
-        old.log().contains("replaced by a new daemon"),
-        "{}",
-        old.log()
-    );
+    old.assert_logged("replaced by a new daemon");
     assert_eq!(curl(client, &app, &[], &id)?, (200, INSTANCE_ID.into()));
     std::fs::write(&stop, "")?;
     let out = load.wait_with_output()?;
@@ -311,11 +289,7 @@ fn a_replace_that_fails_midway_leaves_the_old_daemon_serving() -> Result<()> {
     assert_eq!(old.status(ns)?["pid"].as_u64(), Some(u64::from(old.pid())));
     // And a replace that works still can: the lock is the old daemon's again to hand over.
     let new = here.start(&["--metrics-listen", "127.0.0.1:9180"])?;
-    assert!(
-        new.log().contains("took over from the daemon"),
-        "{}",
-        new.log()
-    );
+    new.assert_logged("took over from the daemon");
     assert_eq!(old.wait()?.code(), Some(0), "{}", old.log());
     assert_eq!(curl(client, ns, &[], &id)?, (200, INSTANCE_ID.into()));
     assert!(rewritten(&new)? >= 1, "{}", new.log());
@@ -376,18 +350,8 @@ fn a_daemon_that_hands_no_sockets_over_has_its_ports_joined() -> Result<()> {
     let (mut earlier, said) = support::ChildGuard::first_line(earlier)?;
     assert_eq!(said.trim(), "serving");
     let new = here.start(&[])?;
-    assert!(
-        new.log().contains(
-            "--replace: pins released; its ports are joined (SO_REUSEPORT) as it handed over no sockets"
-        ),
-        "{}",
-        new.log()
-    );
-    assert!(
-        new.log().contains("took over from the daemon"),
-        "{}",
-        new.log()
-    );
+    new.assert_logged("--replace: pins released; its ports are joined (SO_REUSEPORT) as it handed over no sockets");
+    new.assert_logged("took over from the daemon");
     let status = earlier.0.take().context("stand-in")?.wait()?;
     assert!(status.success(), "the stand-in exits once told to finish");
     let id = url("/latest/meta-data/instance-id");

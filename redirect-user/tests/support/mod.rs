@@ -491,6 +491,13 @@ impl Daemon {
         self.lines.lock().unwrap().join("\n")
     }
 
+    /// Asserts that the daemon has logged `needle` already, showing its log if not.
+    #[track_caller]
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.log();
+        assert!(log.contains(needle), "{needle:?} not logged:\n{log}");
+    }
+
     /// Waits until the daemon has logged a line containing `needle`. The limit only turns a
     /// line that never comes into a failure instead of a hung test run.
     pub fn wait_for_log(&self, needle: &str) -> Result<()> {
