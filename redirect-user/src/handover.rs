@@ -255,11 +255,10 @@ impl Inherited {
             .iter()
             .map(|(local, _)| *local)
             .find(|local| *local == addr || (addr.port() == 0 && local.ip() == addr.ip()))?;
-        let (taken, rest) = std::mem::take(&mut self.proxy)
+        let (taken, rest): (Vec<Inherit>, _) = std::mem::take(&mut self.proxy)
             .into_iter()
             .partition(|(local, _)| *local == bound);
         self.proxy = rest;
-        let taken: Vec<Inherit> = taken;
         Some((bound, taken.into_iter().map(|(_, l)| l).collect()))
     }
 
